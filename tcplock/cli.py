@@ -1,0 +1,374 @@
+"""The ``tcplock`` command: settings, logging, signals and exit codes.
+
+What it owns: every setting is declared once, in :func:`build_parser`, and that declaration is
+the command-line option, the config-file key (the long option without its dashes) and the
+``TCPLOCK_*`` environment variable; the README's table is checked against it by a test. The
+rule it keeps: bad input is one line on standard error and exit status 2, never a traceback.
+
+Only :func:`main` monkey-patches gevent (so that Python hooks may block cooperatively); importing
+this module does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import configargparse
+
+from . import __version__
+
+__all__ = ["main", "build_parser", "parse_duration", "parse_address"]
+
+log = logging.getLogger("tcplock")
+
+ENV_PREFIX = "TCPLOCK_"
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
+_OFF = ("off", "none", "never")
+
+
+def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = False):
+    """``500ms``, ``20s``, ``2m``, ``1h`` or a bare number of seconds; ``off`` where allowed."""
+    if allow_off and text.strip().lower() in _OFF:
+        return None
+    m = _DURATION.fullmatch(text)
+    if not m:
+        extra = " or 'off'" if allow_off else ""
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r} (use e.g. 500ms, 20s, 2m, 1h{extra})"
+        )
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    if value > 10**9:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is too long")
+    if value == 0 and not allow_zero:
+        hint = " (use 'off' for no limit)" if allow_off else ""
+        raise argparse.ArgumentTypeError(f"duration must be more than zero{hint}")
+    return value
+
+
+def _duration(**kw):
+    def parse(text: str):
+        return parse_duration(text, **kw)
+
+    parse.__name__ = "duration"
+    return parse
+
+
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    port = int(text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``. A bare port binds loopback only: binding
+    every interface has to be asked for (``0.0.0.0:PORT`` or ``[::]:PORT``)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise argparse.ArgumentTypeError(f"invalid address {text!r} (use [IPV6]:PORT)")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"invalid address {text!r} (write IPv6 addresses as [IPV6]:PORT)"
+            )
+        if not host:
+            raise argparse.ArgumentTypeError(f"invalid address {text!r} (host is empty)")
+    else:
+        host, port = default_host, text
+    return host, parse_port(port, allow_zero=True)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        text = text.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _host(text: str) -> str:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"invalid host {text!r}")
+    return text
+
+
+class _Parser(configargparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2: a usage error is the caller's fault
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> configargparse.ArgumentParser:
+    p = _Parser(
+        prog="tcplock",
+        description=(
+            "A TCP proxy that lets at most N clients at a time (default 1) through to a backend "
+            "service, in strict arrival order, with a maximum lifetime per connection and hooks "
+            "that run between clients."
+        ),
+        epilog=(
+            "Every option can also be set in the config file as 'name = value' (the long option "
+            "without its dashes) or in the environment as TCPLOCK_NAME (upper case, '-' as '_'). "
+            "Precedence: command line, environment, config file, defaults. Durations take "
+            "500ms, 20s, 2m, 1h; a bare number is seconds."
+        ),
+        auto_env_var_prefix=ENV_PREFIX,
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message="read settings from FILE (lines of 'name = value')",
+        config_arg_is_required=False,
+        add_config_file_help=False,
+    )
+    # configargparse adds -c/--config; give it a metavar and an env var of its own.
+    for action in p._actions:
+        if getattr(action, "is_config_file_arg", False):
+            action.metavar = "FILE"
+            action.env_var = ENV_PREFIX + "CONFIG"
+    add = p.add_argument
+    add(
+        "-l",
+        "--listen",
+        metavar="[HOST:]PORT",
+        type=parse_address,
+        help="where clients connect; a bare PORT listens on 127.0.0.1 only (required)",
+    )
+    add(
+        "--proxy-host",
+        metavar="HOST",
+        type=_host,
+        default="localhost",
+        help="host of the backend service (default: %(default)s)",
+    )
+    add(
+        "-p",
+        "--proxy-port",
+        metavar="PORT",
+        type=parse_port,
+        help="port of the backend service (required)",
+    )
+    add(
+        "-n",
+        "--slots",
+        metavar="N",
+        type=_count(1),
+        default=1,
+        help="how many clients may use the backend at once (default: %(default)s)",
+    )
+    add(
+        "-t",
+        "--timeout",
+        metavar="DURATION",
+        type=_duration(allow_off=True),
+        default=None,
+        help="maximum lifetime of a relayed connection; then both sides are cut (default: off)",
+    )
+    add(
+        "--queue-timeout",
+        metavar="DURATION",
+        type=_duration(allow_off=True),
+        default=None,
+        help="close a client that has waited this long for a slot (default: off)",
+    )
+    add(
+        "--max-queue",
+        metavar="N",
+        type=_count(0),
+        default=None,
+        help="close at once a client arriving when N are already waiting (default: no limit)",
+    )
+    add(
+        "--connect-timeout",
+        metavar="DURATION",
+        type=_duration(),
+        default=5.0,
+        help="keep retrying the backend connection this long (default: 5s)",
+    )
+    add(
+        "--finish-timeout",
+        metavar="DURATION",
+        type=_duration(allow_zero=True),
+        default=10.0,
+        help="how long one side may go on after the other has finished or reset (default: 10s)",
+    )
+    add(
+        "--on-activate",
+        metavar="CMD",
+        help="shell command run before each client is let through; it waits for the command",
+    )
+    add(
+        "--on-timeout",
+        metavar="CMD",
+        help="shell command run after a connection was cut at its timeout, before the next "
+        "client is let through",
+    )
+    add(
+        "--hook-timeout",
+        metavar="DURATION",
+        type=_duration(allow_off=True),
+        default=60.0,
+        help="a hook running longer than this is killed and counts as failed (default: 60s)",
+    )
+    add(
+        "--drain-timeout",
+        metavar="DURATION",
+        type=_duration(allow_zero=True),
+        default=10.0,
+        help="on SIGTERM/SIGINT, how long active connections may finish (default: 10s)",
+    )
+    add(
+        "--log-level",
+        metavar="LEVEL",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="debug, info (one line per connection), warning or error (default: info)",
+    )
+    add(
+        "--demo",
+        action="store_true",
+        help="start a bundled demo backend and relay to it (instead of --proxy-port)",
+    )
+    p.add_argument("--version", action="version", version=f"tcplock {__version__}", env_var=None)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Namespace:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv, env_vars=env if env is not None else None)
+    except configargparse.ConfigFileParserException as e:
+        parser.error(str(e))
+    if args.demo:
+        if args.proxy_port is not None:
+            parser.error("--demo relays to its own backend: leave out -p/--proxy-port")
+        if args.listen is None:
+            args.listen = ("127.0.0.1", 9000)
+    else:
+        missing = [
+            name
+            for name, value in (("-l/--listen", args.listen), ("-p/--proxy-port", args.proxy_port))
+            if value is None
+        ]
+        if missing:
+            parser.error("the following arguments are required: " + ", ".join(missing))
+    return args
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import os
+
+    args = parse_args(argv, env=os.environ)
+
+    from gevent import monkey
+
+    # Patched here, never on import: hooks written in Python may then use blocking libraries
+    # (subprocess, sockets, time.sleep) without stalling the other clients.
+    monkey.patch_all()
+
+    import gevent
+    from gevent.event import Event
+
+    from .hooks import CommandHook
+    from .server import TCPLock, format_address
+
+    _setup_logging(args.log_level)
+    demo = None
+    backend = (args.proxy_host, args.proxy_port)
+    if args.demo:
+        from .demo import DemoBackend
+
+        demo = DemoBackend(("127.0.0.1", 0))
+        demo.start()
+        backend = ("127.0.0.1", demo.server_port)
+
+    lock = TCPLock(
+        args.listen,
+        backend,
+        slots=args.slots,
+        timeout=args.timeout,
+        queue_timeout=args.queue_timeout,
+        max_queue=args.max_queue,
+        connect_timeout=args.connect_timeout,
+        finish_timeout=args.finish_timeout,
+        hook_timeout=args.hook_timeout,
+        drain_timeout=args.drain_timeout,
+        on_activate=CommandHook(args.on_activate, "on-activate") if args.on_activate else None,
+        on_timeout=CommandHook(args.on_timeout, "on-timeout") if args.on_timeout else None,
+    )
+    try:
+        lock.start()
+    except OSError as e:
+        print(
+            f"tcplock: cannot listen on {format_address(args.listen)}: {e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
+    listen = format_address((args.listen[0], lock.server_port))
+    log.info(
+        "tcplock %s listening on %s, relaying to %s, %d slot(s)",
+        __version__,
+        listen,
+        format_address(backend),
+        args.slots,
+    )
+    if demo is not None:
+        log.info(
+            "demo: run 'nc %s %d' in two terminals; the second waits for the first to quit",
+            args.listen[0],
+            lock.server_port,
+        )
+
+    stop = Event()
+    hurry = Event()
+
+    def on_signal():
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(sig, on_signal)
+    stop.wait()
+    log.info(
+        "stopping: %d active, %d queued; draining for up to %gs (signal again to cut now)",
+        len(lock.active),
+        lock.queued,
+        args.drain_timeout,
+    )
+    stopper = gevent.spawn(lock.stop)
+    gevent.wait([stopper, hurry], count=1)
+    if not stopper.ready():
+        lock.stop(0)
+        stopper.join()
+    if demo is not None:
+        demo.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,114 @@
+"""Hooks: the operator's code that runs between clients.
+
+What it owns: turning a hook (a Python callable, or a shell command from the CLI) into one call
+that either returns or raises :class:`HookFailed`, within a time limit. The rule it keeps: a hook
+can fail or hang, but it can never take the lock down with it — its failure is reported to the
+caller as one exception, and a command that outlives its limit is killed with its whole process
+group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Callable, Mapping, Optional
+
+import gevent
+from gevent import subprocess
+
+__all__ = ["HookFailed", "CommandHook", "call_hook", "run_command"]
+
+log = logging.getLogger(__name__)
+
+
+class HookFailed(Exception):
+    """A hook raised, exited with a non-zero status, or ran past its time limit.
+
+    The fault is the hook's (the operator's configuration), never the client's or tcplock's.
+    """
+
+
+def call_hook(name: str, hook: Callable, arg, timeout: Optional[float]) -> None:
+    """Call ``hook(arg)``; turn any exception, or running past ``timeout``, into HookFailed.
+
+    A Python hook is interrupted at its next cooperative blocking point once the time is up; a
+    hook that spins on the CPU without yielding cannot be interrupted (nor can anything else in
+    a gevent process).
+    """
+    timer = gevent.Timeout(timeout) if timeout else None
+    if timer is not None:
+        timer.start()
+    try:
+        hook(arg)
+    except gevent.Timeout as t:
+        if t is not timer:
+            raise
+        raise HookFailed(f"{name} hook ran longer than {timeout:g}s and was stopped") from None
+    except HookFailed:
+        raise
+    except Exception as e:
+        raise HookFailed(f"{name} hook raised {type(e).__name__}: {e}") from e
+    finally:
+        if timer is not None:
+            timer.close()
+
+
+def run_command(command: str, env: Mapping[str, str], name: str = "hook") -> None:
+    """Run ``command`` through the shell; raise HookFailed unless it exits with status 0.
+
+    The command's output goes to tcplock's standard error (the journal, under systemd), so a
+    chatty command costs memory nowhere and stalls only itself if that stream is slow. It runs
+    in a session of its own: if the wait is interrupted (the hook's time limit, shutdown), the
+    whole group it started is killed; anything it deliberately leaves running after a normal exit
+    (a restarted daemon) is left alone.
+    """
+    try:
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=2,
+            stderr=2,
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise HookFailed(f"{name} hook could not start: {e}") from e
+    try:
+        status = proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    if status != 0:
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        raise HookFailed(f"{name} hook {how}")
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not take this long
+        log.error("hook process %d did not die after SIGKILL", proc.pid)
+
+
+class CommandHook:
+    """A shell command used as a hook: called with the connection, given its context in the
+    environment (see :meth:`tcplock.server.Connection.hook_env`)."""
+
+    def __init__(self, command: str, name: str) -> None:
+        self.command = command
+        self.name = name
+
+    def __call__(self, conn) -> None:
+        env = dict(os.environ)
+        env.update(conn.hook_env())
+        env["TCPLOCK_EVENT"] = self.name
+        run_command(self.command, env, self.name)
+
+    def __repr__(self) -> str:
+        return f"CommandHook({self.command!r}, name={self.name!r})"

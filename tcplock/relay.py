@@ -1,0 +1,135 @@
+"""The two-way byte pump between a client and its backend connection.
+
+What it owns: moving bytes, passing on half-closes, and deciding how the exchange ended
+(``closed``, ``client-reset`` or ``backend-reset``). The rule it keeps: at most one chunk per
+direction is in flight, so a reader that stops reading stops the writer (backpressure reaches the
+sender through the kernel's socket buffers, never through memory of ours).
+
+It knows nothing of slots, hooks or lifetimes: the caller bounds :meth:`Relay.run` with a
+``gevent.Timeout`` for the TTL, and the pumps are killed when ``run`` leaves for any reason.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Optional, Tuple
+
+import gevent
+from gevent import Greenlet
+
+__all__ = ["Relay", "CLIENT", "BACKEND", "BUFSIZE"]
+
+#: Bytes read per system call, and the most one direction holds at once.
+BUFSIZE = 64 * 1024
+
+CLIENT = "client"
+BACKEND = "backend"
+
+_Failure = Optional[Tuple[str, OSError]]
+
+
+def _pump(src, dst, counter, attr: str, src_side: str, dst_side: str) -> _Failure:
+    """Copy src to dst until src says EOF, then shut down dst's write side.
+
+    Returns None after a clean EOF, or ``(side, error)`` naming the side whose socket failed.
+    Failures are returned, not raised: a peer resetting its connection is an ordinary event for
+    a proxy, not an error worth a traceback.
+    """
+    buf = bytearray(BUFSIZE)
+    view = memoryview(buf)
+    recv_into = src.recv_into
+    sendall = dst.sendall
+    while True:
+        try:
+            n = recv_into(buf)
+        except OSError as e:
+            return src_side, e
+        if not n:
+            break
+        try:
+            sendall(view[:n])
+        except OSError as e:
+            return dst_side, e
+        setattr(counter, attr, getattr(counter, attr) + n)
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        return dst_side, e
+    return None
+
+
+class Relay:
+    """Relays between two connected gevent sockets; one greenlet per direction.
+
+    ``counter`` is any object with integer attributes ``bytes_up`` (client to backend) and
+    ``bytes_down`` (backend to client); they are updated as bytes are delivered.
+    """
+
+    def __init__(self, client, backend, counter) -> None:
+        self.client = client
+        self.backend = backend
+        self.counter = counter
+        #: True once the backend side has been seen to finish (EOF or drained): the caller may
+        #: close it gracefully. False means the caller should abort it.
+        self.backend_finished = False
+
+    def run(self, finish_timeout: Optional[float]) -> str:
+        """Relay until both directions are done; return the end reason.
+
+        ``finish_timeout`` bounds the two waits that depend on a peer that has nothing left to
+        say: how long the backend may keep talking after the client reset (its reply is
+        discarded), and how long the client may keep its side open after the backend closed.
+        """
+        c, b = self.client, self.backend
+        up = Greenlet.spawn(_pump, c, b, self.counter, "bytes_up", CLIENT, BACKEND)
+        down = Greenlet.spawn(_pump, b, c, self.counter, "bytes_down", BACKEND, CLIENT)
+        try:
+            gevent.wait((up, down), count=1)
+            failure = _failure(up) or _failure(down)
+            if failure is None:
+                if not down.ready():
+                    # The client has finished sending; the backend may take as long as it needs
+                    # (the TTL bounds it) to answer.
+                    down.join()
+                elif not up.ready():
+                    # The backend has finished; the client gets a bounded time to finish too.
+                    self.backend_finished = True
+                    up.join(finish_timeout)
+                failure = _failure(up) or _failure(down)
+            if failure is None:
+                self.backend_finished = True
+                return "closed"
+            side, _err = failure
+            if side == BACKEND:
+                return "backend-reset"
+            gevent.killall((up, down))
+            self.backend_finished = self._finish_backend(finish_timeout)
+            return "client-reset"
+        finally:
+            gevent.killall((up, down))
+
+    def _finish_backend(self, finish_timeout: Optional[float]) -> bool:
+        """The client is gone: half-close toward the backend and let it finish, discarding what
+        it still sends, so that the next client never overlaps this one. True if it finished."""
+        b = self.backend
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        sink = bytearray(BUFSIZE)
+        try:
+            with gevent.Timeout(finish_timeout, False):
+                while b.recv_into(sink):
+                    pass
+                return True
+        except OSError:
+            return False
+        return False
+
+
+def _failure(g: Greenlet) -> _Failure:
+    if not g.ready():
+        return None
+    if not g.successful():
+        raise g.exception  # a bug in the pump itself, not a peer's doing
+    return g.value

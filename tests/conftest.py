@@ -1,0 +1,350 @@
+"""Real loopback peers for the tests: backends with recorded behaviour, clients, and a fixture
+that runs the ``tcplock`` command as a subprocess.
+
+Everything here uses gevent sockets explicitly (the test process is not monkey-patched), so an
+in-process TCPLock, its backends and its clients share one event loop and synchronise on events.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket as _stdsocket
+import struct
+import sys
+import time
+
+import gevent
+import pytest
+from gevent import socket, subprocess
+from gevent.event import Event
+from gevent.queue import Queue
+from gevent.server import StreamServer
+
+from tcplock import TCPLock
+
+LOOPBACK = "127.0.0.1"
+
+
+def connect(port, host=LOOPBACK, timeout=5.0):
+    s = socket.create_connection((host, port), timeout=timeout)
+    return s
+
+
+def recv_all(sock, timeout=5.0):
+    """Read until EOF; raises on reset."""
+    chunks = []
+    with gevent.Timeout(timeout):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def recv_exactly(sock, n, timeout=5.0):
+    chunks, got = [], 0
+    with gevent.Timeout(timeout):
+        while got < n:
+            data = sock.recv(n - got)
+            if not data:
+                raise EOFError(f"EOF after {got} of {n} bytes")
+            chunks.append(data)
+            got += len(data)
+    return b"".join(chunks)
+
+
+def reset(sock):
+    """Close with an RST, as a crashing client would."""
+    sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class BackendConn:
+    """What a backend saw of one connection."""
+
+    def __init__(self, sock, number):
+        self.sock = sock
+        self.number = number
+        self.received = bytearray()
+        self.release = Event()  # for the hold behaviour
+        self.closed = Event()
+        self.eof = Event()
+        self.error = None
+
+
+class Backend(StreamServer):
+    """A loopback backend whose per-connection behaviour is a function; records concurrency.
+
+    Behaviours: ``echo`` (echo until EOF, then close), ``hold`` (read and keep everything,
+    close once ``conn.release`` is set), ``reply_at_eof`` (read to EOF, then send back what
+    was read with a prefix, then close), ``reset`` (RST at once), ``never`` (accept, never read,
+    never close until released), ``greet_echo`` (send a greeting then echo).
+    """
+
+    def __init__(self, behaviour="echo"):
+        super().__init__((LOOPBACK, 0))
+        self.behaviour = getattr(self, "_" + behaviour) if isinstance(behaviour, str) else behaviour
+        self.current = 0
+        self.most = 0
+        self.count = 0
+        self.conns = []
+        self.arrivals = Queue()  # BackendConn, as they connect
+        self.all_closed = Event()
+        self.all_closed.set()
+
+    def handle(self, sock, address):
+        self.count += 1
+        self.current += 1
+        self.all_closed.clear()
+        self.most = max(self.most, self.current)
+        conn = BackendConn(sock, self.count)
+        self.conns.append(conn)
+        self.arrivals.put(conn)
+        try:
+            self.behaviour(conn)
+        except OSError as e:
+            conn.error = e
+        finally:
+            self.current -= 1
+            conn.closed.set()
+            if not self.current:
+                self.all_closed.set()
+
+    def next_conn(self, timeout=5.0):
+        return self.arrivals.get(timeout=timeout)
+
+    def _read_some(self, conn, keep=True):
+        data = conn.sock.recv(65536)
+        if not data:
+            conn.eof.set()
+        elif keep:
+            conn.received += data
+        return data
+
+    def _echo(self, conn):
+        while True:
+            data = self._read_some(conn)
+            if not data:
+                break
+            conn.sock.sendall(data)
+
+    def _hold(self, conn):
+        def reader():
+            try:
+                while self._read_some(conn):
+                    pass
+            except OSError as e:
+                conn.error = e
+
+        g = gevent.spawn(reader)
+        conn.release.wait()
+        g.kill()
+        conn.sock.close()
+
+    def _reply_at_eof(self, conn):
+        while self._read_some(conn):
+            pass
+        conn.sock.sendall(b"got:" + bytes(conn.received))
+        conn.sock.close()
+
+    def _reset(self, conn):
+        reset(conn.sock)
+
+    def _never(self, conn):
+        conn.release.wait()
+        conn.sock.close()
+
+    def release_all(self):
+        for c in self.conns:
+            c.release.set()
+
+
+@pytest.fixture
+def make_backend():
+    servers = []
+
+    def make(behaviour="echo"):
+        b = Backend(behaviour)
+        b.start()
+        servers.append(b)
+        return b
+
+    yield make
+    for b in servers:
+        b.release_all()
+        b.stop(timeout=0)
+
+
+@pytest.fixture
+def make_lock():
+    locks = []
+
+    def make(backend, **kw):
+        port = backend.server_port if hasattr(backend, "server_port") else backend
+        kw.setdefault("connect_timeout", 1.0)
+        # Test clients rarely close on their own once the backend has finished; a short finish
+        # time frees the slot for the next client without each test closing every client.
+        kw.setdefault("finish_timeout", 0.05)
+        lock = TCPLock((LOOPBACK, 0), (LOOPBACK, port), **kw)
+        lock.start()
+        locks.append(lock)
+        return lock
+
+    yield make
+    for lock in locks:
+        lock.stop(timeout=0)
+
+
+class LogCapture:
+    """Collects tcplock's per-connection log lines and lets a test wait for them."""
+
+    LINE = re.compile(
+        r"(?P<client>\S+) queued=(?P<queued>[\d.]+)s active=(?P<active>[\d.]+)s "
+        r"up=(?P<up>\d+) down=(?P<down>\d+) end=(?P<end>\S+)"
+    )
+
+    def __init__(self):
+        self.lines = []
+        self.ends = Queue()
+
+    def feed(self, message):
+        self.lines.append(message)
+        m = self.LINE.search(message)
+        if m:
+            self.ends.put(m.groupdict())
+
+    def next_end(self, timeout=5.0):
+        return self.ends.get(timeout=timeout)
+
+
+@pytest.fixture
+def conn_log():
+    import logging
+
+    cap = LogCapture()
+
+    class H(logging.Handler):
+        def emit(self, record):
+            cap.feed(record.getMessage())
+
+    handler = H(level=logging.DEBUG)
+    logger = logging.getLogger("tcplock")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield cap
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+class CLIProcess:
+    """A ``tcplock`` subprocess; its stderr is read line by line into ``lines``."""
+
+    LISTENING = re.compile(r"listening on (\S+):(\d+),")
+
+    def __init__(self, args, env=None, cwd=None):
+        full_env = dict(os.environ)
+        full_env = {k: v for k, v in full_env.items() if not k.startswith("TCPLOCK_")}
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tcplock", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+        )
+        self.lines = []
+        self.new_line = Event()
+        self.port = None
+        self.ready = Event()
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            m = self.LISTENING.search(line)
+            if m and self.port is None:
+                self.port = int(m.group(2))
+                self.ready.set()
+            self.new_line.set()
+            self.new_line.clear()
+        self.ready.set()
+
+    def wait_ready(self, timeout=10):
+        assert self.ready.wait(timeout), "tcplock did not start:\n" + self.output()
+        assert self.port, "tcplock did not start:\n" + self.output()
+        return self.port
+
+    def wait_for(self, pattern, timeout=10):
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                if rx.search(line):
+                    return line
+            seen = len(self.lines)
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc.poll() is not None and self._reader.dead):
+                raise AssertionError(f"no line matching {pattern!r}:\n" + self.output())
+            self.new_line.wait(min(left, 0.5))
+
+    def signal(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=15):
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+    def output(self):
+        return "\n".join(self.lines)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def cli():
+    procs = []
+
+    def run(*args, env=None, cwd=None):
+        p = CLIProcess(list(args), env=env, cwd=cwd)
+        procs.append(p)
+        return p
+
+    yield run
+    for p in procs:
+        p.kill()
+
+
+def run_cli(*args, env=None, timeout=20):
+    """Run the command to completion; returns (status, stdout, stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TCPLOCK_")}
+    if env:
+        full_env.update(env)
+    p = subprocess.run(
+        [sys.executable, "-m", "tcplock", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    """Yield to the event loop until predicate() holds (for state with no event of its own)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        gevent.sleep(0.002)

@@ -1,0 +1,715 @@
+"""The lock proxy in-process, on real loopback sockets: slots, FIFO, queue departures, TTL,
+half-close, connect retry, queue limits, hooks, shutdown, the log line, socket options and
+backpressure."""
+
+import hashlib
+import os
+import queue
+import socket as _stdsocket
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.event import Event
+
+from conftest import LOOPBACK, connect, recv_all, recv_exactly, reset, wait_until
+from tcplock import TCPLock
+from tcplock.hooks import CommandHook
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def queued(lock, n):
+    wait_until(lambda: lock.queued == n, what=f"{n} queued")
+
+
+def active(lock, n):
+    wait_until(lambda: len(lock.active) == n, what=f"{n} active")
+
+
+# -- 1. slots --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_backend_never_sees_more_than_slots_connections(make_backend, make_lock, slots):
+    backend = make_backend("hold")
+    lock = make_lock(backend, slots=slots)
+    clients = [connect(lock.server_port) for _ in range(slots + 3)]
+    for i, c in enumerate(clients):
+        c.sendall(b"%d" % i)
+    for _ in range(slots):
+        backend.next_conn()
+    queued(lock, 3)
+    assert backend.current == slots
+
+    # Let them through one by one (backend and client both end); the count never exceeds
+    # the slots.
+    def finish(conn):
+        wait_until(lambda: conn.received)
+        conn.release.set()
+        clients[int(conn.received)].close()
+
+    for _ in range(3):
+        finish(next(c for c in backend.conns if not c.release.is_set()))
+        backend.next_conn()
+    for c in backend.conns:
+        if not c.release.is_set():
+            finish(c)
+    wait_until(lambda: backend.all_closed.is_set() and len(backend.conns) == slots + 3)
+    assert backend.most == slots
+
+
+def test_slot_is_held_while_on_activate_runs(make_backend, make_lock):
+    backend = make_backend("echo")
+    in_hook = Event()
+    go_on = Event()
+    calls = []
+
+    def on_activate(conn):
+        calls.append(conn.id)
+        in_hook.set()
+        go_on.wait()
+
+    lock = make_lock(backend, on_activate=on_activate)
+    a = connect(lock.server_port)
+    in_hook.wait(5)
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    gevent.sleep(0.05)
+    assert calls == [1] and backend.count == 0
+    go_on.set()
+    a.sendall(b"a")
+    assert recv_exactly(a, 1) == b"a"
+    a.close()
+    b.sendall(b"b")
+    assert recv_exactly(b, 1) == b"b"
+    assert calls == [1, 2]
+    assert backend.most == 1
+
+
+def test_next_client_waits_until_backend_side_has_finished(make_backend, make_lock, conn_log):
+    # The client resets; the backend is still busy. The next client must not be let in until
+    # tcplock has seen the backend finish.
+    finishing = Event()
+
+    def slow_to_finish(conn):
+        while conn.sock.recv(65536):
+            pass
+        finishing.set()
+        conn.release.wait()
+        conn.sock.sendall(b"late reply")
+        conn.sock.close()
+
+    backend = make_backend(slow_to_finish)
+    lock = make_lock(backend, finish_timeout=10)
+    a = connect(lock.server_port)
+    a.sendall(b"x")
+    first = backend.next_conn()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    reset(a)
+    assert finishing.wait(5), "the backend was not half-closed after the client reset"
+    gevent.sleep(0.1)
+    assert backend.count == 1 and lock.queued == 1
+    first.release.set()
+    assert conn_log.next_end()["end"] == "client-reset"
+    backend.next_conn()
+    assert backend.most == 1
+    b.close()
+
+
+def test_backend_finish_after_client_reset_is_bounded(make_backend, make_lock, conn_log):
+    backend = make_backend("never")
+    lock = make_lock(backend, finish_timeout=0.2)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    reset(a)
+    end = conn_log.next_end()
+    assert end["end"] == "client-reset"
+    backend.next_conn()  # b got the slot although the first backend connection never closed
+    b.close()
+
+
+# -- 2. FIFO ---------------------------------------------------------------------------------
+
+
+def test_clients_are_let_through_in_accept_order(make_backend, make_lock):
+    backend = make_backend("hold")
+    lock = make_lock(backend)
+    first = connect(lock.server_port)
+    first.sendall(b"first")
+    backend.next_conn()
+    clients = []
+    for i in range(20):
+        c = connect(lock.server_port)
+        c.sendall(b"%02d" % i)
+        clients.append(c)
+        queued(lock, i + 1)
+    order = []
+    for _ in range(20):
+        backend.conns[-1].release.set()
+        conn = backend.next_conn()
+        wait_until(lambda conn=conn: len(conn.received) >= 2)
+        order.append(bytes(conn.received))
+    backend.conns[-1].release.set()
+    assert order == [b"%02d" % i for i in range(20)]
+
+
+def test_client_arriving_as_slot_frees_queues_behind_waiters(make_backend, make_lock):
+    backend = make_backend("hold")
+    lock = make_lock(backend)
+    a = connect(lock.server_port)
+    a.sendall(b"a")
+    held = backend.next_conn()
+    b = connect(lock.server_port)
+    b.sendall(b"b")
+    queued(lock, 1)
+    # Free the slot and, in the same instant, let a newcomer arrive.
+    held.release.set()
+    c = connect(lock.server_port)
+    c.sendall(b"c")
+    second = backend.next_conn()
+    wait_until(lambda: second.received)
+    assert bytes(second.received) == b"b"
+    second.release.set()
+    third = backend.next_conn()
+    wait_until(lambda: third.received)
+    assert bytes(third.received) == b"c"
+    third.release.set()
+
+
+# -- 3. queued clients that leave ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_queued_client_that_leaves_never_reaches_backend(make_backend, make_lock, conn_log, how):
+    backend = make_backend("hold")
+    activations = []
+    lock = make_lock(backend, on_activate=lambda conn: activations.append(conn.id))
+    a = connect(lock.server_port)
+    held = backend.next_conn()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    (b.close if how == "close" else lambda: reset(b))()
+    end = conn_log.next_end()
+    assert end["end"] == "left-queue"
+    assert lock.queued == 0
+    c = connect(lock.server_port)
+    c.sendall(b"c")
+    queued(lock, 1)
+    held.release.set()
+    nxt = backend.next_conn()
+    wait_until(lambda: nxt.received)
+    assert bytes(nxt.received) == b"c"
+    assert activations == [1, 3]
+    a.close()
+    c.close()
+
+
+def test_queued_client_with_data_then_eof_stays_and_gets_its_answer(make_backend, make_lock):
+    backend = make_backend("reply_at_eof")
+    lock = make_lock(backend)
+    a = connect(lock.server_port)
+    a.sendall(b"first")
+    backend.next_conn()
+    b = connect(lock.server_port)
+    b.sendall(b"request from b")
+    b.shutdown(socket.SHUT_WR)
+    queued(lock, 1)
+    gevent.sleep(0.1)
+    assert lock.queued == 1  # not taken for a departure
+    a.shutdown(socket.SHUT_WR)
+    assert recv_all(a) == b"got:first"
+    assert recv_all(b) == b"got:request from b"
+
+
+# -- 4. TTL ----------------------------------------------------------------------------------
+
+
+def test_ttl_cuts_both_sides_and_on_timeout_runs_before_next_client(
+    make_backend, make_lock, conn_log
+):
+    backend = make_backend("never")
+    in_hook = Event()
+    hook_may_return = Event()
+    timeouts = []
+
+    def on_timeout(conn):
+        timeouts.append((conn.id, conn.end))
+        in_hook.set()
+        hook_may_return.wait()
+
+    lock = make_lock(backend, timeout=0.3, on_timeout=on_timeout)
+    a = connect(lock.server_port)
+    first = backend.next_conn()
+    started = time.monotonic()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    with pytest.raises((ConnectionResetError, EOFError)):
+        data = a.recv(10)
+        raise EOFError(data)
+    elapsed = time.monotonic() - started
+    assert 0.28 <= elapsed <= 0.3 + 0.25, elapsed
+    # The backend side was cut too.
+    with gevent.Timeout(2):
+        with pytest.raises(ConnectionResetError):
+            if not first.sock.recv(10):
+                raise ConnectionResetError("eof")
+    assert in_hook.wait(2)
+    assert timeouts == [(1, "ttl")]
+    gevent.sleep(0.1)
+    assert backend.count == 1 and lock.queued == 1  # b waits for the hook
+    hook_may_return.set()
+    backend.next_conn()
+    assert conn_log.next_end()["end"] == "ttl"
+    b.close()
+
+
+def test_ttl_counts_from_backend_connection_not_queue_time(make_backend, make_lock):
+    backend = make_backend("echo")
+    lock = make_lock(backend, timeout=0.5)
+    a = connect(lock.server_port)
+    a.sendall(b"a")
+    recv_exactly(a, 1)
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    gevent.sleep(0.4)
+    a.close()
+    b.sendall(b"b")
+    assert recv_exactly(b, 1) == b"b"
+    gevent.sleep(0.2)  # b has waited 0.6 s in all, but been active only ~0.2 s
+    b.sendall(b"c")
+    assert recv_exactly(b, 1) == b"c"
+
+
+# -- 5. half-close and resets ----------------------------------------------------------------
+
+
+def test_client_half_close_still_gets_reply(make_backend, make_lock, conn_log):
+    backend = make_backend("reply_at_eof")
+    lock = make_lock(backend)
+    c = connect(lock.server_port)
+    c.sendall(b"hello")
+    c.shutdown(socket.SHUT_WR)
+    assert recv_all(c) == b"got:hello"
+    end = conn_log.next_end()
+    assert end["end"] == "closed" and end["up"] == "5" and end["down"] == "9"
+
+
+def test_backend_half_close_lets_client_keep_sending(make_backend, make_lock):
+    def speaks_first(conn):
+        conn.sock.sendall(b"banner")
+        conn.sock.shutdown(socket.SHUT_WR)
+        while conn.sock.recv(65536) and not conn.received.endswith(b"."):
+            pass
+
+    def reader(conn):
+        conn.sock.sendall(b"banner")
+        conn.sock.shutdown(socket.SHUT_WR)
+        while True:
+            data = conn.sock.recv(65536)
+            if not data:
+                conn.eof.set()
+                break
+            conn.received += data
+
+    backend = make_backend(reader)
+    lock = make_lock(backend, finish_timeout=10)
+    c = connect(lock.server_port)
+    assert recv_all(c) == b"banner"  # EOF passed on to the client
+    c.sendall(b"still talking")
+    c.shutdown(socket.SHUT_WR)
+    conn = backend.next_conn()
+    assert conn.eof.wait(5)
+    assert bytes(conn.received) == b"still talking"
+
+
+def test_backend_reset_ends_client_connection_at_once(make_backend, make_lock, conn_log):
+    backend = make_backend("reset")
+    lock = make_lock(backend)
+    c = connect(lock.server_port)
+    with gevent.Timeout(2):
+        with pytest.raises((ConnectionResetError, EOFError)):
+            if not c.recv(10):
+                raise EOFError
+    assert conn_log.next_end()["end"] == "backend-reset"
+
+
+def test_backend_reset_mid_stream_frees_slot(make_backend, make_lock, conn_log):
+    def reset_after_some(conn):
+        conn.sock.sendall(b"partial")
+        conn.sock.recv(10)
+        reset(conn.sock)
+
+    backend = make_backend(reset_after_some)
+    lock = make_lock(backend)
+    a = connect(lock.server_port)
+    assert recv_exactly(a, 7) == b"partial"
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    a.sendall(b"go")
+    assert conn_log.next_end()["end"] == "backend-reset"
+    assert recv_exactly(b, 7) == b"partial"
+
+
+# -- 6. backend connect retry ----------------------------------------------------------------
+
+
+def test_backend_connect_is_retried_until_it_comes_up(make_lock, make_backend, conn_log):
+    placeholder = _stdsocket.socket()
+    placeholder.bind((LOOPBACK, 0))
+    port = placeholder.getsockname()[1]
+    placeholder.close()
+    lock = make_lock(port, connect_timeout=5.0)
+    c = connect(lock.server_port)
+    c.sendall(b"early")
+    gevent.sleep(0.3)  # the backend is "restarting"
+    from conftest import Backend
+
+    backend = Backend("echo")
+    backend.set_listener((LOOPBACK, port))
+    backend.start()
+    try:
+        assert recv_exactly(c, 5) == b"early"
+    finally:
+        c.close()
+        backend.stop(timeout=0)
+
+
+def test_backend_down_closes_client_and_passes_slot(make_lock, conn_log):
+    placeholder = _stdsocket.socket()
+    placeholder.bind((LOOPBACK, 0))
+    port = placeholder.getsockname()[1]
+    placeholder.close()
+    lock = make_lock(port, connect_timeout=0.3)
+    a = connect(lock.server_port)
+    b = connect(lock.server_port)
+    assert recv_all(a) == b""
+    assert conn_log.next_end()["end"] == "backend-refused"
+    assert recv_all(b) == b""
+    assert conn_log.next_end()["end"] == "backend-refused"
+    assert lock.gate.held == 0
+
+
+# -- 7. queue limits -------------------------------------------------------------------------
+
+
+def test_queue_timeout_closes_waiting_client(make_backend, make_lock, conn_log):
+    backend = make_backend("hold")
+    lock = make_lock(backend, queue_timeout=0.2)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    assert recv_all(b) == b""
+    end = conn_log.next_end()
+    assert end["end"] == "queue-timeout" and 0.15 <= float(end["queued"]) <= 1.0
+    assert lock.queued == 0
+    a.close()
+
+
+def test_max_queue_turns_away_extra_clients_at_once(make_backend, make_lock, conn_log):
+    backend = make_backend("hold")
+    lock = make_lock(backend, max_queue=2)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    waiting = [connect(lock.server_port) for _ in range(2)]
+    queued(lock, 2)
+    extra = connect(lock.server_port)
+    assert recv_all(extra, timeout=2) == b""
+    assert conn_log.next_end()["end"] == "queue-full"
+    assert lock.queued == 2
+    for c in [a, *waiting]:
+        c.close()
+
+
+def test_max_queue_zero_admits_only_when_a_slot_is_free(make_backend, make_lock, conn_log):
+    backend = make_backend("echo")
+    lock = make_lock(backend, max_queue=0)
+    a = connect(lock.server_port)
+    a.sendall(b"a")
+    assert recv_exactly(a, 1) == b"a"
+    b = connect(lock.server_port)
+    assert recv_all(b) == b""
+    assert conn_log.next_end()["end"] == "queue-full"
+    a.close()
+
+
+# -- 8. hooks --------------------------------------------------------------------------------
+
+
+def test_on_activate_gets_connection_with_client_address(make_backend, make_lock):
+    backend = make_backend("echo")
+    seen = []
+    lock = make_lock(backend, on_activate=lambda conn: seen.append(conn))
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    recv_exactly(c, 1)
+    (conn,) = seen
+    assert conn.client == c.getsockname()
+    assert conn.activation == 1 and conn.id == 1
+    c.close()
+
+
+def test_raising_on_activate_closes_client_and_lock_keeps_working(
+    make_backend, make_lock, conn_log
+):
+    backend = make_backend("echo")
+    calls = []
+
+    def on_activate(conn):
+        calls.append(conn.id)
+        if conn.id == 1:
+            raise RuntimeError("restart failed")
+
+    lock = make_lock(backend, on_activate=on_activate)
+    a = connect(lock.server_port)
+    assert recv_all(a) == b""
+    end = conn_log.next_end()
+    assert end["end"] == "hook-failed"
+    assert any("restart failed" in line and "127.0.0.1:" in line for line in conn_log.lines)
+    assert backend.count == 0
+    b = connect(lock.server_port)
+    b.sendall(b"ok")
+    assert recv_exactly(b, 2) == b"ok"
+    b.close()
+
+
+def test_hook_running_past_hook_timeout_fails(make_backend, make_lock, conn_log):
+    backend = make_backend("echo")
+    lock = make_lock(backend, on_activate=lambda conn: gevent.sleep(30), hook_timeout=0.2)
+    a = connect(lock.server_port)
+    assert recv_all(a) == b""
+    assert conn_log.next_end()["end"] == "hook-failed"
+    assert backend.count == 0
+
+
+def test_command_hook_gets_context_in_environment(make_backend, make_lock, tmp_path):
+    backend = make_backend("echo")
+    out = tmp_path / "env"
+    hook = CommandHook(f"env | grep ^TCPLOCK_ | sort > {out}", "on-activate")
+    lock = make_lock(backend, on_activate=hook)
+    first = connect(lock.server_port)
+    first.sendall(b"1")
+    recv_exactly(first, 1)
+    first.close()
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    recv_exactly(c, 1)
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    host, port = c.getsockname()
+    assert env["TCPLOCK_CLIENT"] == f"{host}:{port}"
+    assert env["TCPLOCK_CLIENT_HOST"] == host and env["TCPLOCK_CLIENT_PORT"] == str(port)
+    assert env["TCPLOCK_EVENT"] == "on-activate"
+    assert env["TCPLOCK_ACTIVATION"] == "2" and env["TCPLOCK_SERVED"] == "1"
+    assert env["TCPLOCK_PREVIOUS_END"] == "closed"
+    assert env["TCPLOCK_BACKEND"] == f"127.0.0.1:{backend.server_port}"
+    c.close()
+
+
+@pytest.mark.parametrize("command", ["exit 3", "kill -9 $$", "sleep 30"])
+def test_failing_command_hook_is_logged_and_client_closed(
+    make_backend, make_lock, conn_log, command
+):
+    backend = make_backend("echo")
+    lock = make_lock(backend, on_activate=CommandHook(command, "on-activate"), hook_timeout=0.3)
+    a = connect(lock.server_port)
+    assert recv_all(a) == b""
+    assert conn_log.next_end()["end"] == "hook-failed"
+    assert any("on-activate hook" in line for line in conn_log.lines)
+    assert backend.count == 0
+
+
+def test_timed_out_command_hook_kills_its_process_group(make_backend, make_lock, tmp_path):
+    backend = make_backend("echo")
+    pidfile = tmp_path / "pid"
+    hook = CommandHook(f"sleep 30 & echo $! > {pidfile}; wait", "on-activate")
+    lock = make_lock(backend, on_activate=hook, hook_timeout=0.3)
+    a = connect(lock.server_port)
+    assert recv_all(a) == b""
+    pid = int(pidfile.read_text())
+    wait_until(lambda: not _alive(pid), what="the hook's child to be killed")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_on_timeout_failure_is_logged_and_slot_passes_on(make_backend, make_lock, conn_log):
+    backend = make_backend("never")
+
+    def on_timeout(conn):
+        raise RuntimeError("cleanup broke")
+
+    lock = make_lock(backend, timeout=0.2, on_timeout=on_timeout)
+    a = connect(lock.server_port)
+    b = connect(lock.server_port)
+    backend.next_conn()
+    assert conn_log.next_end()["end"] == "ttl"
+    assert any("cleanup broke" in line for line in conn_log.lines)
+    backend.next_conn()
+    a.close()
+    b.close()
+
+
+# -- 9. shutdown -----------------------------------------------------------------------------
+
+
+def test_stop_closes_queued_at_once_and_drains_active(make_backend, make_lock, conn_log):
+    backend = make_backend("reply_at_eof")
+    lock = make_lock(backend, drain_timeout=5)
+    a = connect(lock.server_port)
+    a.sendall(b"work")
+    backend.next_conn()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    stopper = gevent.spawn(lock.stop)
+    assert recv_all(b, timeout=2) == b""
+    assert conn_log.next_end()["end"] == "shutdown"
+    assert not stopper.ready()
+    with pytest.raises(OSError):
+        connect(lock.server_port, timeout=1)
+    a.shutdown(socket.SHUT_WR)
+    assert recv_all(a) == b"got:work"
+    stopper.join(timeout=5)
+    assert stopper.ready()
+    assert conn_log.next_end()["end"] == "closed"
+
+
+def test_stop_cuts_active_connections_after_drain_timeout(make_backend, make_lock, conn_log):
+    backend = make_backend("never")
+    lock = make_lock(backend)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    started = time.monotonic()
+    lock.stop(timeout=0.3)
+    assert time.monotonic() - started < 3
+    assert conn_log.next_end()["end"] == "shutdown"
+    with pytest.raises((ConnectionResetError, EOFError)):
+        if not a.recv(10):
+            raise EOFError
+    assert lock.gate.held == 0
+
+
+# -- 10. the log line ------------------------------------------------------------------------
+
+
+def test_one_log_line_per_connection_with_times_and_bytes(make_backend, make_lock, conn_log):
+    backend = make_backend("echo")
+    lock = make_lock(backend)
+    c = connect(lock.server_port)
+    c.sendall(b"x" * 1000)
+    recv_exactly(c, 1000)
+    c.shutdown(socket.SHUT_WR)
+    recv_all(c)
+    end = conn_log.next_end()
+    assert end["client"] == "{}:{}".format(*c.getsockname())
+    assert (end["up"], end["down"], end["end"]) == ("1000", "1000", "closed")
+    assert float(end["queued"]) >= 0 and float(end["active"]) > 0
+    with pytest.raises(queue.Empty):
+        conn_log.next_end(timeout=0.2)  # exactly one line
+
+
+# -- 11. socket options and backpressure -----------------------------------------------------
+
+
+def test_both_sockets_have_nodelay_and_keepalive(make_backend, make_lock):
+    backend = make_backend("hold")
+    lock = make_lock(backend)
+    c = connect(lock.server_port)
+    backend.next_conn()
+    active(lock, 1)
+    conn = lock.active[0]
+    wait_until(lambda: conn.upstream is not None)
+    for s in (conn.sock, conn.upstream):
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    c.close()
+
+
+def test_backend_that_stops_reading_stalls_the_client_without_buffering(make_backend, make_lock):
+    reading = Event()
+
+    def slow_reader(conn):
+        reading.wait()
+        h = hashlib.sha256()
+        while True:
+            data = conn.sock.recv(1 << 20)
+            if not data:
+                break
+            h.update(data)
+            conn.received = bytearray(b"%d" % (int(conn.received or b"0") + len(data)))
+        conn.sock.sendall(h.hexdigest().encode())
+        conn.sock.close()
+
+    backend = make_backend(slow_reader)
+    lock = make_lock(backend)
+    payload = os.urandom(32 << 20)
+    c = connect(lock.server_port, timeout=30)
+    sender = gevent.spawn(c.sendall, payload)
+    active(lock, 1)
+    conn = lock.active[0]
+    # Wait until the relay is stuck: its count stops moving.
+    last = -1
+    while conn.bytes_up != last:
+        last = conn.bytes_up
+        gevent.sleep(0.2)
+    assert conn.bytes_up < 16 << 20, "tcplock kept reading although the backend did not"
+    assert not sender.ready()
+    reading.set()
+    sender.join(timeout=20)
+    c.shutdown(socket.SHUT_WR)
+    assert recv_all(c, timeout=20).decode() == hashlib.sha256(payload).hexdigest()
+
+
+def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock):
+    backend = make_backend("echo")
+    lock = make_lock(backend)
+    payload = os.urandom(8 << 20)
+    c = connect(lock.server_port, timeout=30)
+    sender = gevent.spawn(lambda: (c.sendall(payload), c.shutdown(socket.SHUT_WR)))
+    got = recv_all(c, timeout=30)
+    sender.join()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+# -- embedding -------------------------------------------------------------------------------
+
+
+def test_importing_tcplock_does_not_monkey_patch():
+    code = (
+        "import tcplock, tcplock.server, tcplock.cli\n"
+        "from tcplock import TCPLock\n"
+        "from gevent import monkey\n"
+        "assert not monkey.is_anything_patched(), monkey.saved\n"
+        "import socket, gevent.socket\n"
+        "assert socket.socket is not gevent.socket.socket\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_library_reports_queue_and_active(make_backend, make_lock):
+    backend = make_backend("hold")
+    lock = make_lock(backend)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    assert lock.queued == 1
+    assert [c.client for c in lock.active] == [a.getsockname()]
+    assert [c.client for c in lock.connections] == [a.getsockname(), b.getsockname()]
+    assert lock.active[0].active_seconds > 0 and lock.connections[1].queued_seconds > 0
+
+
+def test_invalid_library_arguments_are_rejected():
+    for kw in ({"slots": 0}, {"timeout": 0}, {"max_queue": -1}, {"queue_timeout": -1}):
+        with pytest.raises(ValueError):
+            TCPLock((LOOPBACK, 0), (LOOPBACK, 1), **kw)
