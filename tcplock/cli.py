@@ -326,10 +326,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         lock.start()
     except OSError as e:
-        print(
-            f"tcplock: cannot listen on {format_address(args.listen)}: {e.strerror or e}",
-            file=sys.stderr,
-        )
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        print(f"tcplock: cannot listen on {format_address(args.listen)}: {reason}", file=sys.stderr)
         return 1
     listen = format_address((args.listen[0], lock.server_port))
     log.info(

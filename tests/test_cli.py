@@ -1,0 +1,289 @@
+"""The ``tcplock`` command end to end, as a subprocess: options, config file, environment,
+precedence, bad input, bind failures, signals, command hooks and the demo."""
+
+import signal
+import socket as _stdsocket
+
+import gevent
+import pytest
+from gevent import socket
+
+from conftest import LOOPBACK, connect, recv_all, recv_exactly, run_cli, wait_until
+from tcplock.cli import parse_args, parse_duration
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_version_and_help():
+    status, out, err = run_cli("--version")
+    assert status == 0 and out.startswith("tcplock ")
+    status, out, err = run_cli("--help")
+    assert status == 0
+    for flag in ("--listen", "--proxy-port", "--slots", "--timeout", "--config", "TCPLOCK_"):
+        assert flag in out
+
+
+def test_console_script_is_installed():
+    import shutil
+    import subprocess
+
+    exe = shutil.which("tcplock")
+    assert exe, "the tcplock console script is not on PATH"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("tcplock ")
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["-p", "8100"], "--listen"),
+        (["-l", "9000"], "--proxy-port"),
+        (["-l", "9000", "-p", "0"], "--proxy-port"),
+        (["-l", "9000", "-p", "65536"], "--proxy-port"),
+        (["-l", "9000", "-p", "http"], "--proxy-port"),
+        (["-l", "nope", "-p", "1"], "--listen"),
+        (["-l", "::1:9000", "-p", "1"], "--listen"),
+        (["-l", "[::1]9000", "-p", "1"], "--listen"),
+        (["-l", "9000", "-p", "1", "-n", "0"], "--slots"),
+        (["-l", "9000", "-p", "1", "-n", "two"], "--slots"),
+        (["-l", "9000", "-p", "1", "-t", "5x"], "--timeout"),
+        (["-l", "9000", "-p", "1", "-t", "-1"], "--timeout"),
+        (["-l", "9000", "-p", "1", "-t", "0"], "--timeout"),
+        (["-l", "9000", "-p", "1", "--queue-timeout", "soon"], "--queue-timeout"),
+        (["-l", "9000", "-p", "1", "--max-queue", "-1"], "--max-queue"),
+        (["-l", "9000", "-p", "1", "--connect-timeout", "off"], "--connect-timeout"),
+        (["-l", "9000", "-p", "1", "--log-level", "loud"], "--log-level"),
+        (["-l", "9000", "-p", "1", "--proxy-host", ""], "--proxy-host"),
+        (["-l", "9000", "-p", "1", "--bogus"], "--bogus"),
+        (["--demo", "-p", "1"], "--proxy-port"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_option_and_exit_2(args, names):
+    status, out, err = run_cli(*args)
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tcplock: error:") and names in lines[0]
+
+
+def test_bad_environment_value_is_a_usage_error():
+    status, _, err = run_cli("-l", "9000", "-p", "1", env={"TCPLOCK_SLOTS": "many"})
+    assert status == 2 and "--slots" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "content, names",
+    [("proxy-port = 99999\n", "--proxy-port"), ("no-such-thing = 1\n", "no-such-thing")],
+)
+def test_bad_config_file_is_a_usage_error(tmp_path, content, names):
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text("listen = 9000\n" + content)
+    status, _, err = run_cli("-c", str(conf))
+    assert status == 2 and names in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    status, _, err = run_cli("-c", str(tmp_path / "absent.conf"), "-l", "1", "-p", "1")
+    assert status == 2 and "absent.conf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bind_failure_is_one_line_and_exit_1(make_backend):
+    taken = _stdsocket.socket()
+    taken.bind((LOOPBACK, 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        status, _, err = run_cli("-l", f"{LOOPBACK}:{port}", "-p", "1")
+    finally:
+        taken.close()
+    assert status == 1
+    assert err.strip().splitlines() == [
+        f"tcplock: cannot listen on {LOOPBACK}:{port}: Address already in use"
+    ]
+
+
+def test_durations_and_addresses_parse():
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("20s") == 20 and parse_duration("2m") == 120
+    assert parse_duration("1h") == 3600 and parse_duration("1.5") == 1.5
+    assert parse_duration("off", allow_off=True) is None
+    args = parse_args(["-l", "9000", "-p", "8100"], env={})
+    assert args.listen == ("127.0.0.1", 9000) and args.proxy_host == "localhost"
+    args = parse_args(["-l", "[::1]:9000", "-p", "8100"], env={})
+    assert args.listen == ("::1", 9000)
+    args = parse_args(["-l", "0.0.0.0:9000", "-p", "8100", "-t", "20000ms"], env={})
+    assert args.listen == ("0.0.0.0", 9000) and args.timeout == 20.0
+
+
+def test_precedence_command_line_then_environment_then_config_file(tmp_path):
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text(
+        "# comment\nlisten = 9001\nproxy-port = 8101\nslots = 3\ntimeout = 30s\n"
+        "queue-timeout = 1m\n"
+    )
+    env = {"TCPLOCK_SLOTS": "4", "TCPLOCK_TIMEOUT": "40s", "TCPLOCK_CONFIG": str(conf)}
+    args = parse_args(["--timeout", "50s"], env=env)
+    assert args.listen == ("127.0.0.1", 9001)  # config file
+    assert args.proxy_port == 8101  # config file
+    assert args.slots == 4  # environment beats config file
+    assert args.timeout == 50  # command line beats both
+    assert args.queue_timeout == 60
+    assert args.connect_timeout == 5  # default
+
+
+def test_config_file_and_environment_drive_a_real_run(cli, make_backend, tmp_path):
+    backend = make_backend("hold")
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text("listen = 127.0.0.1:0\nproxy-host = 127.0.0.1\nslots = 1\n")
+    p = cli(
+        "-c", str(conf), env={"TCPLOCK_PROXY_PORT": str(backend.server_port), "TCPLOCK_SLOTS": "2"}
+    )
+    port = p.wait_ready()
+    clients = [connect(port) for _ in range(3)]
+    backend.next_conn()
+    backend.next_conn()
+    gevent.sleep(0.2)
+    assert backend.count == 2  # slots = 2 from the environment
+    for c in clients:
+        c.close()
+    backend.release_all()
+
+
+def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_backend):
+    backend = make_backend("reply_at_eof")
+    p = cli(
+        "-l",
+        "127.0.0.1:0",
+        "--proxy-host",
+        "127.0.0.1",
+        "-p",
+        str(backend.server_port),
+        "--drain-timeout",
+        "10s",
+    )
+    port = p.wait_ready()
+    active = connect(port)
+    active.sendall(b"work")
+    backend.next_conn()
+    waiting = connect(port)
+    p.wait_for("")  # any output so far
+    gevent.sleep(0.1)
+    p.signal(signal.SIGTERM)
+    assert recv_all(waiting) == b""
+    p.wait_for(r"end=shutdown")
+    assert p.proc.poll() is None  # still draining
+    active.shutdown(socket.SHUT_WR)
+    assert recv_all(active) == b"got:work"
+    assert p.wait() == 0
+    assert any("end=closed" in line for line in p.lines)
+    assert "Traceback" not in p.output()
+
+
+def test_drain_timeout_cuts_and_second_signal_cuts_at_once(cli, make_backend):
+    backend = make_backend("never")
+    p = cli(
+        "-l",
+        "127.0.0.1:0",
+        "--proxy-host",
+        "127.0.0.1",
+        "-p",
+        str(backend.server_port),
+        "--drain-timeout",
+        "1m",
+    )
+    port = p.wait_ready()
+    c = connect(port)
+    backend.next_conn()
+    p.signal(signal.SIGINT)
+    p.wait_for("draining")
+    p.signal(signal.SIGINT)
+    assert p.wait(timeout=10) == 0
+    assert any("end=shutdown" in line for line in p.lines)
+    c.close()
+
+
+def test_cli_command_hooks_run_with_context(cli, make_backend, tmp_path):
+    backend = make_backend("never")
+    out = tmp_path / "hooks"
+    p = cli(
+        "-l",
+        "127.0.0.1:0",
+        "--proxy-host",
+        "127.0.0.1",
+        "-p",
+        str(backend.server_port),
+        "--timeout",
+        "300ms",
+        "--on-activate",
+        f"echo activate $TCPLOCK_CLIENT >> {out}",
+        "--on-timeout",
+        f"echo timeout $TCPLOCK_CLIENT $TCPLOCK_END >> {out}",
+    )
+    port = p.wait_ready()
+    c = connect(port)
+    backend.next_conn()
+    p.wait_for("end=ttl")
+    host, cport = c.getsockname()
+    assert out.read_text().splitlines() == [
+        f"activate {host}:{cport}",
+        f"timeout {host}:{cport} ttl",
+    ]
+    c.close()
+
+
+def test_listen_on_ipv6_loopback(cli, make_backend):
+    if not _stdsocket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        probe = _stdsocket.socket(_stdsocket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("IPv6 loopback not configured")
+    backend = make_backend("echo")
+    p = cli("-l", "[::1]:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port))
+    port = p.wait_ready()
+    c = socket.create_connection(("::1", port), timeout=5)
+    c.sendall(b"six")
+    assert recv_exactly(c, 3) == b"six"
+    c.close()
+
+
+def test_bare_port_listens_on_loopback_only(cli, make_backend):
+    backend = make_backend("echo")
+    probe = _stdsocket.socket()
+    probe.bind((LOOPBACK, 0))
+    free = probe.getsockname()[1]
+    probe.close()
+    p = cli("-l", str(free), "-p", str(backend.server_port))
+    p.wait_ready()
+    assert f"listening on 127.0.0.1:{free}" in p.output()
+    # ss shows the listening address: 127.0.0.1, not 0.0.0.0
+    import subprocess
+
+    ss = subprocess.run(["ss", "-ltnH", f"sport = :{free}"], capture_output=True, text=True)
+    if ss.returncode == 0:
+        local = ss.stdout.split()[3]
+        assert local == f"127.0.0.1:{free}", ss.stdout
+
+
+def test_demo_backend_shows_one_client_at_a_time(cli):
+    p = cli("--demo", "-l", "127.0.0.1:0")
+    port = p.wait_ready()
+    a = connect(port)
+    greeting = a.recv(200)
+    assert b"clients connected now: 1" in greeting
+    b = connect(port)
+    gevent.sleep(0.2)
+    b.settimeout(0.2)
+    with pytest.raises(OSError):
+        b.recv(200)  # queued behind a
+    a.sendall(b"hi\n")
+    assert a.recv(200) == b"echo: HI\n"
+    a.close()
+    b.settimeout(5)
+    wait_until(lambda: True)
+    assert b"clients connected now: 1" in b.recv(200)
+    b.close()
