@@ -229,6 +229,36 @@ def build_parser() -> configargparse.ArgumentParser:
         help="a hook running longer than this is killed and counts as failed (default: 60s)",
     )
     add(
+        "--restart-cmd",
+        metavar="CMD",
+        help="shell command that restarts the backend; run while no client is relayed",
+    )
+    add(
+        "--restart-every",
+        metavar="K",
+        type=_count(1),
+        default=None,
+        help="restart the backend after every K clients, before the next (default: never)",
+    )
+    add(
+        "--restart-on-timeout",
+        action="store_true",
+        help="restart the backend after a connection was cut at its timeout",
+    )
+    add(
+        "--ready-timeout",
+        metavar="DURATION",
+        type=_duration(allow_off=True),
+        default=30.0,
+        help="after a restart, wait this long for the backend to accept connections before "
+        "letting the next client in; if it does not, the restart is retried (default: 30s)",
+    )
+    add(
+        "--hooks",
+        metavar="FILE.py",
+        help="Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason)",
+    )
+    add(
         "--drain-timeout",
         metavar="DURATION",
         type=_duration(allow_zero=True),
@@ -271,7 +301,61 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
         ]
         if missing:
             parser.error("the following arguments are required: " + ", ".join(missing))
+    if (args.restart_every or args.restart_on_timeout) and not (args.restart_cmd or args.hooks):
+        parser.error(
+            "--restart-every and --restart-on-timeout need --restart-cmd "
+            "(or a restart() in --hooks)"
+        )
     return args
+
+
+def load_hooks(args) -> dict:
+    """The hooks to use: shell commands from the options, Python functions from --hooks.
+
+    The Python file is run once, at start-up, so that a mistake in it is reported before the
+    first client arrives. Raises UsageError with a one-line message.
+    """
+    from .hooks import CommandHook
+
+    hooks = {
+        "on_activate": CommandHook(args.on_activate, "on-activate") if args.on_activate else None,
+        "on_timeout": CommandHook(args.on_timeout, "on-timeout") if args.on_timeout else None,
+        "restart": CommandHook(args.restart_cmd, "restart") if args.restart_cmd else None,
+    }
+    if not args.hooks:
+        return hooks
+    import runpy
+
+    try:
+        namespace = runpy.run_path(args.hooks, run_name="tcplock_hooks")
+    except FileNotFoundError:
+        raise UsageError(f"--hooks: no such file: {args.hooks}") from None
+    except SyntaxError as e:
+        raise UsageError(f"--hooks: {args.hooks}, line {e.lineno}: {e.msg}") from None
+    except BaseException as e:  # the file's own code failed: report it, do not crash
+        raise UsageError(f"--hooks: {args.hooks} failed to load: {type(e).__name__}: {e}") from None
+    found = 0
+    for name, flag in (
+        ("on_activate", "--on-activate"),
+        ("on_timeout", "--on-timeout"),
+        ("restart", "--restart-cmd"),
+    ):
+        fn = namespace.get(name)
+        if fn is None:
+            continue
+        if not callable(fn):
+            raise UsageError(f"--hooks: {name} in {args.hooks} is not a function")
+        if hooks[name] is not None:
+            raise UsageError(f"--hooks: {args.hooks} defines {name}, and {flag} is given too")
+        hooks[name] = fn
+        found += 1
+    if not found:
+        raise UsageError(f"--hooks: {args.hooks} defines none of on_activate, on_timeout, restart")
+    return hooks
+
+
+class UsageError(Exception):
+    """Bad settings, found after parsing: one line for the operator, exit status 2."""
 
 
 def _setup_logging(level: str) -> None:
@@ -296,9 +380,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     import gevent
     from gevent.event import Event
 
-    from .hooks import CommandHook
     from .server import TCPLock, format_address
 
+    try:
+        hooks = load_hooks(args)
+    except UsageError as e:
+        print(f"tcplock: error: {e}", file=sys.stderr)
+        return 2
+    if (args.restart_every or args.restart_on_timeout) and hooks["restart"] is None:
+        print(
+            f"tcplock: error: {args.hooks} defines no restart(reason), which "
+            "--restart-every and --restart-on-timeout need",
+            file=sys.stderr,
+        )
+        return 2
     _setup_logging(args.log_level)
     demo = None
     backend = (args.proxy_host, args.proxy_port)
@@ -320,8 +415,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         finish_timeout=args.finish_timeout,
         hook_timeout=args.hook_timeout,
         drain_timeout=args.drain_timeout,
-        on_activate=CommandHook(args.on_activate, "on-activate") if args.on_activate else None,
-        on_timeout=CommandHook(args.on_timeout, "on-timeout") if args.on_timeout else None,
+        on_activate=hooks["on_activate"],
+        on_timeout=hooks["on_timeout"],
+        restart=hooks["restart"],
+        restart_every=args.restart_every,
+        restart_on_timeout=args.restart_on_timeout,
+        ready_timeout=args.ready_timeout,
     )
     try:
         lock.start()

@@ -104,10 +104,11 @@ class CommandHook:
         self.command = command
         self.name = name
 
-    def __call__(self, conn) -> None:
+    def __call__(self, conn, extra: Optional[Mapping[str, str]] = None) -> None:
         env = dict(os.environ)
         env.update(conn.hook_env())
         env["TCPLOCK_EVENT"] = self.name
+        env.update(extra or {})
         run_command(self.command, env, self.name)
 
     def __repr__(self) -> str:

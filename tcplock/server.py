@@ -21,7 +21,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from .gate import Gate, Ticket
-from .hooks import HookFailed, call_hook
+from .hooks import CommandHook, HookFailed, call_hook
 from .relay import Relay
 
 __all__ = ["TCPLock", "Connection", "END_REASONS", "format_address"]
@@ -47,6 +47,9 @@ END_REASONS = (
 # learn that the exchange did not complete.
 _ABORT_CLIENT = frozenset({"backend-reset", "ttl", "shutdown", "error"})
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+_RESTART_WHY = {"count": "after the set number of uses", "ttl": "after a connection timed out"}
 
 
 class _Shutdown(Exception):
@@ -81,6 +84,7 @@ class Connection:
         "bytes_up",
         "bytes_down",
         "end",
+        "backend_finished",
     )
 
     def __init__(self, lock: TCPLock, sock, client: Tuple, number: int) -> None:
@@ -103,6 +107,7 @@ class Connection:
         self.bytes_down = 0
         #: How the connection ended (one of END_REASONS), once it has.
         self.end: Optional[str] = None
+        self.backend_finished = False
 
     @property
     def queued_seconds(self) -> float:
@@ -157,6 +162,8 @@ class TCPLock(StreamServer):
 
     #: Listen backlog: a burst of clients waits in the kernel rather than being refused.
     backlog = 1024
+    #: First pause before a failed restart is tried again; it doubles up to 30 s.
+    restart_retry_delay = 1.0
 
     def __init__(
         self,
@@ -173,6 +180,10 @@ class TCPLock(StreamServer):
         drain_timeout: float = 10.0,
         on_activate: Optional[Hook] = None,
         on_timeout: Optional[Hook] = None,
+        restart: Optional[Callable[[str], object]] = None,
+        restart_every: Optional[int] = None,
+        restart_on_timeout: bool = False,
+        ready_timeout: Optional[float] = 30.0,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -183,6 +194,10 @@ class TCPLock(StreamServer):
         ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, or None for no limit")
+        if restart_every is not None and restart_every < 1:
+            raise ValueError("restart_every must be at least 1, or None")
+        if (restart_every or restart_on_timeout) and restart is None:
+            raise ValueError("restart_every and restart_on_timeout need a restart callable")
         if max_queue is not None and max_queue < 0:
             raise ValueError("max_queue must be 0 or more, or None for no limit")
         super().__init__(tuple(listen))
@@ -202,6 +217,22 @@ class TCPLock(StreamServer):
         self.drain_timeout = drain_timeout
         self.on_activate = on_activate
         self.on_timeout = on_timeout
+        #: Restarts the backend: called as ``restart(reason)`` (``"count"`` or ``"ttl"``) while
+        #: no client is relayed.
+        self.restart = restart
+        #: Restart after every this many activations (before the next one is let in).
+        self.restart_every = restart_every
+        #: Restart after a connection was cut at its TTL (after on_timeout).
+        self.restart_on_timeout = restart_on_timeout
+        #: After a restart, wait up to this long for the backend to accept connections.
+        self.ready_timeout = ready_timeout
+        #: Restarts done, and restart attempts that failed.
+        self.restarts = 0
+        self.restart_failures = 0
+        self._restart_reason: Optional[str] = None
+        self._restart_done = Event()
+        self._since_restart = 0
+        self._parked = 0
         self.gate = Gate(slots)
         #: Activations so far (slots granted).
         self.activations = 0
@@ -242,100 +273,202 @@ class TCPLock(StreamServer):
         self._connections[conn] = None
         self._idle.clear()
         held = False
-        relay: Optional[Relay] = None
-        backend = None
         reason = "error"
         try:
-            _tune(sock)
-            if self._stopping:
-                reason = "shutdown"
-                return
-            ticket = Ticket()
-            if self.gate.would_wait():
-                if self.max_queue is not None and self.gate.waiting >= self.max_queue:
-                    reason = "queue-full"
-                    return
-                watch = _watch_departure(sock, ticket)
-                try:
-                    held = self.gate.acquire(ticket, self.queue_timeout)
-                finally:
-                    watch.stop()
-                    watch.close()
-            else:
-                held = self.gate.acquire(ticket)
-            if not held:
-                reason = ticket.cancelled or "queue-timeout"
-                return
-
-            self.activations += 1
-            conn.activation = self.activations
-            conn.activated_at = time.monotonic()
-            self._active[conn] = None
-            if self.on_activate is not None:
-                try:
-                    call_hook("on-activate", self.on_activate, conn, self.hook_timeout)
-                except HookFailed as e:
-                    log.error("%s: %s", format_address(address), e)
-                    reason = "hook-failed"
-                    return
-
-            backend = self._connect_backend(conn)
-            if backend is None:
-                reason = "backend-refused"
-                return
-            conn.upstream = backend
-            relay = Relay(sock, backend, conn)
-            ttl = gevent.Timeout(self.timeout) if self.timeout else None
-            try:
-                if ttl is not None:
-                    ttl.start()
-                reason = relay.run(self.finish_timeout)
-            except gevent.Timeout as t:
-                if t is not ttl:
-                    raise
-                reason = "ttl"
-            finally:
-                if ttl is not None:
-                    ttl.close()
+            reason = self._wait_for_slot(conn)
+            if reason is None:  # no switch can come between this test and the assignment
+                held = True
+                reason = self._use_slot(conn)
         except _Shutdown:
             reason = "shutdown"
         except Exception:
             log.exception("%s: unexpected error", format_address(address))
             reason = "error"
         finally:
-            conn.end = reason
-            conn.ended_at = time.monotonic()
-            conn.upstream = None
+            self._end(conn, held, reason)
+
+    def _wait_for_slot(self, conn: Connection) -> Optional[str]:
+        """Queue the client; None once it holds a slot, else the reason it never got one."""
+        if self._stopping:
+            return "shutdown"
+        _tune(conn.sock)
+        ticket = Ticket()
+        if not self.gate.would_wait():
+            self.gate.acquire(ticket)
+            return None
+        if self.max_queue is not None and self.gate.waiting >= self.max_queue:
+            return "queue-full"
+        watch = _watch_departure(conn.sock, ticket)
+        try:
+            if self.gate.acquire(ticket, self.queue_timeout):
+                return None
+        finally:
+            watch.stop()
+            watch.close()
+        return ticket.cancelled or "queue-timeout"
+
+    def _use_slot(self, conn: Connection) -> str:
+        """With the slot held: hooks, backend connection, relay under the TTL."""
+        self.activations += 1
+        conn.activation = self.activations
+        conn.activated_at = time.monotonic()
+        self._active[conn] = None
+        while self._restart_reason is not None:
+            # Granted just before a restart was called for: the restart comes first.
+            if self._last_holder():
+                self._restart(conn)
+                break
+            self._parked += 1  # wait for it, slot in hand; the last holder out runs it
             try:
-                # A client cut while active learns it with a reset; one turned away before it
-                # got a slot gets an orderly close.
-                _close(sock, held and reason in _ABORT_CLIENT)
-                if backend is not None:
-                    graceful = relay is not None and relay.backend_finished and reason != "ttl"
-                    _close(backend, not graceful)
-                if reason == "ttl" and self.on_timeout is not None:
+                self._restart_done.wait()
+            finally:
+                self._parked -= 1
+        self._since_restart += 1
+        if self.restart_every and self._since_restart >= self.restart_every:
+            self._request_restart("count")
+        if self.on_activate is not None:
+            try:
+                call_hook("on-activate", self.on_activate, conn, self.hook_timeout)
+            except HookFailed as e:
+                log.error("%s: %s", format_address(conn.client), e)
+                return "hook-failed"
+
+        backend = self._connect_backend(conn)
+        if backend is None:
+            return "backend-refused"
+        conn.upstream = backend
+        relay = Relay(conn.sock, backend, conn)
+        ttl = gevent.Timeout(self.timeout) if self.timeout else None
+        try:
+            if ttl is not None:
+                ttl.start()
+            return relay.run(self.finish_timeout)
+        except gevent.Timeout as t:
+            if t is not ttl:
+                raise
+            return "ttl"
+        finally:
+            if ttl is not None:
+                ttl.close()
+            conn.backend_finished = relay.backend_finished
+
+    def _end(self, conn: Connection, held: bool, reason: str) -> None:
+        """The one place a connection ends: close, TTL hook, restart, release, log."""
+        conn.end = reason
+        conn.ended_at = time.monotonic()
+        try:
+            # A client cut while active learns it with a reset; one turned away before it got a
+            # slot gets an orderly close.
+            _close(conn.sock, held and reason in _ABORT_CLIENT)
+            if conn.upstream is not None:
+                graceful = conn.backend_finished and reason != "ttl"
+                _close(conn.upstream, not graceful)
+                conn.upstream = None
+            if held:
+                self._active.pop(conn, None)
+                self.served += 1
+                self.last_end = reason
+            if reason == "ttl":
+                if self.on_timeout is not None:
                     try:
                         call_hook("on-timeout", self.on_timeout, conn, self.hook_timeout)
                     except HookFailed as e:
-                        log.error("%s: %s", format_address(address), e)
-            finally:
-                if held:
-                    self._active.pop(conn, None)
-                    self.served += 1
-                    self.last_end = reason
-                    self.gate.release()
-                self._connections.pop(conn, None)
-                if not self._connections:
-                    self._idle.set()
-                log.info(
-                    "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
-                    format_address(address),
-                    conn.queued_seconds,
-                    conn.active_seconds,
-                    conn.bytes_up,
-                    conn.bytes_down,
-                    reason,
-                )
+                        log.error("%s: %s", format_address(conn.client), e)
+                if self.restart_on_timeout:
+                    self._request_restart("ttl")
+            if held and self._restart_reason is not None and self._last_holder():
+                self._restart(conn)
+        finally:
+            if held:
+                self.gate.release()
+            self._connections.pop(conn, None)
+            if not self._connections:
+                self._idle.set()
+            log.info(
+                "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
+                format_address(conn.client),
+                conn.queued_seconds,
+                conn.active_seconds,
+                conn.bytes_up,
+                conn.bytes_down,
+                reason,
+            )
+
+    # -- restarts ----------------------------------------------------------------------------
+
+    def _last_holder(self) -> bool:
+        # Every other slot is free or held by a connection parked until the restart is done.
+        return self.gate.held - self._parked == 1
+
+    def _request_restart(self, reason: str) -> None:
+        """Call for a restart: no new activations until it is done (a barrier across slots)."""
+        if self.restart is None or self._restart_reason is not None:
+            return
+        self._restart_reason = reason
+        self._restart_done = Event()
+        self.gate.pause()
+
+    def _restart(self, conn: Connection) -> None:
+        """Run the restart while holding the last slot in use; retry until it succeeds (or
+        tcplock stops), so no client is ever let in to a half-restarted backend."""
+        reason = self._restart_reason
+        delay = self.restart_retry_delay
+        attempt = 0
+        while True:
+            attempt += 1
+            log.warning(
+                "restarting backend (%s)%s",
+                _RESTART_WHY.get(reason, reason),
+                f", attempt {attempt}" if attempt > 1 else "",
+            )
+            started = time.monotonic()
+            try:
+                self._run_restart_hook(conn, reason)
+                self._wait_ready()
+            except HookFailed as e:
+                self.restart_failures += 1
+                log.error("restart failed: %s; retrying in %gs", e, delay)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            break
+        self.restarts += 1
+        self._since_restart = 0
+        self._restart_reason = None
+        log.warning(
+            "backend restarted in %.2fs (restart #%d)", time.monotonic() - started, self.restarts
+        )
+        self._restart_done.set()
+        self.gate.resume()
+
+    def _run_restart_hook(self, conn: Connection, reason: str) -> None:
+        hook = self.restart
+        if isinstance(hook, CommandHook):
+            extra = {"TCPLOCK_RESTART_REASON": reason, "TCPLOCK_RESTARTS": str(self.restarts)}
+            call_hook("restart", lambda c: hook(c, extra), conn, self.hook_timeout)
+        else:
+            call_hook("restart", hook, reason, self.hook_timeout)
+
+    def _wait_ready(self) -> None:
+        """After a restart: wait until the backend accepts connections again."""
+        if not self.ready_timeout:
+            return
+        deadline = time.monotonic() + self.ready_timeout
+        delay = 0.05
+        while True:
+            try:
+                probe = self._connect_once(max(0.001, deadline - time.monotonic()))
+            except OSError as e:
+                if time.monotonic() + delay >= deadline:
+                    raise HookFailed(
+                        f"backend not accepting connections {self.ready_timeout:g}s after the "
+                        f"restart ({e.strerror or e})"
+                    ) from None
+                gevent.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            probe.close()
+            return
 
     def _connect_backend(self, conn: Connection):
         """Connect to the backend, retrying with backoff for up to connect_timeout (it may be
