@@ -272,7 +272,7 @@ def test_python_restart_hook_from_cli(cli, make_backend, tmp_path):
         "2",
     )
     port = p.wait_ready()
-    for i in range(3):
+    for _ in range(3):
         echo_once(port)
     p.wait_for("backend restarted")
     assert out.read_text().splitlines() == [
