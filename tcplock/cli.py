@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -354,6 +355,23 @@ def load_hooks(args) -> dict:
     return hooks
 
 
+def notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    import socket
+
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("could not notify systemd at %s: %s", path, e)
+
+
 class UsageError(Exception):
     """Bad settings, found after parsing: one line for the operator, exit status 2."""
 
@@ -367,8 +385,6 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import os
-
     args = parse_args(argv, env=os.environ)
 
     from gevent import monkey
@@ -453,7 +469,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, on_signal)
+    notify("READY=1\nSTATUS=listening on " + listen)
     stop.wait()
+    notify("STOPPING=1")
     log.info(
         "stopping: %d active, %d queued; draining for up to %gs (signal again to cut now)",
         len(lock.active),

@@ -287,3 +287,19 @@ def test_demo_backend_shows_one_client_at_a_time(cli):
     wait_until(lambda: True)
     assert b"clients connected now: 1" in b.recv(200)
     b.close()
+
+
+def test_systemd_readiness_and_stopping_notifications(cli, make_backend, tmp_path):
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    backend = make_backend("echo")
+    p = cli("-l", "127.0.0.1:0", "-p", str(backend.server_port), env={"NOTIFY_SOCKET": path})
+    with gevent.Timeout(10):
+        ready = sock.recv(1000).decode()
+    assert ready.startswith("READY=1") and f":{p.wait_ready()}" in ready
+    p.signal(signal.SIGTERM)
+    with gevent.Timeout(10):
+        assert sock.recv(1000) == b"STOPPING=1"
+    assert p.wait() == 0
+    sock.close()
