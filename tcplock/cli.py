@@ -115,6 +115,17 @@ def _host(text: str) -> str:
     return text
 
 
+def _network(text: str):
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid network {text!r} (use e.g. 10.0.0.0/8, 192.168.1.5 or ::1/128)"
+        ) from None
+
+
 class _Parser(configargparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2: a usage error is the caller's fault
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -195,7 +206,16 @@ def build_parser() -> configargparse.ArgumentParser:
         metavar="N",
         type=_count(0),
         default=None,
-        help="close at once a client arriving when N are already waiting (default: no limit)",
+        help="close at once a client arriving when N are already waiting (default: as many as "
+        "the descriptor limit leaves room for)",
+    )
+    add(
+        "--allow",
+        metavar="CIDR",
+        type=_network,
+        action="append",
+        help="admit only clients from this network (repeatable, e.g. 10.0.0.0/8 or ::1/128); "
+        "others are closed at once (default: any client that reaches --listen)",
     )
     add(
         "--connect-timeout",
@@ -355,6 +375,32 @@ def load_hooks(args) -> dict:
     return hooks
 
 
+# Descriptors kept for everything that is not a client: the listener, the event loop, logs,
+# hook pipes, readiness probes, and a margin.
+_RESERVED_FDS = 64
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the resulting soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+def default_max_queue(capacity: int, slots: int) -> int:
+    """Waiting clients the descriptor limit has room for: each holds one descriptor, each
+    active connection two (client and backend)."""
+    return max(0, capacity - _RESERVED_FDS - 2 * slots)
+
+
 def notify(state: str) -> None:
     """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
     import socket
@@ -420,13 +466,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         demo.start()
         backend = ("127.0.0.1", demo.server_port)
 
+    capacity = raise_descriptor_limit()
+    max_queue = args.max_queue
+    if max_queue is None:
+        max_queue = default_max_queue(capacity, args.slots)
     lock = TCPLock(
         args.listen,
         backend,
         slots=args.slots,
         timeout=args.timeout,
         queue_timeout=args.queue_timeout,
-        max_queue=args.max_queue,
+        max_queue=max_queue,
+        allow=args.allow,
         connect_timeout=args.connect_timeout,
         finish_timeout=args.finish_timeout,
         hook_timeout=args.hook_timeout,
@@ -451,6 +502,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         listen,
         format_address(backend),
         args.slots,
+    )
+    log.info(
+        "descriptor limit %d: room for about %d waiting clients; max-queue %d",
+        capacity,
+        default_max_queue(capacity, args.slots),
+        max_queue,
     )
     if demo is not None:
         log.info(

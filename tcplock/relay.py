@@ -65,6 +65,9 @@ class Relay:
     ``bytes_down`` (backend to client); they are updated as bytes are delivered.
     """
 
+    #: Seconds between checks that a client which has finished sending is still connected.
+    client_check_interval = 1.0
+
     def __init__(self, client, backend, counter) -> None:
         self.client = client
         self.backend = backend
@@ -89,13 +92,18 @@ class Relay:
             if failure is None:
                 if not down.ready():
                     # The client has finished sending; the backend may take as long as it needs
-                    # (the TTL bounds it) to answer.
-                    down.join()
+                    # (the TTL bounds it) to answer. Nobody reads the client meanwhile, so look
+                    # now and then whether it is still there (a reset, or keepalive giving up).
+                    while not down.ready():
+                        down.join(self.client_check_interval)
+                        if not down.ready() and _gone(c):
+                            failure = (CLIENT, OSError("client gone while waiting for reply"))
+                            break
                 elif not up.ready():
                     # The backend has finished; the client gets a bounded time to finish too.
                     self.backend_finished = True
                     up.join(finish_timeout)
-                failure = _failure(up) or _failure(down)
+                failure = failure or _failure(up) or _failure(down)
             if failure is None:
                 self.backend_finished = True
                 return "closed"
@@ -125,6 +133,14 @@ class Relay:
         except OSError:
             return False
         return False
+
+
+def _gone(sock) -> bool:
+    """Whether the socket has a pending error (reset, keepalive timeout), without reading."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    except OSError:
+        return True
 
 
 def _failure(g: Greenlet) -> _Failure:

@@ -9,11 +9,13 @@ that says how the connection ended.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import socket as _stdsocket
 import struct
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import gevent
 from gevent import socket
@@ -37,6 +39,7 @@ END_REASONS = (
     "left-queue",  # the client went away while waiting in the queue
     "queue-timeout",  # the client waited longer than queue_timeout
     "queue-full",  # max_queue clients were already waiting
+    "not-allowed",  # the client's address is not in the allow list
     "backend-refused",  # no backend connection could be made within connect_timeout
     "hook-failed",  # the on_activate hook failed; the client never reached the backend
     "shutdown",  # tcplock was stopping
@@ -47,6 +50,34 @@ END_REASONS = (
 # learn that the exchange did not complete.
 _ABORT_CLIENT = frozenset({"backend-reset", "ttl", "shutdown", "error"})
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+# accept() errors that mean "no descriptors or memory right now": back off and keep serving.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+Network = ipaddress._BaseNetwork
+
+
+class _RateLimit:
+    """Lets one message through per interval and counts the ones it held back."""
+
+    __slots__ = ("interval", "_next", "held_back")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self.held_back = 0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval
+            return True
+        self.held_back += 1
+        return False
+
+    def take_held_back(self) -> int:
+        n, self.held_back = self.held_back, 0
+        return n
 
 
 _RESTART_WHY = {"count": "after the set number of uses", "ttl": "after a connection timed out"}
@@ -184,6 +215,7 @@ class TCPLock(StreamServer):
         restart_every: Optional[int] = None,
         restart_on_timeout: bool = False,
         ready_timeout: Optional[float] = 30.0,
+        allow: Optional[Iterable] = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -233,6 +265,17 @@ class TCPLock(StreamServer):
         self._restart_done = Event()
         self._since_restart = 0
         self._parked = 0
+        #: Networks clients may come from (None: any client that can reach the listener).
+        self.allow: Optional[Tuple[Network, ...]] = (
+            tuple(ipaddress.ip_network(n, strict=False) for n in allow)
+            if allow is not None
+            else None
+        )
+        #: accept() calls that failed for lack of descriptors or memory.
+        self.accept_failures = 0
+        self._accept_delay = self.min_delay
+        self._accept_log = _RateLimit(10.0)
+        self._refusal_log = _RateLimit(10.0)
         self.gate = Gate(slots)
         #: Activations so far (slots granted).
         self.activations = 0
@@ -291,6 +334,8 @@ class TCPLock(StreamServer):
         """Queue the client; None once it holds a slot, else the reason it never got one."""
         if self._stopping:
             return "shutdown"
+        if self.allow is not None and not self._allowed(conn.client[0]):
+            return "not-allowed"
         _tune(conn.sock)
         ticket = Ticket()
         if not self.gate.would_wait():
@@ -384,15 +429,71 @@ class TCPLock(StreamServer):
             self._connections.pop(conn, None)
             if not self._connections:
                 self._idle.set()
-            log.info(
-                "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
-                format_address(conn.client),
-                conn.queued_seconds,
-                conn.active_seconds,
-                conn.bytes_up,
-                conn.bytes_down,
-                reason,
+            if reason != "not-allowed" or self._log_refusal(conn):
+                log.info(
+                    "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
+                    format_address(conn.client),
+                    conn.queued_seconds,
+                    conn.active_seconds,
+                    conn.bytes_up,
+                    conn.bytes_down,
+                    reason,
+                )
+
+    def _allowed(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 client of a dual-stack listener
+        return any(ip in net for net in self.allow)
+
+    def _log_refusal(self, conn: Connection) -> bool:
+        """Refused clients may come in floods: log them at most once per interval."""
+        if not self._refusal_log.ready():
+            return False
+        more = self._refusal_log.take_held_back()
+        if more:
+            log.warning(
+                "%d more clients were not allowed in the last %.0fs",
+                more,
+                self._refusal_log.interval,
             )
+        return True
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    def do_read(self):
+        try:
+            result = super().do_read()
+        except OSError as e:
+            if e.errno not in _EXHAUSTED:
+                raise
+            self._accept_exhausted(e)
+            return None
+        self._accept_delay = self.min_delay
+        return result
+
+    def _accept_exhausted(self, error: OSError) -> None:
+        # Out of descriptors: the client stays in the kernel's backlog while we pause
+        # accepting; connections that end free descriptors, and accepting resumes. One line
+        # per interval instead of a traceback per attempt.
+        self.accept_failures += 1
+        if self._accept_log.ready():
+            more = self._accept_log.take_held_back()
+            log.error(
+                "cannot accept new clients: %s%s; they wait in the listen backlog. Raise the "
+                "descriptor limit (ulimit -n, LimitNOFILE=) or lower --max-queue",
+                error.strerror or error,
+                f" ({more} more times in the last {self._accept_log.interval:.0f}s)"
+                if more
+                else "",
+            )
+        self.stop_accepting()
+        self._timer = self.loop.timer(self._accept_delay)
+        self._timer.start(self._start_accepting_if_started)
+        self._accept_delay = min(self._accept_delay * 2, self.max_delay)
 
     # -- restarts ----------------------------------------------------------------------------
 
@@ -539,10 +640,21 @@ class TCPLock(StreamServer):
             self._idle.wait(5)
 
 
+# Keepalive: a peer whose host vanished is noticed after about a minute of silence, not the
+# kernel's default of over two hours.
+_KEEPALIVE = tuple(
+    (getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+)
+
+
 def _tune(sock) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in _KEEPALIVE:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
     except OSError:
         pass  # the peer may already be gone; the relay will see it
 
