@@ -15,7 +15,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["tcplock", "tcplock.*"]),
     python_requires=">=3.8",
-    install_requires=["gevent>=22.10", "ConfigArgParse>=1.5"],
+    install_requires=["gevent>=22.10", "ConfigArgParse>=1.5", "prometheus_client>=0.16"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6"],
     },

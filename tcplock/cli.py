@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import time
 from typing import List, Optional, Sequence, Tuple
 
 import configargparse
@@ -287,12 +288,34 @@ def build_parser() -> configargparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long active connections may finish (default: 10s)",
     )
     add(
+        "--status",
+        metavar="[HOST:]PORT",
+        type=parse_address,
+        help="serve GET /status (JSON), GET /metrics (Prometheus), POST /pause and "
+        "POST /resume over HTTP here; a bare PORT is on 127.0.0.1 (default: off)",
+    )
+    add(
+        "--agent-check",
+        metavar="[HOST:]PORT",
+        type=parse_address,
+        help="answer HAProxy's agent-check here: 'drain' while paused, restarting or "
+        "stopping, else 'up ready' with a weight that falls as the queue grows (default: off)",
+    )
+    add(
         "--log-level",
         metavar="LEVEL",
         default="info",
         type=str.lower,
         choices=["debug", "info", "warning", "error"],
         help="debug, info (one line per connection), warning or error (default: info)",
+    )
+    add(
+        "--log-format",
+        metavar="FORMAT",
+        default="text",
+        type=str.lower,
+        choices=["text", "json"],
+        help="text, or json for one JSON object per line with the same fields (default: text)",
     )
     add(
         "--demo",
@@ -422,12 +445,48 @@ class UsageError(Exception):
     """Bad settings, found after parsing: one line for the operator, exit status 2."""
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line. A connection's line carries its fields as such
+    (``client``, ``queued_seconds``, ``active_seconds``, ``bytes_up``, ``bytes_down``,
+    ``end``); other lines carry ``message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        data = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            + f".{int(record.msecs):03d}"
+            + time.strftime("%z", self.converter(record.created)),
+            "level": record.levelname,
+        }
+        conn = getattr(record, "connection", None)
+        if conn is not None:
+            from .server import format_address
+
+            data.update(
+                client=format_address(conn.client),
+                queued_seconds=round(conn.queued_seconds, 3),
+                active_seconds=round(conn.active_seconds, 3),
+                bytes_up=conn.bytes_up,
+                bytes_down=conn.bytes_down,
+                end=conn.end,
+            )
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -456,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     demo = None
     backend = (args.proxy_host, args.proxy_port)
     if args.demo:
@@ -495,6 +554,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = os.strerror(e.errno) if e.errno else str(e)
         print(f"tcplock: cannot listen on {format_address(args.listen)}: {reason}", file=sys.stderr)
         return 1
+    extras = []
+    try:
+        if args.status is not None:
+            from .status import StatusServer
+
+            extras.append(("status", args.status, StatusServer(args.status, lock)))
+        if args.agent_check is not None:
+            from .status import AgentCheck
+
+            extras.append(("agent-check", args.agent_check, AgentCheck(args.agent_check, lock)))
+        for name, address, server in extras:
+            failed = (name, address)
+            server.start()
+    except OSError as e:
+        lock.stop(0)
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        print(
+            f"tcplock: cannot listen on {format_address(failed[1])} ({failed[0]}): {reason}",
+            file=sys.stderr,
+        )
+        return 1
     listen = format_address((args.listen[0], lock.server_port))
     log.info(
         "tcplock %s listening on %s, relaying to %s, %d slot(s)",
@@ -509,6 +589,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         default_max_queue(capacity, args.slots),
         max_queue,
     )
+    for name, address, server in extras:
+        where = format_address((address[0], server.server_port))
+        log.info("%s on %s", name, f"http://{where}/status" if name == "status" else where)
     if demo is not None:
         log.info(
             "demo: run 'nc %s %d' in two terminals; the second waits for the first to quit",
@@ -540,6 +623,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not stopper.ready():
         lock.stop(0)
         stopper.join()
+    for _name, _address, server in extras:
+        server.stop(timeout=1)
     if demo is not None:
         demo.stop()
     log.info("stopped")

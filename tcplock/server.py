@@ -290,6 +290,16 @@ class TCPLock(StreamServer):
         self._numbers = 0
         self._stopping = False
         self._addrinfo: Optional[list] = None
+        self._operator_paused = False
+        #: Finished connections by end reason, and their bytes in each direction.
+        self.ended: Dict[str, int] = {}
+        self.bytes_up_total = 0
+        self.bytes_down_total = 0
+        #: Hook calls (on_activate, on_timeout) that failed.
+        self.hook_failures = 0
+        #: Callables given each connection as it ends (after its log line); for metrics.
+        self.end_observers: List[Callable[[Connection], object]] = []
+        self.started_at = time.monotonic()
 
     # -- what embedding code reads ---------------------------------------------------------------
 
@@ -307,6 +317,79 @@ class TCPLock(StreamServer):
     def connections(self) -> List[Connection]:
         """Every connection tcplock holds (queued and active), in accept order."""
         return list(self._connections)
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` is in force."""
+        return self._operator_paused
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`stop` has begun."""
+        return self._stopping
+
+    @property
+    def restarting(self) -> bool:
+        """Whether a restart is due or running (no client is let in meanwhile)."""
+        return self._restart_reason is not None
+
+    def pause(self) -> None:
+        """Stop letting waiting clients in; they keep their places and newcomers queue behind
+        them. Active connections are not touched. For maintenance on the backend."""
+        if not self._operator_paused:
+            self._operator_paused = True
+            log.warning("paused: no client is let in until resumed")
+            self._sync_gate()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`: the queue moves again, in order."""
+        if self._operator_paused:
+            self._operator_paused = False
+            log.warning("resumed")
+            self._sync_gate()
+
+    def _sync_gate(self) -> None:
+        if self._operator_paused or self._restart_reason is not None:
+            self.gate.pause()
+        else:
+            self.gate.resume()
+
+    def status(self) -> dict:
+        """A snapshot of the lock, as plain data (what ``GET /status`` returns)."""
+        from . import __version__
+
+        now = time.monotonic()
+        oldest = next((c for c in self._connections if c.activated_at is None), None)
+        return {
+            "version": __version__,
+            "listen": format_address((self.server_host, self.server_port))
+            if not self.closed
+            else None,
+            "backend": format_address(self.backend),
+            "slots": self.slots,
+            "queued": self.queued,
+            "oldest_wait_seconds": round(now - oldest.queued_at, 3) if oldest else 0.0,
+            "active": [
+                {
+                    "client": format_address(c.client),
+                    "id": c.id,
+                    "seconds": round(c.active_seconds, 3),
+                    "bytes_up": c.bytes_up,
+                    "bytes_down": c.bytes_down,
+                }
+                for c in self._active
+            ],
+            "served": self.served,
+            "activations": self.activations,
+            "ended": dict(self.ended),
+            "restarts": self.restarts,
+            "restart_failures": self.restart_failures,
+            "hook_failures": self.hook_failures,
+            "paused": self._operator_paused,
+            "restarting": self.restarting,
+            "draining": self._stopping,
+            "uptime_seconds": round(now - self.started_at, 3),
+        }
 
     # -- the life of a connection ----------------------------------------------------------------
 
@@ -375,6 +458,7 @@ class TCPLock(StreamServer):
             try:
                 call_hook("on-activate", self.on_activate, conn, self.hook_timeout)
             except HookFailed as e:
+                self.hook_failures += 1
                 log.error("%s: %s", format_address(conn.client), e)
                 return "hook-failed"
 
@@ -418,6 +502,7 @@ class TCPLock(StreamServer):
                     try:
                         call_hook("on-timeout", self.on_timeout, conn, self.hook_timeout)
                     except HookFailed as e:
+                        self.hook_failures += 1
                         log.error("%s: %s", format_address(conn.client), e)
                 if self.restart_on_timeout:
                     self._request_restart("ttl")
@@ -429,6 +514,9 @@ class TCPLock(StreamServer):
             self._connections.pop(conn, None)
             if not self._connections:
                 self._idle.set()
+            self.ended[reason] = self.ended.get(reason, 0) + 1
+            self.bytes_up_total += conn.bytes_up
+            self.bytes_down_total += conn.bytes_down
             if reason != "not-allowed" or self._log_refusal(conn):
                 log.info(
                     "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
@@ -438,7 +526,10 @@ class TCPLock(StreamServer):
                     conn.bytes_up,
                     conn.bytes_down,
                     reason,
+                    extra={"connection": conn},
                 )
+            for observe in self.end_observers:
+                observe(conn)
 
     def _allowed(self, host: str) -> bool:
         try:
@@ -507,7 +598,7 @@ class TCPLock(StreamServer):
             return
         self._restart_reason = reason
         self._restart_done = Event()
-        self.gate.pause()
+        self._sync_gate()
 
     def _restart(self, conn: Connection) -> None:
         """Run the restart while holding the last slot in use; retry until it succeeds (or
@@ -540,7 +631,7 @@ class TCPLock(StreamServer):
             "backend restarted in %.2fs (restart #%d)", time.monotonic() - started, self.restarts
         )
         self._restart_done.set()
-        self.gate.resume()
+        self._sync_gate()
 
     def _run_restart_hook(self, conn: Connection, reason: str) -> None:
         hook = self.restart

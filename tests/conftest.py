@@ -348,3 +348,21 @@ def wait_until(predicate, timeout=5.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         gevent.sleep(0.002)
+
+
+def http(port, method="GET", path="/status", body=b"", timeout=5.0):
+    """A minimal HTTP/1.0 request over a gevent socket: (status, headers, body)."""
+    s = connect(port, timeout=timeout)
+    try:
+        s.sendall(
+            f"{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body
+        )
+        raw = recv_all(s, timeout=timeout)
+    finally:
+        s.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return status, headers, payload
