@@ -355,8 +355,8 @@ def http(port, method="GET", path="/status", body=b"", timeout=5.0):
     s = connect(port, timeout=timeout)
     try:
         s.sendall(
-            f"{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
-            .encode() + body
+            f"{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         raw = recv_all(s, timeout=timeout)
     finally:
