@@ -370,7 +370,8 @@ _apt_updated = False
 
 
 def require_command(command: str, package: str) -> str:
-    """Path of ``command``, installing Debian's ``package`` the first time a test needs it, as
+    """Path of ``command``, installing Debian's ``package`` (or several, separated by spaces)
+    the first time a test needs it, as
     on a fresh machine or in CI. Where installing is impossible (not root, no apt-get) the test
     is skipped with the reason; under CI=true it fails instead, so a missing install step can
     never pass for green."""
@@ -391,7 +392,7 @@ def require_command(command: str, package: str) -> str:
             _subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
             _apt_updated = True
         done = _subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *package.split()],
             env=env,
             capture_output=True,
             text=True,
