@@ -389,10 +389,24 @@ def require_command(command: str, package: str) -> str:
         import subprocess as _subprocess
 
         if not _apt_updated:
-            _subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            _subprocess.run(
+                ["apt-get", "-o", "DPkg::Lock::Timeout=300", "update", "-q"],
+                env=env,
+                capture_output=True,
+                timeout=600,
+            )
             _apt_updated = True
         done = _subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *package.split()],
+            [
+                "apt-get",
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                *package.split(),
+            ],
             env=env,
             capture_output=True,
             text=True,
