@@ -13,7 +13,7 @@ server's departure watch, a queue timeout, shutdown) may cancel.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore
@@ -27,12 +27,17 @@ class Ticket:
     ``granted`` becomes true when the gate hands this ticket a slot; from then on whoever holds
     the ticket owns the slot and must :meth:`Gate.release` it once. ``cancelled`` holds the reason
     given to :meth:`cancel` (a short word such as ``"left-queue"``) when the wait was abandoned.
+
+    ``wake`` is called (with no arguments, possibly from the event loop itself) when the ticket
+    is granted or cancelled. A greenlet blocked in :meth:`Gate.acquire` is woken this way; code
+    that queues without a greenlet of its own (:meth:`Gate.enqueue`) passes its own callback,
+    which must not block.
     """
 
-    __slots__ = ("_event", "granted", "cancelled", "dead")
+    __slots__ = ("wake", "granted", "cancelled", "dead")
 
-    def __init__(self) -> None:
-        self._event = Event()
+    def __init__(self, wake: Optional[Callable[[], object]] = None) -> None:
+        self.wake = wake
         self.granted = False
         self.cancelled: Optional[str] = None
         #: Set once the ticket has left the queue without a slot; the gate skips dead tickets.
@@ -42,7 +47,8 @@ class Ticket:
         """Abandon the wait (safe to call from a hub callback). Ignored once granted."""
         if not self.granted and self.cancelled is None:
             self.cancelled = reason
-            self._event.set()
+            if self.wake is not None:
+                self.wake()
 
 
 class Gate:
@@ -87,13 +93,10 @@ class Gate:
 
     # -- acquiring and releasing ---------------------------------------------------------------
 
-    def acquire(self, ticket: Ticket, timeout: Optional[float] = None) -> bool:
-        """Wait in line for a slot. True when the slot is held; False when the wait ended
-        without one (``ticket.cancelled`` says why, or it is None after ``timeout``).
-
-        If the calling greenlet is killed while waiting, the ticket leaves the queue, and a slot
-        that was handed to it in the meantime is passed on, so nothing leaks.
-        """
+    def enqueue(self, ticket: Ticket) -> bool:
+        """Take a free slot at once (True), or queue the ticket (False) without waiting: the
+        gate calls ``ticket.wake()`` when it is granted. Whoever cancels a queued ticket must
+        then :meth:`discard` it."""
         if ticket.cancelled is not None:
             ticket.dead = True
             return False
@@ -102,8 +105,28 @@ class Gate:
             return True
         self._queue.append(ticket)
         self._waiting += 1
+        return False
+
+    def discard(self, ticket: Ticket) -> None:
+        """Take a cancelled (or abandoned) ticket out of the queue; no-op once granted."""
+        self._leave(ticket)
+
+    def acquire(self, ticket: Ticket, timeout: Optional[float] = None) -> bool:
+        """Wait in line for a slot, blocking this greenlet. True when the slot is held; False
+        when the wait ended without one (``ticket.cancelled`` says why, or it is None after
+        ``timeout``).
+
+        If the calling greenlet is killed while waiting, the ticket leaves the queue, and a slot
+        that was handed to it in the meantime is passed on, so nothing leaks.
+        """
+        event = Event()
+        ticket.wake = event.set
+        if self.enqueue(ticket):
+            return True
+        if ticket.dead:
+            return False
         try:
-            ticket._event.wait(timeout)
+            event.wait(timeout)
         except BaseException:
             if self._leave(ticket):
                 self.release()  # granted, but the holder died before it could use the slot
@@ -140,7 +163,7 @@ class Gate:
         ticket.granted = True
         ticket.dead = True  # out of the queue
         self._waiting -= 1
-        ticket._event.set()
+        ticket.wake()
 
     def release(self) -> None:
         """Give a held slot back: to the head of the queue if anyone waits, else to the pool."""

@@ -12,13 +12,15 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import _socket
 import socket as _stdsocket
 import struct
 import time
+from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import gevent
-from gevent import socket
+from gevent import Greenlet, socket
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -116,6 +118,11 @@ class Connection:
         "bytes_down",
         "end",
         "backend_finished",
+        "ticket",
+        "watch",
+        "timer",
+        "running",
+        "woken",
     )
 
     def __init__(self, lock: TCPLock, sock, client: Tuple, number: int) -> None:
@@ -127,7 +134,13 @@ class Connection:
         #: The client socket, and the backend socket once connected (None before and after).
         self.sock = sock
         self.upstream = None
-        self.greenlet = gevent.getcurrent()
+        #: The greenlet relaying this connection, once it holds a slot.
+        self.greenlet: Optional[Greenlet] = None
+        self.running = False
+        self.ticket: Optional[Ticket] = None
+        self.watch = None
+        self.timer = None
+        self.woken = partial(lock._woken, self)
         #: Which activation this was (1 for the first client let through), or None if queued.
         self.activation: Optional[int] = None
         self.queued_at = time.monotonic()
@@ -152,6 +165,14 @@ class Connection:
         if self.activated_at is None:
             return 0.0
         return (self.ended_at or time.monotonic()) - self.activated_at
+
+    def stop_watching(self) -> None:
+        """Stop the event-loop watchers of a waiting client."""
+        for watcher in (self.watch, self.timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self.watch = self.timer = None
 
     def hook_env(self) -> Dict[str, str]:
         """The context a command hook finds in its environment."""
@@ -394,48 +415,93 @@ class TCPLock(StreamServer):
 
     # -- the life of a connection ----------------------------------------------------------------
 
-    def handle(self, sock, address) -> None:
+    # A client's life starts in the event loop: do_read accepts it, do_handle admits it. A
+    # client that has to wait gets no greenlet: its place in the queue is a Ticket, the loop
+    # watches its socket for departure, and a greenlet is spawned only once the slot is
+    # granted (_serve). That keeps a waiting client down to a few small objects.
+
+    def do_read(self):
+        try:
+            fd, address = self.socket._accept()
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno not in _EXHAUSTED:
+                raise
+            self._accept_exhausted(e)
+            return None
+        self._accept_delay = self.min_delay
+        # A plain socket until the client gets its slot: gevent's wrapper (and its two
+        # watchers) is made only for clients that will be relayed.
+        # (_socket, not socket: the CLI monkey-patches socket.socket into gevent's.)
+        sock = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
+        sock.setblocking(False)
+        return sock, address
+
+    def do_handle(self, sock, address) -> None:
         self._numbers += 1
         conn = Connection(self, sock, address, self._numbers)
         self._connections[conn] = None
         self._idle.clear()
-        held = False
+        if self._stopping:
+            return self._end(conn, False, "shutdown")
+        if self.allow is not None and not self._allowed(address[0]):
+            return self._end(conn, False, "not-allowed")
+        if self._tune_clients:
+            _tune(sock)
+        if (
+            self.max_queue is not None
+            and self.gate.waiting >= self.max_queue
+            and self.gate.would_wait()
+        ):
+            return self._end(conn, False, "queue-full")
+        ticket = conn.ticket = Ticket(conn.woken)
+        if self.gate.enqueue(ticket):
+            self._spawn(conn)
+            return None
+        conn.watch = _watch_departure(sock, ticket)
+        if self.queue_timeout is not None:
+            conn.timer = self.loop.timer(self.queue_timeout)
+            conn.timer.start(ticket.cancel, "queue-timeout")
+        return None
+
+    def do_close(self, *args) -> None:
+        pass  # every connection is closed by _end
+
+    def handle(self, sock, address) -> None:  # pragma: no cover - StreamServer's hook, unused
+        raise NotImplementedError("TCPLock admits clients in do_handle")
+
+    def _woken(self, conn: Connection) -> None:
+        """The gate granted a waiting client its slot, or its wait was cancelled."""
+        conn.stop_watching()
+        ticket = conn.ticket
+        if ticket.granted:
+            self._spawn(conn)
+        else:
+            self.gate.discard(ticket)
+            self._end(conn, False, ticket.cancelled or "queue-timeout")
+
+    def _spawn(self, conn: Connection) -> None:
+        conn.greenlet = Greenlet.spawn(self._serve, conn)
+
+    def _serve(self, conn: Connection) -> None:
+        """The greenlet of a client that holds a slot, from the grant to the end."""
+        conn.running = True
         reason = "error"
         try:
-            reason = self._wait_for_slot(conn)
-            if reason is None:  # no switch can come between this test and the assignment
-                held = True
+            if self._stopping:
+                reason = "shutdown"
+            else:
+                raw = conn.sock
+                conn.sock = socket.socket(raw.family, raw.type, raw.proto, raw.detach())
                 reason = self._use_slot(conn)
         except _Shutdown:
             reason = "shutdown"
         except Exception:
-            log.exception("%s: unexpected error", format_address(address))
+            log.exception("%s: unexpected error", format_address(conn.client))
             reason = "error"
         finally:
-            self._end(conn, held, reason)
-
-    def _wait_for_slot(self, conn: Connection) -> Optional[str]:
-        """Queue the client; None once it holds a slot, else the reason it never got one."""
-        if self._stopping:
-            return "shutdown"
-        if self.allow is not None and not self._allowed(conn.client[0]):
-            return "not-allowed"
-        if self._tune_clients:
-            _tune(conn.sock)
-        ticket = Ticket()
-        if not self.gate.would_wait():
-            self.gate.acquire(ticket)
-            return None
-        if self.max_queue is not None and self.gate.waiting >= self.max_queue:
-            return "queue-full"
-        watch = _watch_departure(conn.sock, ticket)
-        try:
-            if self.gate.acquire(ticket, self.queue_timeout):
-                return None
-        finally:
-            watch.stop()
-            watch.close()
-        return ticket.cancelled or "queue-timeout"
+            self._end(conn, True, reason)
 
     def _use_slot(self, conn: Connection) -> str:
         """With the slot held: hooks, backend connection, relay under the TTL."""
@@ -563,17 +629,6 @@ class TCPLock(StreamServer):
         # is tuned on accept), which saves five system calls per client.
         _tune(self.socket)
         self._tune_clients = not _inherits_options(self.socket)
-
-    def do_read(self):
-        try:
-            result = super().do_read()
-        except OSError as e:
-            if e.errno not in _EXHAUSTED:
-                raise
-            self._accept_exhausted(e)
-            return None
-        self._accept_delay = self.min_delay
-        return result
 
     def _accept_exhausted(self, error: OSError) -> None:
         # Out of descriptors: the client stays in the kernel's backlog while we pause
@@ -736,7 +791,9 @@ class TCPLock(StreamServer):
             remaining = list(self._connections)
             log.warning("drain time over; cutting %d connection(s)", len(remaining))
             for conn in remaining:
-                conn.greenlet.kill(_Shutdown, block=False)
+                # One that has not started yet sees _stopping when it does.
+                if conn.running and conn.greenlet is not None:
+                    conn.greenlet.kill(_Shutdown, block=False)
             self._idle.wait(5)
 
 
@@ -778,19 +835,18 @@ def _close(sock, abort: bool) -> None:
 
 
 def _watch_departure(sock, ticket: Ticket):
-    """Watch a queued client for leaving, without reading its bytes.
+    """Watch a waiting client for leaving, without reading its bytes.
 
-    Runs in the event loop itself (no greenlet per queued client): when the socket turns
-    readable, peek. Nothing there but EOF, or an error, means the client left; data means it is
-    waiting with a request, which stays in the kernel's buffer for the backend, and watching
-    stops (the relay will see whatever happens to it next).
+    Runs in the event loop itself: when the socket turns readable, peek. Nothing there but EOF,
+    or an error, means the client left; data means it is waiting with a request, which stays in
+    the kernel's buffer for the backend, and watching stops (the relay will see whatever
+    happens to it next).
     """
-    raw = sock._sock  # the real non-blocking socket: the hub must not block or switch
     watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
 
     def readable():
         try:
-            data = raw.recv(1, _stdsocket.MSG_PEEK)
+            data = sock.recv(1, _stdsocket.MSG_PEEK)
         except BlockingIOError:
             return
         except OSError:

@@ -713,3 +713,24 @@ def test_invalid_library_arguments_are_rejected():
     for kw in ({"slots": 0}, {"timeout": 0}, {"max_queue": -1}, {"queue_timeout": -1}):
         with pytest.raises(ValueError):
             TCPLock((LOOPBACK, 0), (LOOPBACK, 1), **kw)
+
+
+def test_waiting_clients_cost_no_greenlet_each(make_backend, make_lock):
+    import gc
+
+    from greenlet import greenlet
+
+    def live_greenlets():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
+
+    backend = make_backend("hold")
+    lock = make_lock(backend)
+    first = connect(lock.server_port)
+    backend.next_conn()
+    before = live_greenlets()
+    waiting = [connect(lock.server_port) for _ in range(200)]
+    queued(lock, 200)
+    assert live_greenlets() - before < 10
+    for c in [first, *waiting]:
+        c.close()

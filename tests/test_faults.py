@@ -286,7 +286,7 @@ def test_descriptor_exhaustion_is_survived_logged_once_and_recovered(make_backen
     )
     try:
         port = p.wait_ready()
-        assert any("descriptor limit 64" in line for line in p.lines)
+        p.wait_for("descriptor limit 64")
         flood = []
         for _ in range(150):
             flood.append(connect(port))
