@@ -9,10 +9,10 @@ that says how the connection ended.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import ipaddress
 import logging
-import _socket
 import socket as _stdsocket
 import struct
 import time
