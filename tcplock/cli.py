@@ -89,6 +89,8 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]
             raise argparse.ArgumentTypeError(f"invalid address {text!r} (host is empty)")
     else:
         host, port = default_host, text
+    if any(c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"invalid address {text!r} (space in the host)")
     return host, parse_port(port, allow_zero=True)
 
 
@@ -127,9 +129,26 @@ def _network(text: str):
         ) from None
 
 
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class _Parser(configargparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2: a usage error is the caller's fault
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+    def _get_values(self, action, arg_strings):
+        # argparse takes a lone "--" attached to an option ("--slots=--", or a config-file or
+        # environment value of "--") as an empty list; for our single-value options it is just
+        # a (bad) value, to be checked like any other.
+        if action.nargs is None and arg_strings == ["--"]:
+            return self._get_value(action, "--")
+        return super()._get_values(action, arg_strings)
+
+    def convert_item_to_command_line_arg(self, action, key, value):
+        if isinstance(value, list) and action is not None and action.nargs == 0:
+            self.error(f"{key} is a flag: set it to true or false, not to a list")
+        return super().convert_item_to_command_line_arg(action, key, value)
 
 
 def build_parser() -> configargparse.ArgumentParser:
@@ -147,6 +166,7 @@ def build_parser() -> configargparse.ArgumentParser:
             "500ms, 20s, 2m, 1h; a bare number is seconds."
         ),
         auto_env_var_prefix=ENV_PREFIX,
+        allow_abbrev=False,
         args_for_setting_config_path=["-c", "--config"],
         config_arg_help_message="read settings from FILE (lines of 'name = value')",
         config_arg_is_required=False,
@@ -332,6 +352,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
         args = parser.parse_args(argv, env_vars=env if env is not None else None)
     except configargparse.ConfigFileParserException as e:
         parser.error(str(e))
+    except UnicodeDecodeError as e:
+        parser.error(f"the config file is not valid UTF-8 text ({e.reason} at byte {e.start})")
     if args.demo:
         if args.proxy_port is not None:
             parser.error("--demo relays to its own backend: leave out -p/--proxy-port")
@@ -479,6 +501,13 @@ class JSONFormatter(logging.Formatter):
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
+    # tcplock's log lines need none of the caller's file and line, thread, or process: skip
+    # computing them for every record (under gevent, naming the "thread" of each greenlet is
+    # costly). _srcfile = None is the logging module's own switch for the caller lookup.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
@@ -506,7 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         hooks = load_hooks(args)
     except UsageError as e:
-        print(f"tcplock: error: {e}", file=sys.stderr)
+        print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     if (args.restart_every or args.restart_on_timeout) and hooks["restart"] is None:
         print(
@@ -548,6 +577,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         restart_on_timeout=args.restart_on_timeout,
         ready_timeout=args.ready_timeout,
     )
+    # Handlers first: a supervisor may send SIGTERM as soon as it sees the first log line.
+    stop = Event()
+    hurry = Event()
+
+    def on_signal():
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(sig, on_signal)
     try:
         lock.start()
     except OSError as e:
@@ -599,16 +639,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             lock.server_port,
         )
 
-    stop = Event()
-    hurry = Event()
-
-    def on_signal():
-        if stop.is_set():
-            hurry.set()
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(sig, on_signal)
     notify("READY=1\nSTATUS=listening on " + listen)
     stop.wait()
     notify("STOPPING=1")
