@@ -670,7 +670,16 @@ def test_backend_that_stops_reading_stalls_the_client_without_buffering(make_bac
     assert recv_all(c, timeout=20).decode() == hashlib.sha256(payload).hexdigest()
 
 
-def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock):
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock, monkeypatch, zero_copy):
+    from tcplock import relay
+
+    if zero_copy and not relay.SPLICE:
+        pytest.skip("no splice() here")
+    spliced = []
+    real = relay._splice_pump
+    monkeypatch.setattr(relay, "SPLICE", zero_copy)
+    monkeypatch.setattr(relay, "_splice_pump", lambda *a: spliced.append(a[3]) or real(*a))
     backend = make_backend("echo")
     lock = make_lock(backend)
     payload = os.urandom(8 << 20)
@@ -679,6 +688,7 @@ def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock):
     got = recv_all(c, timeout=30)
     sender.join()
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert sorted(spliced) == (["bytes_down", "bytes_up"] if zero_copy else [])
 
 
 # -- embedding -------------------------------------------------------------------------------
