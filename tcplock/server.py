@@ -216,6 +216,8 @@ class TCPLock(StreamServer):
     backlog = 1024
     #: First pause before a failed restart is tried again; it doubles up to 30 s.
     restart_retry_delay = 1.0
+    #: Seconds between checks for resets of waiting clients that have sent data.
+    sweep_interval = 1.0
 
     def __init__(
         self,
@@ -322,6 +324,7 @@ class TCPLock(StreamServer):
         self.end_observers: List[Callable[[Connection], object]] = []
         self.started_at = time.monotonic()
         self._tune_clients = True
+        self._sweeper = None
 
     # -- what embedding code reads ---------------------------------------------------------------
 
@@ -464,6 +467,32 @@ class TCPLock(StreamServer):
             conn.timer = self.loop.timer(self.queue_timeout)
             conn.timer.start(ticket.cancel, "queue-timeout")
         return None
+
+    def start(self) -> None:
+        super().start()
+        if self._sweeper is None:
+            self._sweeper = self.loop.timer(self.sweep_interval, self.sweep_interval)
+            self._sweeper.start(self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper.close()
+            self._sweeper = None
+        super().close()
+
+    def _sweep(self) -> None:
+        """Once a second, in the event loop: a waiting client that sent its request is no
+        longer watched for readiness (its data keeps the socket readable), so look for a reset
+        here. One that merely closed its sending side keeps its place, as it should."""
+        for conn in list(self._connections):
+            if conn.greenlet is None and conn.watch is not None and not conn.watch.active:
+                try:
+                    gone = conn.sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_ERROR)
+                except OSError:
+                    gone = True
+                if gone and conn.ticket is not None:
+                    conn.ticket.cancel("left-queue")
 
     def do_close(self, *args) -> None:
         pass  # every connection is closed by _end
@@ -839,8 +868,8 @@ def _watch_departure(sock, ticket: Ticket):
 
     Runs in the event loop itself: when the socket turns readable, peek. Nothing there but EOF,
     or an error, means the client left; data means it is waiting with a request, which stays in
-    the kernel's buffer for the backend, and watching stops (the relay will see whatever
-    happens to it next).
+    the kernel's buffer for the backend. Readiness no longer says anything then, so this watch
+    stops and the lock's once-a-second sweep (:meth:`TCPLock._sweep`) looks for a reset instead.
     """
     watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
 

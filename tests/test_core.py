@@ -744,3 +744,25 @@ def test_waiting_clients_cost_no_greenlet_each(make_backend, make_lock):
     assert live_greenlets() - before < 10
     for c in [first, *waiting]:
         c.close()
+
+
+def test_waiting_client_that_sent_data_then_resets_leaves_the_queue(
+    make_backend, make_lock, conn_log, monkeypatch
+):
+    monkeypatch.setattr(TCPLock, "sweep_interval", 0.05)
+    backend = make_backend("hold")
+    activations = []
+    lock = make_lock(backend, on_activate=lambda conn: activations.append(conn.id))
+    a = connect(lock.server_port)
+    held = backend.next_conn()
+    b = connect(lock.server_port)
+    b.sendall(b"request")
+    queued(lock, 1)
+    gevent.sleep(0.1)  # its data has been seen: readiness watching has stopped
+    reset(b)
+    assert conn_log.next_end()["end"] == "left-queue"
+    assert lock.queued == 0
+    held.release.set()
+    a.close()
+    gevent.sleep(0.1)
+    assert activations == [1] and backend.count == 1
