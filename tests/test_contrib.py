@@ -1,0 +1,560 @@
+"""contrib/: gunicorn with one tcplock for all its workers, and the systemd unit.
+
+The gunicorn tests run real gunicorn (gevent worker, 4 processes) in front of a backend in this
+process that records how many connections it has at once. The systemd tests check the unit with
+``systemd-analyze`` where it is installed, and in any case run the command the unit runs, with
+the sample config, and check that it talks to $NOTIFY_SOCKET as ``Type=notify`` expects.
+"""
+
+import array
+import importlib
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket as _stdsocket
+import subprocess as _stdsubprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+from gevent import socket, subprocess
+from gevent.event import Event
+
+from conftest import LOOPBACK, connect, recv_all, run_cli, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRIB = ROOT / "contrib"
+GUNICORN_DIR = CONTRIB / "gunicorn"
+UNIT = CONTRIB / "systemd" / "tcplock.service"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def free_port():
+    """A port for a server started by a subprocess. Port 0 would leave the kernel to pick one,
+    but the port must be known before the subprocess starts; so take a free one below the
+    ephemeral range, where no outgoing connection can take it meanwhile."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with _stdsocket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found")
+
+
+def http_get(port, path="/", timeout=30.0):
+    """HTTP/1.0 GET on a gevent socket, so the in-process backend keeps running meanwhile."""
+    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    try:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {LOOPBACK}\r\n\r\n".encode())
+        raw = recv_all(s, timeout)
+    finally:
+        s.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def slow_reply(conn):
+    """Backend behaviour: read the request to EOF, work for 50 ms (cooperatively), answer, close."""
+    while True:
+        data = conn.sock.recv(65536)
+        if not data:
+            break
+        conn.received += data
+    gevent.sleep(0.05)
+    conn.sock.sendall(b"answer to " + bytes(conn.received))
+    conn.sock.close()
+
+
+def refused(port):
+    try:
+        _stdsocket.create_connection((LOOPBACK, port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# --- gunicorn ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gunicorn_installed():
+    """gunicorn is not a dependency of tcplock; install it for these tests if it is missing."""
+    try:
+        import gunicorn  # noqa: F401
+    except ImportError:
+        _stdsubprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "gunicorn"],
+            stdin=_stdsubprocess.DEVNULL,
+            check=True,
+            timeout=300,
+        )
+        importlib.invalidate_caches()
+        import gunicorn  # noqa: F401
+
+
+class Gunicorn:
+    """``gunicorn -k gevent -w 4 -c gunicorn.conf.py app:app`` in contrib/gunicorn."""
+
+    LISTENING = re.compile(r"Listening at: http://[\d.]+:(\d+)")
+    TCPLOCK = re.compile(r"tcplock \(pid (\d+)\) on 127\.0\.0\.1:(\d+)")
+    WORKER = re.compile(r"Booting worker with pid: (\d+)")
+
+    def __init__(self, env, runtime_dir, args=("-c", "gunicorn.conf.py", "app:app"), cwd=None):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TCPLOCK_", "APP_"))}
+        # XDG_RUNTIME_DIR: where gunicorn 25+ puts its control socket.
+        runtime_dir.mkdir(exist_ok=True)
+        full_env.update(env, PYTHONUNBUFFERED="1", XDG_RUNTIME_DIR=str(runtime_dir))
+        workers = 4
+        # A gevent worker takes at most 5 connections at a time here, so that 20 requests at
+        # once cannot all land in one worker: they are spread over the 4 worker processes.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers)]
+            + ["--worker-connections", "5", "-b", f"{LOOPBACK}:0", *args],
+            cwd=str(cwd or GUNICORN_DIR),
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.lines = []
+        self.port = self.tcplock_pid = self.lock_port = None
+        self.workers = set()
+        self.booted = Event()
+        self.expected_workers = workers
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            if m := self.LISTENING.search(line):
+                self.port = int(m.group(1))
+            elif m := self.TCPLOCK.search(line):
+                self.tcplock_pid, self.lock_port = int(m.group(1)), int(m.group(2))
+            elif m := self.WORKER.search(line):
+                self.workers.add(int(m.group(1)))
+                if len(self.workers) == self.expected_workers:
+                    self.booted.set()
+        self.booted.set()
+
+    def output(self):
+        return "\n".join(self.lines)
+
+    def wait_booted(self, timeout=60):
+        self.booted.wait(timeout)
+        assert len(self.workers) == self.expected_workers and self.port, (
+            "gunicorn did not start:\n" + self.output()
+        )
+
+    def wait(self, timeout):
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def gunicorn(gunicorn_installed, tmp_path):
+    started = []
+
+    def run(env, **kw):
+        g = Gunicorn(env, tmp_path / f"run{len(started)}", **kw)
+        started.append(g)
+        return g
+
+    yield run
+    for g in started:
+        g.kill()
+        if g.tcplock_pid:  # never leave a tcplock behind, whatever the test did
+            try:
+                os.kill(g.tcplock_pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_gunicorn_four_workers_share_one_lock(make_backend, gunicorn):
+    backend = make_backend(slow_reply)
+    lock_port = free_port()
+    g = gunicorn(
+        {"APP_BACKEND": f"{LOOPBACK}:{backend.server_port}", "APP_LOCK_PORT": str(lock_port)}
+    )
+    g.wait_booted()
+    assert g.lock_port == lock_port and g.tcplock_pid, g.output()
+    # The master started tcplock before forking the workers, and only once.
+    assert g.output().count(f"listening on 127.0.0.1:{lock_port}") == 1
+
+    requests = fire(g.port, 20)
+    for i, r in enumerate(requests):
+        status, headers, body = r.value
+        assert status == 200, body
+        assert body == f"answer to GET /req/{i}\n".encode()
+    pids = {r.value[1]["X-Worker-Pid"] for r in requests}
+    assert len(pids) >= 2 and pids <= {str(p) for p in g.workers}, pids
+
+    # Every request reached the backend, from several workers, never two at once.
+    n = len(requests)
+    assert backend.count == n
+    assert backend.most == 1, f"the backend saw {backend.most} connections at once"
+    # And the requests really were concurrent upstream: most of them waited in tcplock's queue
+    # (its per-connection log lines go to gunicorn's stderr).
+    queued = [float(x) for x in re.findall(r"queued=([\d.]+)s .* end=closed", g.output())]
+    assert len(queued) == n, g.output()
+    assert sum(q >= 0.04 for q in queued) >= n // 2, queued
+
+    # SIGTERM: the workers finish, then on_exit stops tcplock; gunicorn exits 0.
+    g.proc.send_signal(signal.SIGTERM)
+    assert g.wait(timeout=60) == 0, g.output()
+    assert f"tcplock (pid {g.tcplock_pid}) stopped" in g.output(), g.output()
+    assert refused(lock_port)
+
+
+def fire(port, n):
+    """n HTTP requests at once; all must get an answer."""
+    requests = [gevent.spawn(http_get, port, f"/req/{i}") for i in range(n)]
+    gevent.joinall(requests, timeout=60, raise_error=True)
+    assert all(r.ready() for r in requests)
+    return requests
+
+
+# The trap the README warns about: a TCPLock started in each worker (here at import of the app,
+# which gunicorn does in each worker after the fork) is one lock per worker.
+ONE_LOCK_PER_WORKER = """
+import os
+
+import app as real
+from tcplock import TCPLock
+
+host, _, port = os.environ["APP_BACKEND"].rpartition(":")
+lock = TCPLock(("127.0.0.1", 0), (host, int(port)))
+lock.start()
+real.LOCK_ADDRESS = ("127.0.0.1", lock.server_port)
+app = real.app
+"""
+
+
+def test_gunicorn_one_lock_per_worker_is_the_trap(make_backend, gunicorn, tmp_path):
+    backend = make_backend(slow_reply)
+    (tmp_path / "per_worker.py").write_text(ONE_LOCK_PER_WORKER)
+    g = gunicorn(
+        {"APP_BACKEND": f"{LOOPBACK}:{backend.server_port}", "PYTHONPATH": str(GUNICORN_DIR)},
+        args=["per_worker:app"],
+        cwd=tmp_path,
+    )
+    g.wait_booted()
+    requests = fire(g.port, 20)
+    assert all(r.value[0] == 200 for r in requests)
+    pids = {r.value[1]["X-Worker-Pid"] for r in requests}
+    assert len(pids) >= 2, pids
+    # Several workers, several locks: the backend had more than one client at once.
+    assert backend.most >= 2, backend.most
+
+
+def test_gunicorn_without_backend_setting_fails_at_start(gunicorn):
+    g = gunicorn({"APP_LOCK_PORT": str(free_port())})
+    assert g.wait(timeout=60) != 0
+    assert "APP_BACKEND must be HOST:PORT" in g.output()
+    assert not g.workers  # it stopped before forking any worker
+
+
+def test_gunicorn_fails_at_start_when_tcplock_cannot_listen(make_backend, gunicorn):
+    backend = make_backend(slow_reply)
+    taken = _stdsocket.socket()
+    taken.bind((LOOPBACK, 0))
+    taken.listen(1)
+    try:
+        g = gunicorn(
+            {
+                "APP_BACKEND": f"{LOOPBACK}:{backend.server_port}",
+                "APP_LOCK_PORT": str(taken.getsockname()[1]),
+            }
+        )
+        assert g.wait(timeout=60) != 0
+    finally:
+        taken.close()
+    assert "tcplock exited with status 1 at start-up" in g.output(), g.output()
+    assert not g.workers
+
+
+def test_gunicorn_killed_leaves_no_tcplock_behind(make_backend, gunicorn):
+    backend = make_backend(slow_reply)
+    lock_port = free_port()
+    g = gunicorn(
+        {"APP_BACKEND": f"{LOOPBACK}:{backend.server_port}", "APP_LOCK_PORT": str(lock_port)}
+    )
+    g.wait_booted()
+    assert http_get(g.port, "/x")[0] == 200
+    # A master that dies without running on_exit: tcplock follows it (parent-death signal).
+    g.proc.kill()
+    g.wait(timeout=30)
+    wait_until(lambda: refused(lock_port), timeout=20, what="tcplock to go away with gunicorn")
+
+
+def test_gunicorn_reload_keeps_the_one_tcplock(make_backend, gunicorn):
+    """SIGHUP reloads the config file and replaces the workers; the tcplock started at first
+    is kept (and still stopped at exit), and no second one is started."""
+    backend = make_backend(slow_reply)
+    lock_port = free_port()
+    # A gunicorn worker that gets its SIGTERM while it is still booting loses it, and lives on
+    # until the master kills it after the graceful timeout: keep that short.
+    g = gunicorn(
+        {"APP_BACKEND": f"{LOOPBACK}:{backend.server_port}", "APP_LOCK_PORT": str(lock_port)},
+        args=["--graceful-timeout", "3", "-c", "gunicorn.conf.py", "app:app"],
+    )
+    g.wait_booted()
+    fire(g.port, 8)
+    g.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(g.workers) == 8, timeout=30, what="4 new workers after SIGHUP")
+    fire(g.port, 8)
+    assert backend.most == 1 and backend.count == 16
+    assert g.output().count(f"listening on 127.0.0.1:{lock_port}") == 1
+    g.proc.send_signal(signal.SIGTERM)
+    assert g.wait(timeout=60) == 0, g.output()
+    assert f"tcplock (pid {g.tcplock_pid}) stopped" in g.output(), g.output()
+    assert refused(lock_port)
+
+
+# --- systemd -------------------------------------------------------------------------------
+
+
+def parse_unit(path):
+    """A systemd unit file as {section: [(key, value), ...]} (keys may repeat)."""
+    sections, current = {}, None
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"not a unit line: {raw!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def unit_value(unit, section, key):
+    values = [v for k, v in unit[section] if k == key]
+    assert values, f"{key}= missing from [{section}]"
+    return values[-1]
+
+
+def exec_start():
+    argv = shlex.split(unit_value(parse_unit(UNIT), "Service", "ExecStart"))
+    if Path(argv[0]).name.startswith("python"):
+        assert argv[1:3] == ["-m", "tcplock"], argv
+        return argv[0], argv[3:]
+    assert Path(argv[0]).name == "tcplock", argv
+    return argv[0], argv[1:]
+
+
+def unit_config_path(args):
+    for flag in ("-c", "--config"):
+        if flag in args:
+            return args[args.index(flag) + 1]
+    for a in args:
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def seconds(text):
+    """A systemd time span (30s, 1min 30s, 90) in seconds."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text):
+        total += float(number) * units[unit or "s"]
+    return total
+
+
+def test_unit_is_hardened_and_of_type_notify():
+    unit = parse_unit(UNIT)
+    service = unit["Service"]
+    want = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "Restart": "on-failure",
+        "KillSignal": "SIGTERM",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+    }
+    for key, value in want.items():
+        assert unit_value(unit, "Service", key) == value, key
+    assert set(unit_value(unit, "Service", "RestrictAddressFamilies").split()) == {
+        "AF_INET",
+        "AF_INET6",
+        "AF_UNIX",  # the notify socket, and D-Bus for 'systemctl restart' in a hook
+    }
+    keys = {k for k, _ in service}
+    assert "DynamicUser" in keys or "User" in keys
+    assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_unit_command_uses_only_real_options_and_the_sample_config():
+    _, args = exec_start()
+    status, help_text, _ = run_cli("--help")
+    assert status == 0
+    options = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", help_text))
+    for a in args:
+        if a.startswith("-"):
+            assert a.split("=", 1)[0] in options, f"ExecStart uses {a}, which tcplock lacks"
+    config = unit_config_path(args)
+    assert config, "ExecStart gives no -c config file"
+    sample = CONTRIB / Path(config).name
+    assert sample.is_file(), f"ExecStart reads {config}; contrib/ has no {sample.name} to copy"
+    readme = (CONTRIB / "systemd" / "README.md").read_text()
+    assert f"contrib/{sample.name}" in readme and config in readme
+
+
+def test_unit_stop_timeout_covers_the_drain_time():
+    unit = parse_unit(UNIT)
+    stop = seconds(unit_value(unit, "Service", "TimeoutStopSec"))
+    _, args = exec_start()
+    sample = (CONTRIB / Path(unit_config_path(args)).name).read_text()
+    m = re.search(r"^\s*drain-timeout\s*=\s*(\S+)", sample, re.M)
+    drain = seconds(m.group(1)) if m else 10.0  # tcplock's default
+    assert stop > drain, f"TimeoutStopSec={stop}s would SIGKILL tcplock while it drains ({drain}s)"
+
+
+def _recv_notify(sock, timeout):
+    """One datagram from $NOTIFY_SOCKET with the sender's pid (SCM_CREDENTIALS)."""
+    with gevent.Timeout(timeout, AssertionError("no sd_notify message in time")):
+        while True:
+            try:
+                data, anc, _flags, _addr = sock.recvmsg(4096, _stdsocket.CMSG_SPACE(12))
+                break
+            except BlockingIOError:
+                gevent.sleep(0.01)
+    pid = None
+    for level, kind, payload in anc:
+        if level == _stdsocket.SOL_SOCKET and kind == _stdsocket.SCM_CREDENTIALS:
+            pid = array.array("i", payload[:12])[0]
+    return data.decode(), pid
+
+
+def test_unit_command_with_sample_config_notifies_ready_and_stopping(make_backend, tmp_path):
+    """What systemd would see: the unit's ExecStart, its config (the sample), READY=1 from the
+    main process once it listens, STOPPING=1 and exit 0 on KillSignal, within TimeoutStopSec."""
+    unit = parse_unit(UNIT)
+    exe, args = exec_start()
+    sample = CONTRIB / Path(unit_config_path(args)).name
+    backend = make_backend("echo")
+    notify_path = str(tmp_path / "notify")
+    sock = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_PASSCRED, 1)
+    sock.setblocking(False)
+    # The unit's own command line, with the config file from contrib/ instead of /etc, and the
+    # ports of this test given on the command line (which wins over the config file).
+    args = [str(sample) if a == unit_config_path(args) else a for a in args]
+    args += ["--listen", f"{LOOPBACK}:0", "--proxy-host", LOOPBACK]
+    args += ["--proxy-port", str(backend.server_port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCPLOCK_")}
+    for assignment in [v for k, v in unit["Service"] if k == "Environment"]:
+        env.update(a.split("=", 1) for a in shlex.split(assignment))
+    env["NOTIFY_SOCKET"] = notify_path
+    cmd = [sys.executable, "-m", "tcplock", *args] if Path(exe).name == "tcplock" else [exe, *args]
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        message, pid = _recv_notify(sock, 30)
+        assert "READY=1" in message.split("\n"), message
+        assert pid == proc.pid, "NotifyAccess=main: READY=1 must come from the main process"
+        port = int(re.search(r"STATUS=listening on \S+:(\d+)", message).group(1))
+        c = connect(port)
+        c.sendall(b"hello")
+        c.shutdown(_stdsocket.SHUT_WR)
+        assert recv_all(c) == b"hello"
+        c.close()
+
+        started = time.monotonic()
+        proc.send_signal(getattr(signal, unit_value(unit, "Service", "KillSignal")))
+        message, pid = _recv_notify(sock, 30)
+        assert "STOPPING=1" in message.split("\n") and pid == proc.pid, message
+        stop = seconds(unit_value(unit, "Service", "TimeoutStopSec"))
+        assert proc.wait(timeout=stop) == 0
+        assert time.monotonic() - started < stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def _unit_for_analyze(tmp_path):
+    """The unit, with ExecStart's program replaced by the installed one (systemd-analyze checks
+    that the program exists; /usr/local/bin/tcplock need not exist on the test machine)."""
+    exe, _ = exec_start()
+    installed = shutil.which(Path(exe).name) or sys.executable
+    text = re.sub(
+        r"^ExecStart=" + re.escape(exe), "ExecStart=" + installed, UNIT.read_text(), flags=re.M
+    )
+    assert installed in text
+    copy = tmp_path / UNIT.name
+    copy.write_text(text)
+    return copy
+
+
+def _systemd_analyze():
+    exe = shutil.which("systemd-analyze")
+    if not exe:
+        pytest.skip(
+            "systemd-analyze is not installed (Debian package 'systemd'); the unit's options, "
+            "command and notify protocol are still checked by the other tests"
+        )
+    return exe
+
+
+def test_systemd_analyze_verify(tmp_path):
+    analyze = _systemd_analyze()
+    copy = _unit_for_analyze(tmp_path)
+    out = _stdsubprocess.run(
+        [analyze, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=_stdsubprocess.DEVNULL,
+    )
+    # verify exits 0 even for unknown keys or bad values: it only warns. Any line naming our
+    # unit is a problem in it.
+    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if copy.name in ln]
+    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+
+
+def test_systemd_analyze_security_exposure_is_low(tmp_path):
+    analyze = _systemd_analyze()
+    copy = _unit_for_analyze(tmp_path)
+    out = _stdsubprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=_stdsubprocess.DEVNULL,
+    )
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", out.stdout)
+    if m is None and "offline" in out.stderr:
+        pytest.skip(f"this systemd-analyze cannot assess a unit file offline: {out.stderr}")
+    assert m, out.stdout + out.stderr
+    # 0 is a fully sandboxed unit, 10 none at all; systemd calls under 2 "OK".
+    assert float(m.group(1)) < 2.0, out.stdout
