@@ -142,7 +142,9 @@ class _Parser(configargparse.ArgumentParser):
         # environment value of "--") as an empty list; for our single-value options it is just
         # a (bad) value, to be checked like any other.
         if action.nargs is None and arg_strings == ["--"]:
-            return self._get_value(action, "--")
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
         return super()._get_values(action, arg_strings)
 
     def convert_item_to_command_line_arg(self, action, key, value):
