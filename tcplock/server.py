@@ -579,21 +579,21 @@ class TCPLock(StreamServer):
             conn.backend_finished = relay.backend_finished
 
     def _end(self, conn: Connection, held: bool, reason: str) -> None:
-        """The one place a connection ends: close, TTL hook, restart, release, log."""
+        """The one place a connection ends: close both sides, log, then (with the slot still
+        held) the TTL hook and a due restart, and last release the slot."""
         conn.end = reason
         conn.ended_at = time.monotonic()
         try:
-            # A client cut while active learns it with a reset; one turned away before it got a
-            # slot gets an orderly close.
-            _close(conn.sock, held and reason in _ABORT_CLIENT)
-            if conn.upstream is not None:
-                graceful = conn.backend_finished and reason != "ttl"
-                _close(conn.upstream, not graceful)
-                conn.upstream = None
-            if held:
-                self._active.pop(conn, None)
-                self.served += 1
-                self.last_end = reason
+            try:
+                # A client cut while active learns it with a reset; one turned away before it
+                # got a slot gets an orderly close.
+                _close(conn.sock, held and reason in _ABORT_CLIENT)
+                if conn.upstream is not None:
+                    graceful = conn.backend_finished and reason != "ttl"
+                    _close(conn.upstream, not graceful)
+                    conn.upstream = None
+            finally:
+                self._account(conn, held, reason)
             if reason == "ttl":
                 if self.on_timeout is not None:
                     try:
@@ -611,22 +611,30 @@ class TCPLock(StreamServer):
             self._connections.pop(conn, None)
             if not self._connections:
                 self._idle.set()
-            self.ended[reason] = self.ended.get(reason, 0) + 1
-            self.bytes_up_total += conn.bytes_up
-            self.bytes_down_total += conn.bytes_down
-            if reason != "not-allowed" or self._log_refusal(conn):
-                log.info(
-                    "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
-                    format_address(conn.client),
-                    conn.queued_seconds,
-                    conn.active_seconds,
-                    conn.bytes_up,
-                    conn.bytes_down,
-                    reason,
-                    extra={"connection": conn},
-                )
-            for observe in self.end_observers:
-                observe(conn)
+
+    def _account(self, conn: Connection, held: bool, reason: str) -> None:
+        """Counters, the connection's log line and the observers, as soon as it has ended (so
+        the line comes before anything a hook or restart logs)."""
+        if held:
+            self._active.pop(conn, None)
+            self.served += 1
+            self.last_end = reason
+        self.ended[reason] = self.ended.get(reason, 0) + 1
+        self.bytes_up_total += conn.bytes_up
+        self.bytes_down_total += conn.bytes_down
+        if reason != "not-allowed" or self._log_refusal(conn):
+            log.info(
+                "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
+                format_address(conn.client),
+                conn.queued_seconds,
+                conn.active_seconds,
+                conn.bytes_up,
+                conn.bytes_down,
+                reason,
+                extra={"connection": conn},
+            )
+        for observe in self.end_observers:
+            observe(conn)
 
     def _allowed(self, host: str) -> bool:
         try:
