@@ -5,12 +5,17 @@ What it owns: moving bytes, passing on half-closes, and deciding how the exchang
 direction is in flight, so a reader that stops reading stops the writer (backpressure reaches the
 sender through the kernel's socket buffers, never through memory of ours).
 
-It knows nothing of slots, hooks or lifetimes: the caller bounds :meth:`Relay.run` with a
-``gevent.Timeout`` for the TTL, and the pumps are killed when ``run`` leaves for any reason.
+Each direction is driven by the event loop itself: a watcher on the source calls a function
+that reads one chunk and writes it on; if the destination is full, the function swaps to a
+watcher on the destination until the chunk is out. No greenlet per direction, so no switch per
+read or write. Only :meth:`Relay.run`, in the connection's greenlet, waits; the caller bounds it
+with a ``gevent.Timeout`` for the TTL, and every watcher is stopped when ``run`` leaves for any
+reason. It knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -18,18 +23,12 @@ import sys
 from typing import Optional, Tuple
 
 import gevent
-from gevent import Greenlet
+from gevent.event import Event
 
-__all__ = ["Relay", "CLIENT", "BACKEND", "BUFSIZE"]
+__all__ = ["Relay", "CLIENT", "BACKEND", "BUFSIZE", "SPLICE"]
 
 #: Bytes read per system call, and the most one direction holds at once.
 BUFSIZE = 64 * 1024
-
-CLIENT = "client"
-BACKEND = "backend"
-
-_Failure = Optional[Tuple[str, OSError]]
-
 
 #: Zero-copy relaying through a pipe (Linux): used once a direction shows bulk traffic.
 SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
@@ -38,109 +37,185 @@ SPLICE_CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
+CLIENT = "client"
+BACKEND = "backend"
 
-def _pump(src, dst, counter, attr: str, src_side: str, dst_side: str) -> _Failure:
-    """Copy src to dst until src says EOF, then shut down dst's write side.
+_Failure = Optional[Tuple[str, OSError]]
 
-    Returns None after a clean EOF, or ``(side, error)`` naming the side whose socket failed.
-    Failures are returned, not raised: a peer resetting its connection is an ordinary event for
-    a proxy, not an error worth a traceback.
 
-    Small exchanges go through one buffer with recv/send. A read that fills the whole buffer
-    means more is coming: on Linux the rest then moves with splice() through a pipe, so the
-    bytes never enter Python (each chunk is written out before the next is read, so at most one
-    chunk is in flight either way).
+class _Direction:
+    """One direction of the relay, as event-loop callbacks.
+
+    States: reading (the source's watcher is on), writing (a chunk is partly out; the
+    destination's watcher is on), done (EOF seen and passed on), or stopped. ``discard`` turns
+    it into a sink: what the source sends is read and dropped (the backend's reply to a client
+    that has gone).
     """
-    buf = bytearray(BUFSIZE)
-    view = memoryview(buf)
-    recv_into = src.recv_into
-    sendall = dst.sendall
-    while True:
-        try:
-            n = recv_into(buf)
-        except OSError as e:
-            return src_side, e
-        if not n:
-            break
-        try:
-            sendall(view[:n])
-        except OSError as e:
-            return dst_side, e
+
+    __slots__ = (
+        "relay", "src", "dst", "src_side", "dst_side", "attr", "counter", "on_read",
+        "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done",
+    )  # fmt: skip
+
+    def __init__(self, relay, src, dst, attr, src_side, dst_side) -> None:
+        loop = relay.loop
+        self.relay = relay
+        self.src, self.dst = src, dst
+        self.src_side, self.dst_side = src_side, dst_side
+        self.attr = attr
+        self.counter = relay.counter
+        self.on_read = loop.io(src.fileno(), 1)
+        self.on_write = loop.io(dst.fileno(), 2)
+        self.buf = bytearray(BUFSIZE)
+        self.view = memoryview(self.buf)
+        self.sent = self.size = 0
+        self.pipe: Optional[Tuple[int, int]] = None
+        self.discard = False
+        self.done = False
+
+    def start(self) -> None:
+        self.on_read.start(self.readable)
+
+    def stop(self) -> None:
+        self.on_read.stop()
+        self.on_write.stop()
+
+    def close(self) -> None:
+        self.on_read.close()
+        self.on_write.close()
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
+
+    def _count(self, n: int) -> None:
+        counter, attr = self.counter, self.attr
         setattr(counter, attr, getattr(counter, attr) + n)
-        if n == BUFSIZE and SPLICE:
-            del view, buf
-            failure = _splice_pump(src, dst, counter, attr, src_side, dst_side)
-            if failure is not None:
-                return failure
-            break
-    try:
-        dst.shutdown(socket.SHUT_WR)
-    except OSError as e:
-        return dst_side, e
-    return None
 
+    def _fail(self, side: str, error: OSError) -> None:
+        self.stop()
+        self.relay.failed(side, error)
 
-def _splice_pump(src, dst, counter, attr, src_side, dst_side) -> _Failure:
-    """The bulk half of :func:`_pump`: socket to pipe to socket until EOF."""
-    try:
-        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return _copy_rest(src, dst, counter, attr, src_side, dst_side)
-    hub = gevent.get_hub()
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    readable = hub.loop.io(src_fd, 1)
-    writable = hub.loop.io(dst_fd, 2)
-    splice = os.splice
-    try:
+    def _eof(self) -> None:
+        self.on_read.stop()
+        self.done = True
+        if not self.discard:
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                return self._fail(self.dst_side, e)
+        self.relay.changed()
+
+    # -- plain copying through the buffer --------------------------------------------------------
+
+    def readable(self) -> None:
+        if self.pipe is not None:
+            return self._splice_in()
         try:
-            fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, SPLICE_CHUNK)
+            n = self.src.recv_into(self.buf)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            return self._fail(self.src_side, e)
+        if not n:
+            return self._eof()
+        if self.discard:
+            return
+        self.sent, self.size = 0, n
+        self._write()
+        if n == BUFSIZE and SPLICE and self.pipe is None and self.size == 0:
+            # A full buffer means more is coming: move the rest without copying it.
+            self._open_pipe()
+
+    def _write(self) -> None:
+        try:
+            m = self.dst.send(self.view[self.sent : self.size])
+        except BlockingIOError:
+            m = 0
+        except OSError as e:
+            return self._fail(self.dst_side, e)
+        self._count(m)
+        self.sent += m
+        if self.sent < self.size:
+            if self.on_read.active:
+                self.on_read.stop()
+                self.on_write.start(self.writable)
+            return
+        self.sent = self.size = 0
+
+    def writable(self) -> None:
+        if self.pipe is not None:
+            return self._splice_out()
+        self._write()
+        if self.size == 0 and not self.relay.finished:
+            self.on_write.stop()
+            self.on_read.start(self.readable)
+
+    # -- zero-copy through a pipe ----------------------------------------------------------------
+
+    def _open_pipe(self) -> None:
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors: keep copying
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, SPLICE_CHUNK)
         except OSError:
             pass  # a smaller pipe only means more calls
-        while True:
-            try:
-                n = splice(src_fd, pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                hub.wait(readable)
-                continue
-            except OSError as e:
-                return src_side, e
-            if not n:
-                return None
-            left = n
-            while left:
-                try:
-                    left -= splice(pipe_r, dst_fd, left, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    hub.wait(writable)
-                except OSError as e:
-                    return dst_side, e
-            setattr(counter, attr, getattr(counter, attr) + n)
-    finally:
-        readable.close()
-        writable.close()
-        os.close(pipe_r)
-        os.close(pipe_w)
+        self.pipe = (r, w)
 
-
-def _copy_rest(src, dst, counter, attr, src_side, dst_side) -> _Failure:
-    buf = bytearray(BUFSIZE)
-    view = memoryview(buf)
-    while True:
+    def _splice_in(self) -> None:
         try:
-            n = src.recv_into(buf)
+            n = os.splice(self.src.fileno(), self.pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
         except OSError as e:
-            return src_side, e
+            return self._fail(self.src_side, e)
         if not n:
-            return None
-        try:
-            dst.sendall(view[:n])
-        except OSError as e:
-            return dst_side, e
-        setattr(counter, attr, getattr(counter, attr) + n)
+            return self._eof()
+        self.size = n
+        self._splice_out()
+        if self.size and self.on_read.active:
+            self.on_read.stop()
+            self.on_write.start(self.writable)
+
+    def _splice_out(self) -> None:
+        if self.discard:
+            # Empty the pipe into nothing: the client this was for is gone.
+            self._drain_pipe()
+        while self.size:
+            try:
+                m = os.splice(self.pipe[0], self.dst.fileno(), self.size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                return self._fail(self.dst_side, e)
+            self._count(m)
+            self.size -= m
+        if not self.on_read.active and not self.relay.finished:
+            self.on_write.stop()
+            self.on_read.start(self.readable)
+
+    def _drain_pipe(self) -> None:
+        while self.size:
+            try:
+                self.size -= len(os.read(self.pipe[0], min(self.size, BUFSIZE)))
+            except OSError:
+                self.size = 0
+
+    def sink(self) -> None:
+        """Discard from now on: drop what is pending and keep reading the source to its EOF."""
+        self.discard = True
+        self.on_write.stop()
+        if self.pipe is not None:
+            self._drain_pipe()
+        self.sent = self.size = 0
+        if not self.done:
+            self.on_read.start(self.readable)
 
 
 class Relay:
-    """Relays between two connected gevent sockets; one greenlet per direction.
+    """Relays between two connected non-blocking sockets until both directions are done.
 
     ``counter`` is any object with integer attributes ``bytes_up`` (client to backend) and
     ``bytes_down`` (backend to client); they are updated as bytes are delivered.
@@ -153,9 +228,27 @@ class Relay:
         self.client = client
         self.backend = backend
         self.counter = counter
+        self.loop = gevent.get_hub().loop
         #: True once the backend side has been seen to finish (EOF or drained): the caller may
         #: close it gracefully. False means the caller should abort it.
         self.backend_finished = False
+        #: Set when run() is over: no watcher may be restarted.
+        self.finished = False
+        self.failure: _Failure = None
+        self._changed = Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    def failed(self, side: str, error: OSError) -> None:
+        if self.failure is None:
+            self.failure = (side, error)
+        self._changed.set()
+
+    def _wait(self, timeout: Optional[float] = None) -> bool:
+        woke = self._changed.wait(timeout)
+        self._changed.clear()
+        return woke
 
     def run(self, finish_timeout: Optional[float]) -> str:
         """Relay until both directions are done; return the end reason.
@@ -164,56 +257,56 @@ class Relay:
         say: how long the backend may keep talking after the client reset (its reply is
         discarded), and how long the client may keep its side open after the backend closed.
         """
-        c, b = self.client, self.backend
-        up = Greenlet.spawn(_pump, c, b, self.counter, "bytes_up", CLIENT, BACKEND)
-        down = Greenlet.spawn(_pump, b, c, self.counter, "bytes_down", BACKEND, CLIENT)
+        up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
+        down = _Direction(self, self.backend, self.client, "bytes_down", BACKEND, CLIENT)
         try:
-            gevent.wait((up, down), count=1)
-            failure = _failure(up) or _failure(down)
-            if failure is None:
-                if not down.ready():
-                    # The client has finished sending; the backend may take as long as it needs
-                    # (the TTL bounds it) to answer. Nobody reads the client meanwhile, so look
-                    # now and then whether it is still there (a reset, or keepalive giving up).
-                    while not down.ready():
-                        down.join(self.client_check_interval)
-                        if not down.ready() and _gone(c):
-                            failure = (CLIENT, OSError("client gone while waiting for reply"))
-                            break
-                elif not up.ready():
+            up.start()
+            down.start()
+            while self.failure is None and not (up.done and down.done):
+                if up.done:
+                    # The client has finished sending; the backend may take as long as it
+                    # needs (the TTL bounds it) to answer. Nobody reads the client meanwhile,
+                    # so look now and then whether it is still there.
+                    if not self._wait(self.client_check_interval) and _gone(self.client):
+                        self.failed(CLIENT, OSError(errno.ECONNRESET, "client gone"))
+                elif down.done:
                     # The backend has finished; the client gets a bounded time to finish too.
                     self.backend_finished = True
-                    up.join(finish_timeout)
-                failure = failure or _failure(up) or _failure(down)
-            if failure is None:
+                    if not self._wait(finish_timeout):
+                        return "closed"
+                else:
+                    self._wait()
+            if self.failure is None:
                 self.backend_finished = True
                 return "closed"
-            side, _err = failure
+            side, _error = self.failure
             if side == BACKEND:
                 return "backend-reset"
-            gevent.killall((up, down))
-            self.backend_finished = self._finish_backend(finish_timeout)
+            self.backend_finished = self._finish_backend(up, down, finish_timeout)
             return "client-reset"
         finally:
-            gevent.killall((up, down))
+            self.finished = True
+            for d in (up, down):
+                d.stop()
+                d.close()
 
-    def _finish_backend(self, finish_timeout: Optional[float]) -> bool:
+    def _finish_backend(self, up: _Direction, down: _Direction, finish_timeout) -> bool:
         """The client is gone: half-close toward the backend and let it finish, discarding what
         it still sends, so that the next client never overlaps this one. True if it finished."""
-        b = self.backend
-        try:
-            b.shutdown(socket.SHUT_WR)
-        except OSError:
-            return False
-        sink = bytearray(BUFSIZE)
-        try:
-            with gevent.Timeout(finish_timeout, False):
-                while b.recv_into(sink):
-                    pass
-                return True
-        except OSError:
-            return False
-        return False
+        up.stop()
+        if not up.done:
+            try:
+                self.backend.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+        if down.done:
+            return True
+        self.failure = None  # from here on only the backend's own end matters
+        down.sink()
+        with gevent.Timeout(finish_timeout, False):
+            while not down.done and self.failure is None:
+                self._wait()
+        return down.done and self.failure is None
 
 
 def _gone(sock) -> bool:
@@ -222,11 +315,3 @@ def _gone(sock) -> bool:
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
     except OSError:
         return True
-
-
-def _failure(g: Greenlet) -> _Failure:
-    if not g.ready():
-        return None
-    if not g.successful():
-        raise g.exception  # a bug in the pump itself, not a peer's doing
-    return g.value

@@ -13,6 +13,7 @@ import _socket
 import errno
 import ipaddress
 import logging
+import os
 import socket as _stdsocket
 import struct
 import time
@@ -23,6 +24,7 @@ import gevent
 from gevent import Greenlet, socket
 from gevent.event import Event
 from gevent.server import StreamServer
+from gevent.socket import wait_write
 
 from .gate import Gate, Ticket
 from .hooks import CommandHook, HookFailed, call_hook
@@ -52,6 +54,8 @@ END_REASONS = (
 # learn that the exchange did not complete.
 _ABORT_CLIENT = frozenset({"backend-reset", "ttl", "shutdown", "error"})
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 
 # accept() errors that mean "no descriptors or memory right now": back off and keep serving.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -521,8 +525,6 @@ class TCPLock(StreamServer):
             if self._stopping:
                 reason = "shutdown"
             else:
-                raw = conn.sock
-                conn.sock = socket.socket(raw.family, raw.type, raw.proto, raw.detach())
                 reason = self._use_slot(conn)
         except _Shutdown:
             reason = "shutdown"
@@ -799,11 +801,17 @@ class TCPLock(StreamServer):
             self._addrinfo = addrs
         error: OSError = OSError("no address")
         for family, type_, proto, _name, sockaddr in addrs:
-            s = socket.socket(family, type_, proto)
+            # A plain non-blocking socket, like the client's: the relay drives both from the
+            # event loop.
+            s = _socket.socket(family, type_, proto)
             try:
-                s.settimeout(timeout)
-                s.connect(sockaddr)
-                s.settimeout(None)
+                s.setblocking(False)
+                err = s.connect_ex(sockaddr)
+                if err in _IN_PROGRESS:
+                    wait_write(s.fileno(), timeout)
+                    err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
             except OSError as e:
                 s.close()
                 error = e

@@ -225,6 +225,7 @@ def test_cli_command_hooks_run_with_context(cli, make_backend, tmp_path):
     c = connect(port)
     backend.next_conn()
     p.wait_for("end=ttl")
+    wait_until(lambda: len(out.read_text().splitlines()) == 2, what="the on-timeout hook")
     host, cport = c.getsockname()
     assert out.read_text().splitlines() == [
         f"activate {host}:{cport}",
