@@ -262,6 +262,9 @@ class Relay:
         try:
             up.start()
             down.start()
+            # The client has usually sent its request already: pass it on now rather than one
+            # turn of the event loop later.
+            up.readable()
             while self.failure is None and not (up.done and down.done):
                 if up.done:
                     # The client has finished sending; the backend may take as long as it

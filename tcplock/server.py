@@ -808,7 +808,8 @@ class TCPLock(StreamServer):
                 s.setblocking(False)
                 err = s.connect_ex(sockaddr)
                 if err in _IN_PROGRESS:
-                    wait_write(s.fileno(), timeout)
+                    if not _connected(s):
+                        wait_write(s.fileno(), timeout)
                     err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
@@ -859,6 +860,16 @@ def _tune(sock) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
     except OSError:
         pass  # the peer may already be gone; the relay will see it
+
+
+def _connected(sock) -> bool:
+    """Whether a non-blocking connect has completed already, as it usually has on loopback
+    (the handshake runs within the connect call): then there is nothing to wait for."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def _inherits_options(listener) -> bool:
