@@ -40,6 +40,16 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 CLIENT = "client"
 BACKEND = "backend"
 
+# Buffers are reused across connections: a fresh 64 KiB buffer is zeroed memory every time.
+_BUFFERS: list = []
+_KEEP_BUFFERS = 32
+
+
+def _new_buffer():
+    buf = bytearray(BUFSIZE)
+    return buf, memoryview(buf)
+
+
 _Failure = Optional[Tuple[str, OSError]]
 
 
@@ -66,8 +76,7 @@ class _Direction:
         self.counter = relay.counter
         self.on_read = loop.io(src.fileno(), 1)
         self.on_write = loop.io(dst.fileno(), 2)
-        self.buf = bytearray(BUFSIZE)
-        self.view = memoryview(self.buf)
+        self.buf, self.view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
         self.sent = self.size = 0
         self.pipe: Optional[Tuple[int, int]] = None
         self.discard = False
@@ -83,6 +92,10 @@ class _Direction:
     def close(self) -> None:
         self.on_read.close()
         self.on_write.close()
+        if self.view is not None:
+            if len(_BUFFERS) < _KEEP_BUFFERS:
+                _BUFFERS.append((self.buf, self.view))
+            self.buf = self.view = None
         if self.pipe is not None:
             os.close(self.pipe[0])
             os.close(self.pipe[1])

@@ -813,11 +813,12 @@ class TCPLock(StreamServer):
                     err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
+                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
             except OSError as e:
                 s.close()
                 error = e
                 continue
-            _tune(s)
             return s
         self._addrinfo = None
         raise error
