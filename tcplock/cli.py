@@ -469,6 +469,23 @@ class UsageError(Exception):
     """Bad settings, found after parsing: one line for the operator, exit status 2."""
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL message``; the date and time part is formatted once per second, not once
+    per line (there is a line for every connection)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second = None
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line. A connection's line carries its fields as such
     (``client``, ``queued_seconds``, ``active_seconds``, ``bytes_up``, ``bytes_down``,
@@ -514,7 +531,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

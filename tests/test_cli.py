@@ -304,3 +304,20 @@ def test_systemd_readiness_and_stopping_notifications(cli, make_backend, tmp_pat
         assert sock.recv(1000) == b"STOPPING=1"
     assert p.wait() == 0
     sock.close()
+
+
+def test_text_log_lines_carry_date_time_and_milliseconds():
+    import logging
+    import re
+
+    from tcplock.cli import TextFormatter
+
+    fmt = TextFormatter()
+    lines = []
+    for created, msecs in ((1_800_000_000, 123), (1_800_000_000, 987), (1_800_000_001, 500)):
+        record = logging.LogRecord("tcplock", logging.INFO, "", 0, "hello %s", ("x",), None)
+        record.created, record.msecs = created + msecs / 1000, msecs
+        lines.append(fmt.format(record))
+    pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO hello x")
+    assert all(pattern.fullmatch(line) for line in lines), lines
+    assert [line[17:23] for line in lines] == ["00,123", "00,987", "01,500"]
