@@ -124,21 +124,26 @@ class _Direction:
     def readable(self) -> None:
         if self.pipe is not None:
             return self._splice_in()
-        try:
-            n = self.src.recv_into(self.buf)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            return self._fail(self.src_side, e)
-        if not n:
-            return self._eof()
-        if self.discard:
-            return
-        self.sent, self.size = 0, n
-        self._write()
-        if n == BUFSIZE and SPLICE and self.pipe is None and self.size == 0:
-            # A full buffer means more is coming: move the rest without copying it.
-            self._open_pipe()
+        # Two reads at most per call: a reply and the end of stream often arrive together,
+        # and seeing the EOF now saves a turn of the event loop; more would starve others.
+        for _ in range(2):
+            try:
+                n = self.src.recv_into(self.buf)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                return self._fail(self.src_side, e)
+            if not n:
+                return self._eof()
+            if self.discard:
+                continue
+            self.sent, self.size = 0, n
+            self._write()
+            if self.size:
+                return  # the destination is full: wait for it
+            if n == BUFSIZE and SPLICE and self.pipe is None:
+                # A full buffer means more is coming: move the rest without copying it.
+                return self._open_pipe()
 
     def _write(self) -> None:
         try:
