@@ -438,8 +438,8 @@ class TCPLock(StreamServer):
             self._accept_exhausted(e)
             return None
         self._accept_delay = self.min_delay
-        # A plain socket until the client gets its slot: gevent's wrapper (and its two
-        # watchers) is made only for clients that will be relayed.
+        # A plain non-blocking socket: the event loop watches it while the client waits and
+        # the relay drives it from watchers, so gevent's socket wrapper is never needed.
         # (_socket, not socket: the CLI monkey-patches socket.socket into gevent's.)
         sock = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
         sock.setblocking(False)
