@@ -321,6 +321,12 @@ def cli():
         procs.append(p)
         return p
 
+    def to(backend, *args, **kw):
+        """tcplock on a free loopback port in front of ``backend``, with more options."""
+        port = str(backend if isinstance(backend, int) else backend.server_port)
+        return run("-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", port, *args, **kw)
+
+    run.to = to
     yield run
     for p in procs:
         p.kill()

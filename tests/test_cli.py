@@ -153,16 +153,7 @@ def test_config_file_and_environment_drive_a_real_run(cli, make_backend, tmp_pat
 
 def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_backend):
     backend = make_backend("reply_at_eof")
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
-        "--drain-timeout",
-        "10s",
-    )
+    p = cli.to(backend, "--drain-timeout", "10s")
     port = p.wait_ready()
     active = connect(port)
     active.sendall(b"work")
@@ -183,16 +174,7 @@ def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_
 
 def test_drain_timeout_cuts_and_second_signal_cuts_at_once(cli, make_backend):
     backend = make_backend("never")
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
-        "--drain-timeout",
-        "1m",
-    )
+    p = cli.to(backend, "--drain-timeout", "1m")
     port = p.wait_ready()
     c = connect(port)
     backend.next_conn()
@@ -207,13 +189,8 @@ def test_drain_timeout_cuts_and_second_signal_cuts_at_once(cli, make_backend):
 def test_cli_command_hooks_run_with_context(cli, make_backend, tmp_path):
     backend = make_backend("never")
     out = tmp_path / "hooks"
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
+    p = cli.to(
+        backend,
         "--timeout",
         "300ms",
         "--on-activate",

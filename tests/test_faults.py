@@ -131,7 +131,7 @@ def test_slow_reader_keeps_memory_bounded_and_throttles_backend(cli):
     backend = Backend(streamer)
     backend.start()
     try:
-        p = cli("-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port))
+        p = cli.to(backend)
         port = p.wait_ready()
         before = rss_kib(p.proc.pid)
         c = connect(port, timeout=30)
@@ -341,18 +341,7 @@ def test_default_max_queue_fits_the_descriptor_limit(make_backend):
 
 def test_flood_with_max_queue_turns_away_at_once_and_keeps_fifo(make_backend, cli):
     backend = make_backend("hold")
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
-        "--max-queue",
-        "50",
-        "--finish-timeout",
-        "0",
-    )
+    p = cli.to(backend, "--max-queue", "50", "--finish-timeout", "0")
     port = p.wait_ready()
     baseline_fds = fd_count(p.proc.pid)
     first = connect(port)

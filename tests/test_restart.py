@@ -228,18 +228,7 @@ def test_python_hooks_file_blocks_cooperatively(cli, make_backend, tmp_path):
     out = tmp_path / "out"
     hooks = tmp_path / "hooks.py"
     hooks.write_text(HOOKS.format(out=str(out)))
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
-        "--slots",
-        "2",
-        "--hooks",
-        str(hooks),
-    )
+    p = cli.to(backend, "--slots", "2", "--hooks", str(hooks))
     port = p.wait_ready()
     slow = connect(port)
     slow.sendall(b"slow")
@@ -259,18 +248,7 @@ def test_python_restart_hook_from_cli(cli, make_backend, tmp_path):
     out = tmp_path / "out"
     hooks = tmp_path / "hooks.py"
     hooks.write_text(HOOKS.format(out=str(out)).replace("conn.activation == 1", "False"))
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
-        "--hooks",
-        str(hooks),
-        "--restart-every",
-        "2",
-    )
+    p = cli.to(backend, "--hooks", str(hooks), "--restart-every", "2")
     port = p.wait_ready()
     for _ in range(3):
         echo_once(port)

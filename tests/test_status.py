@@ -177,20 +177,7 @@ def test_agent_reply_drains_while_restarting_and_stopping(make_backend, make_loc
 
 def test_cli_status_agent_check_and_json_log(cli, make_backend):
     backend = make_backend("echo")
-    p = cli(
-        "-l",
-        "127.0.0.1:0",
-        "--proxy-host",
-        "127.0.0.1",
-        "-p",
-        str(backend.server_port),
-        "--status",
-        "127.0.0.1:0",
-        "--agent-check",
-        "0",
-        "--log-format",
-        "json",
-    )
+    p = cli.to(backend, "--status", "127.0.0.1:0", "--agent-check", "0", "--log-format", "json")
     p.wait_ready()
     status_port = int(p.wait_for(r"status on http://").rsplit(":", 1)[1].split("/")[0])
     agent_port = int(p.wait_for(r"agent-check on").rsplit(":", 1)[1].rstrip('"}'))
