@@ -254,19 +254,56 @@ class Relay:
         self.finished = False
         self.failure: _Failure = None
         self._changed = Event()
+        self._up: Optional[_Direction] = None
+        self._down: Optional[_Direction] = None
+        self._finish_timeout: Optional[float] = None
+        self._timer = None
+        self._expired = False
+        self._finishing = False
+
+    # Called from the directions' callbacks, in the event loop. The greenlet in run() is woken
+    # only when it has something to decide; the waits in between are event-loop timers.
 
     def changed(self) -> None:
-        self._changed.set()
+        up, down = self._up, self._down
+        if self._finishing or (up.done and down.done):
+            self._changed.set()
+        elif self._timer is None:
+            if down.done:
+                # The backend has finished; the client gets a bounded time to finish too.
+                if self._finish_timeout is not None:
+                    self._timer = self.loop.timer(self._finish_timeout)
+                    self._timer.start(self._expire)
+            elif up.done:
+                # The client has finished sending; the backend may take as long as it needs
+                # (the TTL bounds it) to answer. Nobody reads the client meanwhile, so look
+                # now and then whether it is still there.
+                every = self.client_check_interval
+                self._timer = self.loop.timer(every, every)
+                self._timer.start(self._check_client)
 
     def failed(self, side: str, error: OSError) -> None:
         if self.failure is None:
             self.failure = (side, error)
         self._changed.set()
 
-    def _wait(self, timeout: Optional[float] = None) -> bool:
-        woke = self._changed.wait(timeout)
+    def _expire(self) -> None:
+        self._expired = True
+        self._changed.set()
+
+    def _check_client(self) -> None:
+        if _gone(self.client):
+            self.failed(CLIENT, OSError(errno.ECONNRESET, "client gone"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+    def _wait(self) -> None:
+        self._changed.wait()
         self._changed.clear()
-        return woke
 
     def run(self, finish_timeout: Optional[float]) -> str:
         """Relay until both directions are done; return the end reason.
@@ -275,28 +312,20 @@ class Relay:
         say: how long the backend may keep talking after the client reset (its reply is
         discarded), and how long the client may keep its side open after the backend closed.
         """
-        up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
-        down = _Direction(self, self.backend, self.client, "bytes_down", BACKEND, CLIENT)
+        self._finish_timeout = finish_timeout
+        up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
+        down = self._down = _Direction(
+            self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
+        )
         try:
             up.start()
             down.start()
             # The client has usually sent its request already: pass it on now rather than one
             # turn of the event loop later.
             up.readable()
-            while self.failure is None and not (up.done and down.done):
-                if up.done:
-                    # The client has finished sending; the backend may take as long as it
-                    # needs (the TTL bounds it) to answer. Nobody reads the client meanwhile,
-                    # so look now and then whether it is still there.
-                    if not self._wait(self.client_check_interval) and _gone(self.client):
-                        self.failed(CLIENT, OSError(errno.ECONNRESET, "client gone"))
-                elif down.done:
-                    # The backend has finished; the client gets a bounded time to finish too.
-                    self.backend_finished = True
-                    if not self._wait(finish_timeout):
-                        return "closed"
-                else:
-                    self._wait()
+            while self.failure is None and not (up.done and down.done) and not self._expired:
+                self._wait()
+            self._stop_timer()
             if self.failure is None:
                 self.backend_finished = True
                 return "closed"
@@ -307,6 +336,7 @@ class Relay:
             return "client-reset"
         finally:
             self.finished = True
+            self._stop_timer()
             for d in (up, down):
                 d.stop()
                 d.close()
@@ -323,6 +353,7 @@ class Relay:
         if down.done:
             return True
         self.failure = None  # from here on only the backend's own end matters
+        self._finishing = True
         down.sink()
         with gevent.Timeout(finish_timeout, False):
             while not down.done and self.failure is None:
