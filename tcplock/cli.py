@@ -444,8 +444,8 @@ def raise_descriptor_limit() -> int:
 
 def default_max_queue(capacity: int, slots: int) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
-    active connection two (client and backend)."""
-    return max(0, capacity - _RESERVED_FDS - 2 * slots)
+    active connection up to six (client, backend, and a pipe each way for bulk data)."""
+    return max(0, capacity - _RESERVED_FDS - 6 * slots)
 
 
 def notify(state: str) -> None:

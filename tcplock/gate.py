@@ -155,8 +155,15 @@ class Gate:
         q = self._queue
         while q:
             t = q.popleft()
-            if not t.dead:
-                return t
+            if t.dead:
+                continue
+            if t.cancelled is not None:
+                # Cancelled but its owner has not run yet to leave the queue: it must not get
+                # a slot it would never release.
+                t.dead = True
+                self._waiting -= 1
+                continue
+            return t
         return None
 
     def _grant(self, ticket: Ticket) -> None:

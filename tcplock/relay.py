@@ -313,11 +313,12 @@ class Relay:
         discarded), and how long the client may keep its side open after the backend closed.
         """
         self._finish_timeout = finish_timeout
-        up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
-        down = self._down = _Direction(
-            self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
-        )
+        up = down = None
         try:
+            up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
+            down = self._down = _Direction(
+                self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
+            )
             up.start()
             down.start()
             # The client has usually sent its request already: pass it on now rather than one
@@ -338,8 +339,9 @@ class Relay:
             self.finished = True
             self._stop_timer()
             for d in (up, down):
-                d.stop()
-                d.close()
+                if d is not None:
+                    d.stop()
+                    d.close()
 
     def _finish_backend(self, up: _Direction, down: _Direction, finish_timeout) -> bool:
         """The client is gone: half-close toward the backend and let it finish, discarding what

@@ -89,8 +89,11 @@ class _RateLimit:
 _RESTART_WHY = {"count": "after the set number of uses", "ttl": "after a connection timed out"}
 
 
-class _Shutdown(Exception):
-    """Raised into a connection's greenlet when the drain time after stop() has run out."""
+class _Shutdown(BaseException):
+    """Raised into a connection's greenlet when the drain time after stop() has run out.
+
+    A BaseException, like GreenletExit: hooks treat every Exception as their own failure, and a
+    shutdown must pass through them."""
 
 
 def format_address(addr) -> str:
@@ -550,6 +553,8 @@ class TCPLock(StreamServer):
                 self._restart_done.wait()
             finally:
                 self._parked -= 1
+        if self._stopping:
+            return "shutdown"
         self._since_restart += 1
         if self.restart_every and self._since_restart >= self.restart_every:
             self._request_restart("count")
@@ -605,20 +610,31 @@ class TCPLock(StreamServer):
                         log.error("%s: %s", format_address(conn.client), e)
                 if self.restart_on_timeout:
                     self._request_restart("ttl")
-            if held and self._restart_reason is not None and self._last_holder():
-                self._restart(conn)
+        except _Shutdown:
+            pass  # the drain time is over: the slot is released below, nothing more runs
         finally:
-            if held:
-                self.gate.release()
-            self._connections.pop(conn, None)
-            if not self._connections:
-                self._idle.set()
+            try:
+                if (
+                    held
+                    and self._restart_reason is not None
+                    and not self._stopping
+                    and self._last_holder()
+                ):
+                    self._restart(conn)
+            except _Shutdown:
+                pass
+            finally:
+                if held:
+                    self._active.pop(conn, None)
+                    self.gate.release()
+                self._connections.pop(conn, None)
+                if not self._connections:
+                    self._idle.set()
 
     def _account(self, conn: Connection, held: bool, reason: str) -> None:
         """Counters, the connection's log line and the observers, as soon as it has ended (so
         the line comes before anything a hook or restart logs)."""
         if held:
-            self._active.pop(conn, None)
             self.served += 1
             self.last_end = reason
         self.ended[reason] = self.ended.get(reason, 0) + 1
@@ -636,7 +652,10 @@ class TCPLock(StreamServer):
                 extra={"connection": conn},
             )
         for observe in self.end_observers:
-            observe(conn)
+            try:
+                observe(conn)
+            except Exception:
+                log.exception("end observer %r failed", observe)
 
     def _allowed(self, host: str) -> bool:
         try:
@@ -697,7 +716,11 @@ class TCPLock(StreamServer):
 
     def _request_restart(self, reason: str) -> None:
         """Call for a restart: no new activations until it is done (a barrier across slots)."""
-        if self.restart is None or self._restart_reason is not None:
+        if self.restart is None:
+            return
+        if self._restart_reason is not None:
+            if reason == "ttl":
+                self._restart_reason = reason  # the more telling reason, for the command
             return
         self._restart_reason = reason
         self._restart_done = Event()
@@ -706,35 +729,45 @@ class TCPLock(StreamServer):
     def _restart(self, conn: Connection) -> None:
         """Run the restart while holding the last slot in use; retry until it succeeds (or
         tcplock stops), so no client is ever let in to a half-restarted backend."""
-        reason = self._restart_reason
         delay = self.restart_retry_delay
         attempt = 0
-        while True:
-            attempt += 1
+        done = False
+        try:
+            while not self._stopping:
+                attempt += 1
+                reason = self._restart_reason
+                log.warning(
+                    "restarting backend (%s)%s",
+                    _RESTART_WHY.get(reason, reason),
+                    f", attempt {attempt}" if attempt > 1 else "",
+                )
+                started = time.monotonic()
+                try:
+                    self._run_restart_hook(conn, reason)
+                    self._wait_ready()
+                except HookFailed as e:
+                    self.restart_failures += 1
+                    log.error("restart failed: %s; retrying in %gs", e, delay)
+                    gevent.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                done = True
+                break
+        finally:
+            # Done, or abandoned because tcplock is stopping: either way nobody may stay parked.
+            self._restart_reason = None
+            self._restart_done.set()
+            self._sync_gate()
+        if done:
+            self.restarts += 1
+            self._since_restart = 0
             log.warning(
-                "restarting backend (%s)%s",
-                _RESTART_WHY.get(reason, reason),
-                f", attempt {attempt}" if attempt > 1 else "",
+                "backend restarted in %.2fs (restart #%d)",
+                time.monotonic() - started,
+                self.restarts,
             )
-            started = time.monotonic()
-            try:
-                self._run_restart_hook(conn, reason)
-                self._wait_ready()
-            except HookFailed as e:
-                self.restart_failures += 1
-                log.error("restart failed: %s; retrying in %gs", e, delay)
-                gevent.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            break
-        self.restarts += 1
-        self._since_restart = 0
-        self._restart_reason = None
-        log.warning(
-            "backend restarted in %.2fs (restart #%d)", time.monotonic() - started, self.restarts
-        )
-        self._restart_done.set()
-        self._sync_gate()
+        else:
+            log.warning("restart abandoned: tcplock is stopping")
 
     def _run_restart_hook(self, conn: Connection, reason: str) -> None:
         hook = self.restart
@@ -819,6 +852,9 @@ class TCPLock(StreamServer):
                 s.close()
                 error = e
                 continue
+            except BaseException:
+                s.close()
+                raise
             return s
         self._addrinfo = None
         raise error

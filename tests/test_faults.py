@@ -323,7 +323,7 @@ def test_default_max_queue_fits_the_descriptor_limit(make_backend):
     try:
         port = p.wait_ready()
         line = p.wait_for("max-queue")
-        assert "max-queue 62" in line  # 128 - 64 reserved - 2 for the active connection
+        assert "max-queue 58" in line  # 128 - 64 reserved - 6 for the active connection
         clients = [connect(port) for _ in range(100)]
         backend.next_conn()
         p.wait_for("end=queue-full")

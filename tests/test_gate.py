@@ -165,3 +165,23 @@ def test_many_cancelled_tickets_do_not_accumulate():
     assert len(gate._queue) <= 64
     gate.release()
     assert ws[-1].get(timeout=2) is True
+
+
+def test_ticket_cancelled_before_its_owner_runs_is_not_granted():
+    gate = Gate(1)
+    assert gate.acquire(Ticket())
+    log = []
+    tickets = {}
+
+    def waiter(name):
+        t = tickets[name] = Ticket()
+        log.append((name, gate.acquire(t), t.cancelled))
+
+    gs = [gevent.spawn(waiter, n) for n in ("a", "b")]
+    gevent.sleep(0)
+    tickets["a"].cancel("left-queue")
+    gate.release()  # before "a" has run to leave the queue: the slot must go to "b"
+    gevent.joinall(gs, timeout=2)
+    assert sorted(log) == [("a", False, "left-queue"), ("b", True, None)]
+    gate.release()
+    assert gate.held == 0

@@ -77,7 +77,9 @@ def test_restart_with_several_slots_is_a_barrier(make_backend, make_lock):
     third = backend.next_conn()
     wait_until(lambda: third.received)
     assert bytes(third.received) == b"c"
-    assert seen_at_restart == [(0, 0)]
+    # The backend has no connection; the one "active" entry is the finished connection that
+    # runs the restart while it still holds its slot.
+    assert seen_at_restart == [(0, 1)]
     assert backend.most == 2
     c.close()
 
@@ -286,3 +288,83 @@ def test_hooks_file_and_same_command_hook_conflict(tmp_path):
     hooks.write_text("def on_activate(conn):\n    pass\n")
     status, _, err = run_cli("-l", "1", "-p", "1", "--hooks", str(hooks), "--on-activate", "true")
     assert status == 2 and "--on-activate" in err
+
+
+# -- stopping while hooks or restarts run ----------------------------------------------------
+
+
+def test_stop_abandons_a_hanging_restart_and_releases_everything(make_backend, make_lock):
+    backend = make_backend("echo")
+    calls = []
+
+    def restart(reason):
+        calls.append(reason)
+        gevent.sleep(30)  # a restart that hangs: stop() must interrupt it, not retry it
+
+    lock = make_lock(backend, restart=restart, restart_every=1)
+    lock.restart_retry_delay = 0.01
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    recv_exactly(c, 1)
+    c.close()
+    wait_until(lambda: calls, what="the restart to start")
+    started = time.monotonic()
+    lock.stop(timeout=0.2)
+    assert time.monotonic() - started < 3
+    assert lock.gate.held == 0 and not lock.connections
+    gevent.sleep(0.3)
+    assert calls == ["count"], "the restart was tried again after stop()"
+    assert lock.restart_failures == 0
+
+
+def test_no_restart_runs_for_a_connection_cut_at_shutdown(make_backend, make_lock):
+    backend = make_backend("never")
+    calls = []
+    lock = make_lock(backend, restart=calls.append, restart_every=1)
+    c = connect(lock.server_port)
+    backend.next_conn()
+    lock.stop(timeout=0.2)
+    assert calls == [] and lock.gate.held == 0 and not lock.connections
+    c.close()
+
+
+def test_shutdown_during_on_activate_ends_as_shutdown_not_hook_failure(
+    make_backend, make_lock, conn_log
+):
+    backend = make_backend("echo")
+    lock = make_lock(backend, on_activate=lambda conn: gevent.sleep(30))
+    c = connect(lock.server_port)
+    wait_until(lambda: lock.active, what="the client to be active")
+    lock.stop(timeout=0.2)
+    assert conn_log.next_end()["end"] == "shutdown"
+    assert lock.hook_failures == 0 and lock.ended == {"shutdown": 1}
+    c.close()
+
+
+def test_failing_end_observer_does_not_jam_restarts(make_backend, make_lock):
+    backend = make_backend("echo")
+    restarts = []
+    lock = make_lock(backend, restart=restarts.append, restart_every=1, ready_timeout=None)
+
+    def broken(conn):
+        raise RuntimeError("observer bug")
+
+    lock.end_observers.append(broken)
+    for payload in (b"1", b"2"):
+        c = connect(lock.server_port)
+        c.sendall(payload)
+        assert recv_exactly(c, 1) == payload
+        c.close()
+    wait_until(lambda: len(restarts) == 2, what="both restarts")
+
+
+def test_connection_counts_as_active_while_its_on_timeout_hook_runs(make_backend, make_lock):
+    backend = make_backend("never")
+    seen = []
+    lock = make_lock(
+        backend, timeout=0.1, on_timeout=lambda conn: seen.append(len(lock.status()["active"]))
+    )
+    c = connect(lock.server_port)
+    wait_until(lambda: seen, what="the on_timeout hook")
+    assert seen == [1]
+    c.close()
