@@ -239,49 +239,47 @@ def conn_log():
     logger.setLevel(old)
 
 
-class CLIProcess:
-    """A ``tcplock`` subprocess; its stderr is read line by line into ``lines``."""
+class ChildProcess:
+    """A subprocess whose standard error is read line by line into ``lines``; subclasses look
+    at each line in :meth:`on_line`. Environment variables starting with one of
+    ``clean_prefixes`` are removed from the child's environment before ``env`` is applied."""
 
-    LISTENING = re.compile(r"listening on (\S+):(\d+),")
+    clean_prefixes: tuple = ("TCPLOCK_",)
 
-    def __init__(self, args, env=None, cwd=None):
-        full_env = dict(os.environ)
-        full_env = {k: v for k, v in full_env.items() if not k.startswith("TCPLOCK_")}
+    def __init__(self, argv, env=None, cwd=None, preexec_fn=None):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(self.clean_prefixes)}
         full_env["PYTHONUNBUFFERED"] = "1"
-        if env:
-            full_env.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tcplock", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=full_env,
-            cwd=cwd,
-        )
+        full_env.update(env or {})
         self.lines = []
         self.new_line = Event()
-        self.port = None
-        self.ready = Event()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd=None if cwd is None else str(cwd),
+            preexec_fn=preexec_fn,
+        )
         self._reader = gevent.spawn(self._read)
 
     def _read(self):
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip("\n")
             self.lines.append(line)
-            m = self.LISTENING.search(line)
-            if m and self.port is None:
-                self.port = int(m.group(2))
-                self.ready.set()
+            self.on_line(line)
             self.new_line.set()
             self.new_line.clear()
-        self.ready.set()
+        self.on_eof()
 
-    def wait_ready(self, timeout=10):
-        assert self.ready.wait(timeout), "tcplock did not start:\n" + self.output()
-        assert self.port, "tcplock did not start:\n" + self.output()
-        return self.port
+    def on_line(self, line):
+        pass
+
+    def on_eof(self):
+        pass
 
     def wait_for(self, pattern, timeout=10):
+        """The first line (so far or to come) matching ``pattern``."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         seen = 0
@@ -310,6 +308,32 @@ class CLIProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class CLIProcess(ChildProcess):
+    """A ``tcplock`` subprocess; ``port`` is its listening port once it has logged it."""
+
+    LISTENING = re.compile(r"listening on (\S+):(\d+),")
+
+    def __init__(self, args, env=None, cwd=None, preexec_fn=None):
+        self.port = None
+        self.ready = Event()
+        argv = [sys.executable, "-m", "tcplock", *args]
+        super().__init__(argv, env=env, cwd=cwd, preexec_fn=preexec_fn)
+
+    def on_line(self, line):
+        m = self.LISTENING.search(line)
+        if m and self.port is None:
+            self.port = int(m.group(2))
+            self.ready.set()
+
+    def on_eof(self):
+        self.ready.set()
+
+    def wait_ready(self, timeout=10):
+        assert self.ready.wait(timeout), "tcplock did not start:\n" + self.output()
+        assert self.port, "tcplock did not start:\n" + self.output()
+        return self.port
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 from gevent import socket, subprocess
 from gevent.event import Event
 
-from conftest import LOOPBACK, connect, recv_all, run_cli, wait_until
+from conftest import LOOPBACK, ChildProcess, connect, recv_all, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,69 +108,49 @@ def gunicorn_installed():
         import gunicorn  # noqa: F401
 
 
-class Gunicorn:
+class Gunicorn(ChildProcess):
     """``gunicorn -k gevent -w 4 -c gunicorn.conf.py app:app`` in contrib/gunicorn."""
 
     LISTENING = re.compile(r"Listening at: http://[\d.]+:(\d+)")
     TCPLOCK = re.compile(r"tcplock \(pid (\d+)\) on 127\.0\.0\.1:(\d+)")
     WORKER = re.compile(r"Booting worker with pid: (\d+)")
+    clean_prefixes = ("TCPLOCK_", "APP_")
 
     def __init__(self, env, runtime_dir, args=("-c", "gunicorn.conf.py", "app:app"), cwd=None):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TCPLOCK_", "APP_"))}
         # XDG_RUNTIME_DIR: where gunicorn 25+ puts its control socket.
         runtime_dir.mkdir(exist_ok=True)
-        full_env.update(env, PYTHONUNBUFFERED="1", XDG_RUNTIME_DIR=str(runtime_dir))
         workers = 4
-        # A gevent worker takes at most 5 connections at a time here, so that 20 requests at
-        # once cannot all land in one worker: they are spread over the 4 worker processes.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers)]
-            + ["--worker-connections", "5", "-b", f"{LOOPBACK}:0", *args],
-            cwd=str(cwd or GUNICORN_DIR),
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.lines = []
         self.port = self.tcplock_pid = self.lock_port = None
         self.workers = set()
         self.booted = Event()
         self.expected_workers = workers
-        self._reader = gevent.spawn(self._read)
+        # A gevent worker takes at most 5 connections at a time here, so that 20 requests at
+        # once cannot all land in one worker: they are spread over the 4 worker processes.
+        super().__init__(
+            [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers)]
+            + ["--worker-connections", "5", "-b", f"{LOOPBACK}:0", *args],
+            env=dict(env, XDG_RUNTIME_DIR=str(runtime_dir)),
+            cwd=cwd or GUNICORN_DIR,
+        )
 
-    def _read(self):
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            if m := self.LISTENING.search(line):
-                self.port = int(m.group(1))
-            elif m := self.TCPLOCK.search(line):
-                self.tcplock_pid, self.lock_port = int(m.group(1)), int(m.group(2))
-            elif m := self.WORKER.search(line):
-                self.workers.add(int(m.group(1)))
-                if len(self.workers) == self.expected_workers:
-                    self.booted.set()
+    def on_line(self, line):
+        if m := self.LISTENING.search(line):
+            self.port = int(m.group(1))
+        elif m := self.TCPLOCK.search(line):
+            self.tcplock_pid, self.lock_port = int(m.group(1)), int(m.group(2))
+        elif m := self.WORKER.search(line):
+            self.workers.add(int(m.group(1)))
+            if len(self.workers) == self.expected_workers:
+                self.booted.set()
+
+    def on_eof(self):
         self.booted.set()
-
-    def output(self):
-        return "\n".join(self.lines)
 
     def wait_booted(self, timeout=60):
         self.booted.wait(timeout)
         assert len(self.workers) == self.expected_workers and self.port, (
             "gunicorn did not start:\n" + self.output()
         )
-
-    def wait(self, timeout):
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return rc
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

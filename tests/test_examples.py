@@ -1,7 +1,6 @@
 """examples/embed_gevent.py, run as a real program: a gevent web app with a TCPLock inside it."""
 
 import json
-import os
 import re
 import signal
 import sys
@@ -9,10 +8,10 @@ from pathlib import Path
 
 import gevent
 import pytest
-from gevent import socket, subprocess
+from gevent import socket
 from gevent.event import Event
 
-from conftest import LOOPBACK, recv_all, wait_until
+from conftest import LOOPBACK, ChildProcess, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,55 +33,34 @@ def http_get(port, path="/", timeout=5.0):
     return status, body
 
 
-class Example:
+class Example(ChildProcess):
     """The example program as a subprocess, its stderr collected line by line."""
 
     STARTED = re.compile(r"tcplock on (\S+):(\d+), status page on http://(\S+):(\d+)/")
+    clean_prefixes = ("EMBED_", "TCPLOCK_")
 
     def __init__(self, *args):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBED_", "TCPLOCK_"))}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLE), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(ROOT),
-        )
-        self.lines = []
         self.started = Event()
         self.lock_port = self.http_port = None
-        self._reader = gevent.spawn(self._read)
+        super().__init__([sys.executable, str(EXAMPLE), *args], cwd=ROOT)
 
-    def _read(self):
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            m = self.STARTED.search(line)
-            if m:
-                self.lock_port, self.http_port = int(m.group(2)), int(m.group(4))
-                self.started.set()
+    def on_line(self, line):
+        m = self.STARTED.search(line)
+        if m:
+            self.lock_port, self.http_port = int(m.group(2)), int(m.group(4))
+            self.started.set()
+
+    def on_eof(self):
         self.started.set()
 
     def wait_started(self, timeout=20):
         self.started.wait(timeout)
-        assert self.lock_port, "the example did not start:\n" + "\n".join(self.lines)
+        assert self.lock_port, "the example did not start:\n" + self.output()
 
     def status(self):
         code, body = http_get(self.http_port, "/status.json")
         assert code == 200, body
         return json.loads(body)
-
-    def wait(self, timeout):
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return rc
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

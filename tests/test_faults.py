@@ -252,21 +252,7 @@ def _limited_cli(args, nofile):
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCPLOCK_")}
-    p = CLIProcess.__new__(CLIProcess)
-    p.proc = subprocess.Popen(
-        [sys.executable, "-m", "tcplock", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(env, PYTHONUNBUFFERED="1"),
-        preexec_fn=limit,
-    )
-    from gevent.event import Event
-
-    p.lines, p.new_line, p.port, p.ready = [], Event(), None, Event()
-    p._reader = gevent.spawn(p._read)
-    return p
+    return CLIProcess(args, preexec_fn=limit)
 
 
 def test_descriptor_exhaustion_is_survived_logged_once_and_recovered(make_backend):
