@@ -22,10 +22,10 @@ from pathlib import Path
 
 import gevent
 import pytest
-from gevent import socket, subprocess
+from gevent import subprocess
 from gevent.event import Event
 
-from conftest import LOOPBACK, ChildProcess, connect, recv_all, run_cli, wait_until
+from conftest import LOOPBACK, ChildProcess, connect, http, recv_all, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,20 +53,6 @@ def free_port():
                 continue
             return port
     raise AssertionError("no free port found")
-
-
-def http_get(port, path="/", timeout=30.0):
-    """HTTP/1.0 GET on a gevent socket, so the in-process backend keeps running meanwhile."""
-    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
-    try:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {LOOPBACK}\r\n\r\n".encode())
-        raw = recv_all(s, timeout)
-    finally:
-        s.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split(" ", 2)[1]), headers, body
 
 
 def slow_reply(conn):
@@ -188,7 +174,7 @@ def test_gunicorn_four_workers_share_one_lock(make_backend, gunicorn):
         status, headers, body = r.value
         assert status == 200, body
         assert body == f"answer to GET /req/{i}\n".encode()
-    pids = {r.value[1]["X-Worker-Pid"] for r in requests}
+    pids = {r.value[1]["x-worker-pid"] for r in requests}
     assert len(pids) >= 2 and pids <= {str(p) for p in g.workers}, pids
 
     # Every request reached the backend, from several workers, never two at once.
@@ -210,7 +196,7 @@ def test_gunicorn_four_workers_share_one_lock(make_backend, gunicorn):
 
 def fire(port, n):
     """n HTTP requests at once; all must get an answer."""
-    requests = [gevent.spawn(http_get, port, f"/req/{i}") for i in range(n)]
+    requests = [gevent.spawn(http, port, "GET", f"/req/{i}", timeout=30) for i in range(n)]
     gevent.joinall(requests, timeout=60, raise_error=True)
     assert all(r.ready() for r in requests)
     return requests
@@ -243,7 +229,7 @@ def test_gunicorn_one_lock_per_worker_is_the_trap(make_backend, gunicorn, tmp_pa
     g.wait_booted()
     requests = fire(g.port, 20)
     assert all(r.value[0] == 200 for r in requests)
-    pids = {r.value[1]["X-Worker-Pid"] for r in requests}
+    pids = {r.value[1]["x-worker-pid"] for r in requests}
     assert len(pids) >= 2, pids
     # Several workers, several locks: the backend had more than one client at once.
     assert backend.most >= 2, backend.most
@@ -282,7 +268,7 @@ def test_gunicorn_killed_leaves_no_tcplock_behind(make_backend, gunicorn):
         {"APP_BACKEND": f"{LOOPBACK}:{backend.server_port}", "APP_LOCK_PORT": str(lock_port)}
     )
     g.wait_booted()
-    assert http_get(g.port, "/x")[0] == 200
+    assert http(g.port, "GET", "/x", timeout=30)[0] == 200
     # A master that dies without running on_exit: tcplock follows it (parent-death signal).
     g.proc.kill()
     g.wait(timeout=30)

@@ -11,26 +11,12 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 
-from conftest import LOOPBACK, ChildProcess, recv_all, wait_until
+from conftest import LOOPBACK, ChildProcess, http, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "embed_gevent.py"
-
-
-def http_get(port, path="/", timeout=5.0):
-    """A plain HTTP/1.0 GET on a gevent socket (the test process is not monkey-patched, and
-    its event loop must keep running the in-process backend meanwhile)."""
-    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
-    try:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {LOOPBACK}\r\n\r\n".encode())
-        raw = recv_all(s, timeout)
-    finally:
-        s.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, body
 
 
 class Example(ChildProcess):
@@ -58,7 +44,7 @@ class Example(ChildProcess):
         assert self.lock_port, "the example did not start:\n" + self.output()
 
     def status(self):
-        code, body = http_get(self.http_port, "/status.json")
+        code, _, body = http(self.http_port, "GET", "/status.json")
         assert code == 200, body
         return json.loads(body)
 
@@ -103,7 +89,7 @@ def test_embedded_lock_serialises_and_shows_its_queue(make_backend, example):
     status = ex.status()
     assert len(status["active"]) == 1
     assert backend.current == 1
-    _, page = http_get(ex.http_port, "/")
+    _, _, page = http(ex.http_port, "GET", "/")
     assert b'queued: <b id="queued">2</b>' in page and b'active: <b id="active">1</b>' in page
 
     # Each release lets exactly the next one in; the backend never has two at once.
