@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["tcplock", "tcplock.*"]),
-    python_requires=">=3.8",
+    python_requires=">=3.9",
     install_requires=["gevent>=22.10", "ConfigArgParse>=1.5", "prometheus_client>=0.16"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "gunicorn>=21"],
