@@ -543,7 +543,7 @@ class TCPLock(StreamServer):
         conn.activation = self.activations
         conn.activated_at = time.monotonic()
         self._active[conn] = None
-        while self._restart_reason is not None:
+        while self._restart_reason is not None and not self._stopping:
             # Granted just before a restart was called for: the restart comes first.
             if self._last_holder():
                 self._restart(conn)
@@ -867,6 +867,7 @@ class TCPLock(StreamServer):
         if timeout is None:
             timeout = self.drain_timeout
         self._stopping = True
+        self._restart_done.set()  # connections parked for a restart: none is coming now
         if not self.closed:
             self.close()
         self.gate.cancel_all("shutdown")

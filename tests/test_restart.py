@@ -368,3 +368,30 @@ def test_connection_counts_as_active_while_its_on_timeout_hook_runs(make_backend
     wait_until(lambda: seen, what="the on_timeout hook")
     assert seen == [1]
     c.close()
+
+
+def test_stop_wakes_a_connection_parked_for_a_restart(make_backend, make_lock, conn_log):
+    backend = make_backend("echo")
+    calls = []
+    lock = make_lock(backend, slots=3, restart=calls.append, restart_every=2, drain_timeout=10)
+    # Three clients accepted in the same turn of the loop: the second activation calls for a
+    # restart, and the third, already granted, parks until the restart is done.
+    clients = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((LOOPBACK, lock.server_port))
+        clients.append(s)
+    wait_until(lambda: lock._parked == 1, what="a connection to park")
+    stopper = gevent.spawn(lock.stop)
+    gevent.sleep(0.1)
+    for s in clients:
+        try:
+            s.shutdown(socket.SHUT_WR)  # the two active ones finish
+        except OSError:
+            pass  # the parked one may have been cut already
+    stopper.join(timeout=3)
+    assert stopper.ready(), "stop() waited out the drain time for a parked connection"
+    assert calls == [] and lock.gate.held == 0 and not lock.connections
+    for s in clients:
+        s.close()
