@@ -165,7 +165,7 @@ class _Direction:
         if self.pipe is not None:
             return self._splice_out()
         self._write()
-        if self.size == 0 and not self.relay.finished:
+        if self.size == 0:
             self.on_write.stop()
             self.on_read.start(self.readable)
 
@@ -210,7 +210,7 @@ class _Direction:
                 return self._fail(self.dst_side, e)
             self._count(m)
             self.size -= m
-        if not self.on_read.active and not self.relay.finished:
+        if not self.on_read.active:
             self.on_write.stop()
             self.on_read.start(self.readable)
 
@@ -250,8 +250,6 @@ class Relay:
         #: True once the backend side has been seen to finish (EOF or drained): the caller may
         #: close it gracefully. False means the caller should abort it.
         self.backend_finished = False
-        #: Set when run() is over: no watcher may be restarted.
-        self.finished = False
         self.failure: _Failure = None
         self._changed = Event()
         self._up: Optional[_Direction] = None
@@ -336,7 +334,6 @@ class Relay:
             self.backend_finished = self._finish_backend(up, down, finish_timeout)
             return "client-reset"
         finally:
-            self.finished = True
             self._stop_timer()
             for d in (up, down):
                 if d is not None:

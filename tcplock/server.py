@@ -129,7 +129,6 @@ class Connection:
         "watch",
         "timer",
         "running",
-        "woken",
     )
 
     def __init__(self, lock: TCPLock, sock, client: Tuple, number: int) -> None:
@@ -147,7 +146,6 @@ class Connection:
         self.ticket: Optional[Ticket] = None
         self.watch = None
         self.timer = None
-        self.woken = partial(lock._woken, self)
         #: Which activation this was (1 for the first client let through), or None if queued.
         self.activation: Optional[int] = None
         self.queued_at = time.monotonic()
@@ -465,7 +463,7 @@ class TCPLock(StreamServer):
             and self.gate.would_wait()
         ):
             return self._end(conn, False, "queue-full")
-        ticket = conn.ticket = Ticket(conn.woken)
+        ticket = conn.ticket = Ticket(partial(self._woken, conn))
         if self.gate.enqueue(ticket):
             self._spawn(conn)
             return None
