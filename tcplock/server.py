@@ -2,7 +2,7 @@
 
 What it owns: the life of each client connection — admit, queue, activate (hooks), connect the
 backend, relay, end — and the graceful stop. The rule it keeps: every connection ends in exactly
-one place (the ``finally`` of :meth:`TCPLock.handle`), which closes both sockets, runs the
+one place (:meth:`TCPLock._end`), which closes both sockets, runs the
 TTL hook if the lifetime was cut, releases the slot if one was held, and writes the one log line
 that says how the connection ended.
 """
@@ -315,6 +315,8 @@ class TCPLock(StreamServer):
         self._active: Dict[Connection, None] = {}
         self._idle = Event()
         self._idle.set()
+        #: Greenlets that finished a connection and wait to serve the next (see _work).
+        self._workers: List[Greenlet] = []
         self._numbers = 0
         self._stopping = False
         self._addrinfo: Optional[list] = None
@@ -516,7 +518,36 @@ class TCPLock(StreamServer):
             self._end(conn, False, ticket.cancelled or "queue-timeout")
 
     def _spawn(self, conn: Connection) -> None:
-        conn.greenlet = Greenlet.spawn(self._serve, conn)
+        if self._workers:
+            worker = self._workers.pop()
+            conn.greenlet = worker
+            self.loop.run_callback(worker.switch, conn)
+        else:
+            conn.greenlet = Greenlet.spawn(self._work, conn)
+
+    def _work(self, conn: Connection) -> None:
+        """A greenlet that serves granted connections one after another.
+
+        A new greenlet per hand-off would cost its creation and a fresh interpreter stack for
+        every connection; a finished one instead waits here, at most one per slot, to be handed
+        the next connection by _spawn.
+        """
+        me = gevent.getcurrent()
+        hub = gevent.get_hub()
+        while True:
+            self._serve(conn)
+            if self._stopping or len(self._workers) >= self.slots:
+                return
+            self._workers.append(me)
+            try:
+                conn = hub.switch()
+                while not isinstance(conn, Connection):  # pragma: no cover - a stray wake-up
+                    conn = hub.switch()
+            except BaseException:
+                # Killed while idle (stop(), or the greenlet collected): nothing to clean up.
+                if me in self._workers:
+                    self._workers.remove(me)
+                return
 
     def _serve(self, conn: Connection) -> None:
         """The greenlet of a client that holds a slot, from the grant to the end."""
@@ -877,6 +908,9 @@ class TCPLock(StreamServer):
                 if conn.running and conn.greenlet is not None:
                     conn.greenlet.kill(_Shutdown, block=False)
             self._idle.wait(5)
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.kill(block=False)
 
 
 # Keepalive: a peer whose host vanished is noticed after about a minute of silence, not the

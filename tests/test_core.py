@@ -766,3 +766,26 @@ def test_waiting_client_that_sent_data_then_resets_leaves_the_queue(
     a.close()
     gevent.sleep(0.1)
     assert activations == [1] and backend.count == 1
+
+
+def test_finished_greenlets_serve_the_next_connections_and_stop_ends_them(
+    make_backend, make_lock, conn_log
+):
+    backend = make_backend("echo")
+    lock = make_lock(backend, slots=2)
+    servers = []
+    for i in range(6):
+        c = connect(lock.server_port)
+        c.sendall(b"x")
+        assert recv_exactly(c, 1) == b"x"
+        servers.append(next(iter(lock.active)).greenlet)
+        c.close()
+        assert conn_log.next_end()["end"] == "closed"
+        wait_until(lambda: not lock.active, what="slot released")
+    # A hand-off reuses a finished greenlet: at most one per slot waits, never one per client.
+    assert len(set(servers)) <= 2
+    assert 1 <= len(lock._workers) <= 2
+    idle = list(lock._workers)
+    lock.stop(timeout=1)
+    assert lock._workers == []
+    wait_until(lambda: all(w.dead for w in idle), what="idle greenlets ended")
