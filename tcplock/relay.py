@@ -90,8 +90,12 @@ class _Direction:
         self.on_write.stop()
 
     def close(self) -> None:
+        # Closed watchers still hold their callbacks (bound methods of this object): drop
+        # them, so that a finished relay is freed by reference counting, not the cycle
+        # collector.
         self.on_read.close()
         self.on_write.close()
+        self.on_read = self.on_write = self.relay = None
         if self.view is not None:
             if len(_BUFFERS) < _KEEP_BUFFERS:
                 _BUFFERS.append((self.buf, self.view))
@@ -339,6 +343,7 @@ class Relay:
                 if d is not None:
                     d.stop()
                     d.close()
+            self._up = self._down = None
 
     def _finish_backend(self, up: _Direction, down: _Direction, finish_timeout) -> bool:
         """The client is gone: half-close toward the backend and let it finish, discarding what

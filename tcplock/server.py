@@ -657,6 +657,7 @@ class TCPLock(StreamServer):
                     self._active.pop(conn, None)
                     self.gate.release()
                 self._connections.pop(conn, None)
+                conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
                 if not self._connections:
                     self._idle.set()
 
