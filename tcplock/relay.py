@@ -64,7 +64,7 @@ class _Direction:
 
     __slots__ = (
         "relay", "src", "dst", "src_side", "dst_side", "attr", "counter", "on_read",
-        "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done",
+        "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done", "other",
     )  # fmt: skip
 
     def __init__(self, relay, src, dst, attr, src_side, dst_side) -> None:
@@ -75,27 +75,30 @@ class _Direction:
         self.attr = attr
         self.counter = relay.counter
         self.on_read = loop.io(src.fileno(), 1)
-        self.on_write = loop.io(dst.fileno(), 2)
+        self.on_write = None  # made when the destination first fills up (rarely, for replies)
         self.buf, self.view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
         self.sent = self.size = 0
         self.pipe: Optional[Tuple[int, int]] = None
         self.discard = False
         self.done = False
+        self.other: Optional[_Direction] = None  # the opposite direction
 
     def start(self) -> None:
         self.on_read.start(self.readable)
 
     def stop(self) -> None:
         self.on_read.stop()
-        self.on_write.stop()
+        if self.on_write is not None:
+            self.on_write.stop()
 
     def close(self) -> None:
         # Closed watchers still hold their callbacks (bound methods of this object): drop
         # them, so that a finished relay is freed by reference counting, not the cycle
         # collector.
         self.on_read.close()
-        self.on_write.close()
-        self.on_read = self.on_write = self.relay = None
+        if self.on_write is not None:
+            self.on_write.close()
+        self.on_read = self.on_write = self.relay = self.other = None
         if self.view is not None:
             if len(_BUFFERS) < _KEEP_BUFFERS:
                 _BUFFERS.append((self.buf, self.view))
@@ -116,7 +119,9 @@ class _Direction:
     def _eof(self) -> None:
         self.on_read.stop()
         self.done = True
-        if not self.discard:
+        # Pass the EOF on, unless the other way is done too: then both sockets are closed at
+        # once, which sends the same FIN without a system call of its own.
+        if not self.discard and not self.other.done:
             try:
                 self.dst.shutdown(socket.SHUT_WR)
             except OSError as e:
@@ -160,10 +165,16 @@ class _Direction:
         self.sent += m
         if self.sent < self.size:
             if self.on_read.active:
-                self.on_read.stop()
-                self.on_write.start(self.writable)
+                self._wait_for_room()
             return
         self.sent = self.size = 0
+
+    def _wait_for_room(self) -> None:
+        # Stop reading the source until the destination has taken the chunk in flight.
+        self.on_read.stop()
+        if self.on_write is None:
+            self.on_write = self.relay.loop.io(self.dst.fileno(), 2)
+        self.on_write.start(self.writable)
 
     def writable(self) -> None:
         if self.pipe is not None:
@@ -198,8 +209,7 @@ class _Direction:
         self.size = n
         self._splice_out()
         if self.size and self.on_read.active:
-            self.on_read.stop()
-            self.on_write.start(self.writable)
+            self._wait_for_room()
 
     def _splice_out(self) -> None:
         if self.discard:
@@ -214,7 +224,7 @@ class _Direction:
                 return self._fail(self.dst_side, e)
             self._count(m)
             self.size -= m
-        if not self.on_read.active:
+        if not self.on_read.active and self.on_write is not None:
             self.on_write.stop()
             self.on_read.start(self.readable)
 
@@ -228,7 +238,8 @@ class _Direction:
     def sink(self) -> None:
         """Discard from now on: drop what is pending and keep reading the source to its EOF."""
         self.discard = True
-        self.on_write.stop()
+        if self.on_write is not None:
+            self.on_write.stop()
         if self.pipe is not None:
             self._drain_pipe()
         self.sent = self.size = 0
@@ -321,6 +332,7 @@ class Relay:
             down = self._down = _Direction(
                 self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
             )
+            up.other, down.other = down, up
             up.start()
             down.start()
             # The client has usually sent its request already: pass it on now rather than one
