@@ -56,6 +56,8 @@ _ABORT_CLIENT = frozenset({"backend-reset", "ttl", "shutdown", "error"})
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+# Where the platform has it, a backend socket is made non-blocking by socket() itself.
+_NONBLOCK = getattr(_socket, "SOCK_NONBLOCK", 0)
 
 # accept() errors that mean "no descriptors or memory right now": back off and keep serving.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -866,14 +868,17 @@ class TCPLock(StreamServer):
         for family, type_, proto, _name, sockaddr in addrs:
             # A plain non-blocking socket, like the client's: the relay drives both from the
             # event loop.
-            s = _socket.socket(family, type_, proto)
+            s = _socket.socket(family, type_ | _NONBLOCK, proto)
             try:
-                s.setblocking(False)
+                if not _NONBLOCK:
+                    s.setblocking(False)
                 err = s.connect_ex(sockaddr)
                 if err in _IN_PROGRESS:
-                    if not _connected(s):
+                    if _connected(s):
+                        err = 0
+                    else:
                         wait_write(s.fileno(), timeout)
-                    err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+                        err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
                 s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
