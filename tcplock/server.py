@@ -471,7 +471,18 @@ class TCPLock(StreamServer):
         if self.gate.enqueue(ticket):
             self._spawn(conn)
             return None
-        conn.watch = _watch_departure(sock, ticket)
+        # Most clients have sent their request by the time they are accepted: one look now
+        # spares them the departure watch (the sweep looks after them, as after any client
+        # that sent data).
+        try:
+            first = sock.recv(1, _stdsocket.MSG_PEEK)
+        except BlockingIOError:
+            conn.watch = _watch_departure(sock, ticket)
+        except OSError:
+            return ticket.cancel("left-queue")
+        else:
+            if not first:
+                return ticket.cancel("left-queue")
         if self.queue_timeout is not None:
             conn.timer = self.loop.timer(self.queue_timeout)
             conn.timer.start(ticket.cancel, "queue-timeout")
@@ -495,7 +506,11 @@ class TCPLock(StreamServer):
         longer watched for readiness (its data keeps the socket readable), so look for a reset
         here. One that merely closed its sending side keeps its place, as it should."""
         for conn in list(self._connections):
-            if conn.greenlet is None and conn.watch is not None and not conn.watch.active:
+            if (
+                conn.greenlet is None
+                and conn.ticket is not None
+                and (conn.watch is None or not conn.watch.active)
+            ):
                 try:
                     gone = conn.sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_ERROR)
                 except OSError:

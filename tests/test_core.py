@@ -228,6 +228,39 @@ def test_queued_client_with_data_then_eof_stays_and_gets_its_answer(make_backend
     assert recv_all(b) == b"got:request from b"
 
 
+@pytest.mark.parametrize("how", ["close", "reset", "data then close"])
+def test_client_that_acted_before_it_was_accepted_is_judged_at_once(
+    make_backend, make_lock, conn_log, how
+):
+    # Accepting is paused, so the client's handshake completes in the kernel's backlog and
+    # whatever it does next is already there when tcplock first sees it.
+    backend = make_backend("reply_at_eof")
+    lock = make_lock(backend)
+    a = connect(lock.server_port)
+    a.sendall(b"first")
+    backend.next_conn()
+    lock.stop_accepting()
+    b = connect(lock.server_port)
+    if how == "reset":
+        reset(b)
+    else:
+        if how == "data then close":
+            b.sendall(b"request from b")
+        b.shutdown(socket.SHUT_WR)
+    lock.start_accepting()  # (on loopback, the packets were delivered within the calls above)
+    if how == "data then close":
+        queued(lock, 1)
+        a.shutdown(socket.SHUT_WR)
+        assert recv_all(a) == b"got:first"
+        assert recv_all(b) == b"got:request from b"
+        assert backend.current <= 1
+    else:
+        assert conn_log.next_end()["end"] == "left-queue"
+        assert lock.queued == 0
+        assert len(backend.conns) == 1
+        a.close()
+
+
 # -- 4. TTL ----------------------------------------------------------------------------------
 
 
