@@ -485,6 +485,41 @@ class TextFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
         return f"{self._stamp},{int(record.msecs):03d}"
 
+    def format(self, record: logging.LogRecord) -> str:
+        # What logging.Formatter.format does for this fixed layout, without its generic steps.
+        record.message = record.getMessage()
+        line = f"{self.formatTime(record)} {record.levelname} {record.message}"
+        if record.exc_info or record.exc_text or record.stack_info:
+            record.asctime = self.formatTime(record)
+            return super().format(record)
+        return line
+
+
+class LineHandler(logging.StreamHandler):
+    """A StreamHandler without its lock.
+
+    The CLI logs from one thread, the event loop's, and a line is written without yielding, so
+    lines cannot interleave. Under gevent's monkey-patching the handler's lock is a
+    Python-level RLock, and taking it twice per line (emit and flush) cost more than writing
+    the line.
+    """
+
+    def createLock(self) -> None:
+        self.lock = None
+
+    def handle(self, record: logging.LogRecord):
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):  # Python 3.12+: a filter may return a record
+            record = rv
+        if rv:
+            self.emit(record)
+        return rv
+
+    def flush(self) -> None:
+        stream = self.stream
+        if stream is not None and hasattr(stream, "flush"):
+            stream.flush()
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line. A connection's line carries its fields as such
@@ -527,7 +562,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:

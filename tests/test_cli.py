@@ -1,6 +1,7 @@
 """The ``tcplock`` command end to end, as a subprocess: options, config file, environment,
 precedence, bad input, bind failures, signals, command hooks and the demo."""
 
+import re
 import signal
 import socket as _stdsocket
 
@@ -298,3 +299,35 @@ def test_text_log_lines_carry_date_time_and_milliseconds():
     pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO hello x")
     assert all(pattern.fullmatch(line) for line in lines), lines
     assert [line[17:23] for line in lines] == ["00,123", "00,987", "01,500"]
+
+
+def test_cli_log_handler_writes_plain_lines_tracebacks_and_honours_filters():
+    import io
+    import logging
+
+    from tcplock.cli import LineHandler, TextFormatter
+
+    out = io.StringIO()
+    handler = LineHandler(out)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("tcplock.test-handler")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.warning("plain %d", 1)
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            logger.exception("failed %s", "here")
+        handler.addFilter(lambda record: "secret" not in record.getMessage())
+        logger.warning("a secret line")
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING plain 1", lines[0])
+    assert lines[1].endswith(" ERROR failed here")
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-2] == "ZeroDivisionError: boom"
+    assert lines[-1].endswith(" WARNING after")
+    assert not any("secret" in line for line in lines)
