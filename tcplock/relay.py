@@ -130,12 +130,12 @@ class _Direction:
 
     # -- plain copying through the buffer --------------------------------------------------------
 
-    def readable(self) -> None:
+    def readable(self, reads: int = 2) -> None:
         if self.pipe is not None:
             return self._splice_in()
         # Two reads at most per call: a reply and the end of stream often arrive together,
         # and seeing the EOF now saves a turn of the event loop; more would starve others.
-        for _ in range(2):
+        for _ in range(reads):
             try:
                 n = self.src.recv_into(self.buf)
             except BlockingIOError:
@@ -336,8 +336,8 @@ class Relay:
             up.start()
             down.start()
             # The client has usually sent its request already: pass it on now rather than one
-            # turn of the event loop later.
-            up.readable()
+            # turn of the event loop later. One read: a request seldom comes with its EOF.
+            up.readable(1)
             while self.failure is None and not (up.done and down.done) and not self._expired:
                 self._wait()
             self._stop_timer()
