@@ -319,6 +319,10 @@ class TCPLock(StreamServer):
         self._idle.set()
         #: Greenlets that finished a connection and wait to serve the next (see _work).
         self._workers: List[Greenlet] = []
+        # Set while a connection's greenlet releases its slot, and the connection that the
+        # release granted, which that greenlet then serves itself (see _spawn).
+        self._releasing: Optional[Greenlet] = None
+        self._handed: Optional[Connection] = None
         self._numbers = 0
         self._stopping = False
         self._addrinfo: Optional[list] = None
@@ -535,6 +539,12 @@ class TCPLock(StreamServer):
             self._end(conn, False, ticket.cancelled or "queue-timeout")
 
     def _spawn(self, conn: Connection) -> None:
+        if self._releasing is not None and self._handed is None:
+            # The slot was released by a finishing connection's greenlet: it serves this one
+            # next, straight away, instead of waking another through the event loop.
+            conn.greenlet = self._releasing
+            self._handed = conn
+            return
         if self._workers:
             worker = self._workers.pop()
             conn.greenlet = worker
@@ -553,6 +563,9 @@ class TCPLock(StreamServer):
         hub = gevent.get_hub()
         while True:
             self._serve(conn)
+            if self._handed is not None:
+                conn, self._handed = self._handed, None
+                continue
             if self._stopping or len(self._workers) >= self.slots:
                 return
             self._workers.append(me)
@@ -672,7 +685,11 @@ class TCPLock(StreamServer):
             finally:
                 if held:
                     self._active.pop(conn, None)
-                    self.gate.release()
+                    self._releasing = gevent.getcurrent()
+                    try:
+                        self.gate.release()
+                    finally:
+                        self._releasing = None
                 self._connections.pop(conn, None)
                 conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
                 if not self._connections:
