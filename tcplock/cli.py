@@ -252,7 +252,17 @@ def build_parser() -> configargparse.ArgumentParser:
         metavar="DURATION",
         type=_duration(allow_zero=True),
         default=10.0,
-        help="how long one side may go on after the other has finished or reset (default: 10s)",
+        help="how long the backend may go on after the client reset; what it sends is "
+        "discarded (default: 10s)",
+    )
+    add(
+        "--client-finish-timeout",
+        metavar="DURATION",
+        type=_duration(allow_zero=True),
+        default=10.0,
+        help="how long the client may keep its side open after the backend closed; 0 passes "
+        "the slot on as soon as the backend closes, for backends that never half-close to "
+        "go on reading (default: 10s)",
     )
     add(
         "--on-activate",
@@ -622,6 +632,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         allow=args.allow,
         connect_timeout=args.connect_timeout,
         finish_timeout=args.finish_timeout,
+        client_finish_timeout=args.client_finish_timeout,
         hook_timeout=args.hook_timeout,
         drain_timeout=args.drain_timeout,
         on_activate=hooks["on_activate"],

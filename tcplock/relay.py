@@ -269,7 +269,7 @@ class Relay:
         self._changed = Event()
         self._up: Optional[_Direction] = None
         self._down: Optional[_Direction] = None
-        self._finish_timeout: Optional[float] = None
+        self._client_finish_timeout: Optional[float] = None
         self._timer = None
         self._expired = False
         self._finishing = False
@@ -284,8 +284,11 @@ class Relay:
         elif self._timer is None:
             if down.done:
                 # The backend has finished; the client gets a bounded time to finish too.
-                if self._finish_timeout is not None:
-                    self._timer = self.loop.timer(self._finish_timeout)
+                limit = self._client_finish_timeout
+                if limit == 0:
+                    self._expire()
+                elif limit is not None:
+                    self._timer = self.loop.timer(limit)
                     self._timer.start(self._expire)
             elif up.done:
                 # The client has finished sending; the backend may take as long as it needs
@@ -318,14 +321,18 @@ class Relay:
         self._changed.wait()
         self._changed.clear()
 
-    def run(self, finish_timeout: Optional[float]) -> str:
+    def run(
+        self, finish_timeout: Optional[float], client_finish_timeout: Optional[float]
+    ) -> str:
         """Relay until both directions are done; return the end reason.
 
-        ``finish_timeout`` bounds the two waits that depend on a peer that has nothing left to
-        say: how long the backend may keep talking after the client reset (its reply is
-        discarded), and how long the client may keep its side open after the backend closed.
+        Two limits bound the waits that depend on a peer the other side is done with:
+        ``finish_timeout``, how long the backend may keep talking after the client reset (its
+        reply is discarded), and ``client_finish_timeout``, how long the client may keep its
+        side open after the backend closed (0: not at all; the exchange ends as ``closed``).
+        None is no limit.
         """
-        self._finish_timeout = finish_timeout
+        self._client_finish_timeout = client_finish_timeout
         up = down = None
         try:
             up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)

@@ -237,6 +237,7 @@ class TCPLock(StreamServer):
         max_queue: Optional[int] = None,
         connect_timeout: float = 5.0,
         finish_timeout: float = 10.0,
+        client_finish_timeout: float = 10.0,
         hook_timeout: Optional[float] = 60.0,
         drain_timeout: float = 10.0,
         on_activate: Optional[Hook] = None,
@@ -256,6 +257,12 @@ class TCPLock(StreamServer):
         ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, or None for no limit")
+        for name, value in (
+            ("finish_timeout", finish_timeout),
+            ("client_finish_timeout", client_finish_timeout),
+        ):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be 0 or more, or None for no limit")
         if restart_every is not None and restart_every < 1:
             raise ValueError("restart_every must be at least 1, or None")
         if (restart_every or restart_on_timeout) and restart is None:
@@ -272,9 +279,13 @@ class TCPLock(StreamServer):
         self.queue_timeout = queue_timeout
         self.max_queue = max_queue
         self.connect_timeout = connect_timeout
-        #: How long a peer may keep going once the other side has finished: the backend after
-        #: the client reset (its output is discarded), the client after the backend closed.
+        #: How long the backend may keep going after the client reset (its output is
+        #: discarded) before the slot passes on.
         self.finish_timeout = finish_timeout
+        #: How long the client may keep its side open after the backend closed before the slot
+        #: passes on. 0 passes it on as soon as the backend has closed (and its last bytes
+        #: were delivered): only for backends that never half-close to go on reading.
+        self.client_finish_timeout = client_finish_timeout
         self.hook_timeout = hook_timeout
         self.drain_timeout = drain_timeout
         self.on_activate = on_activate
@@ -634,7 +645,7 @@ class TCPLock(StreamServer):
         try:
             if ttl is not None:
                 ttl.start()
-            return relay.run(self.finish_timeout)
+            return relay.run(self.finish_timeout, self.client_finish_timeout)
         except gevent.Timeout as t:
             if t is not ttl:
                 raise

@@ -187,6 +187,7 @@ def make_lock():
         # Test clients rarely close on their own once the backend has finished; a short finish
         # time frees the slot for the next client without each test closing every client.
         kw.setdefault("finish_timeout", 0.05)
+        kw.setdefault("client_finish_timeout", kw["finish_timeout"])
         lock = TCPLock((LOOPBACK, 0), (LOOPBACK, port), **kw)
         lock.start()
         locks.append(lock)

@@ -335,12 +335,6 @@ def test_client_half_close_still_gets_reply(make_backend, make_lock, conn_log):
 
 
 def test_backend_half_close_lets_client_keep_sending(make_backend, make_lock):
-    def speaks_first(conn):
-        conn.sock.sendall(b"banner")
-        conn.sock.shutdown(socket.SHUT_WR)
-        while conn.sock.recv(65536) and not conn.received.endswith(b"."):
-            pass
-
     def reader(conn):
         conn.sock.sendall(b"banner")
         conn.sock.shutdown(socket.SHUT_WR)
@@ -360,6 +354,39 @@ def test_backend_half_close_lets_client_keep_sending(make_backend, make_lock):
     conn = backend.next_conn()
     assert conn.eof.wait(5)
     assert bytes(conn.received) == b"still talking"
+
+
+@pytest.mark.parametrize("client_finish_timeout", [0, 10])
+def test_client_finish_timeout_decides_whether_a_lingering_client_keeps_the_slot(
+    make_backend, make_lock, conn_log, client_finish_timeout
+):
+    # The backend answers and closes; the first client reads the answer and its EOF but keeps
+    # its own side open.
+    def answer_and_close(conn):
+        conn.sock.sendall(b"answer %d" % conn.number)
+        conn.sock.close()
+
+    backend = make_backend(answer_and_close)
+    lock = make_lock(
+        backend, finish_timeout=10, client_finish_timeout=client_finish_timeout
+    )
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    assert recv_all(a) == b"answer 1"
+    if client_finish_timeout == 0:
+        # The slot passed on as the backend closed: b is served while a is still open.
+        assert recv_all(b) == b"answer 2"
+        assert conn_log.next_end()["end"] == "closed"
+    else:
+        queued(lock, 1)
+        gevent.sleep(0.2)
+        assert lock.queued == 1 and backend.count == 1  # a still holds the slot
+        a.close()
+        assert conn_log.next_end()["end"] == "closed"
+        assert recv_all(b) == b"answer 2"
+    a.close()
+    b.close()
 
 
 def test_backend_reset_ends_client_connection_at_once(make_backend, make_lock, conn_log):
@@ -753,7 +780,14 @@ def test_library_reports_queue_and_active(make_backend, make_lock):
 
 
 def test_invalid_library_arguments_are_rejected():
-    for kw in ({"slots": 0}, {"timeout": 0}, {"max_queue": -1}, {"queue_timeout": -1}):
+    for kw in (
+        {"slots": 0},
+        {"timeout": 0},
+        {"max_queue": -1},
+        {"queue_timeout": -1},
+        {"finish_timeout": -1},
+        {"client_finish_timeout": -0.5},
+    ):
         with pytest.raises(ValueError):
             TCPLock((LOOPBACK, 0), (LOOPBACK, 1), **kw)
 

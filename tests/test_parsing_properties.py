@@ -83,7 +83,8 @@ def test_the_rules_read_from_the_parser_are_those_of_cli_py():
     for name in ("timeout", "queue_timeout", "hook_timeout", "ready_timeout"):
         assert DURATIONS[name] == off_nonzero, name
     assert DURATIONS["connect_timeout"] == nonzero
-    assert DURATIONS["finish_timeout"] == DURATIONS["drain_timeout"] == zero_ok
+    for name in ("finish_timeout", "client_finish_timeout", "drain_timeout"):
+        assert DURATIONS[name] == zero_ok, name
     assert COUNTS["slots"] == COUNTS["restart_every"] == 1 and COUNTS["max_queue"] == 0
     assert "listen" in ADDRESSES
     assert CHOICES["log_level"] == {"debug", "info", "warning", "error"}
