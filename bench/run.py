@@ -10,7 +10,9 @@ tcplock from this checkout with pip), starts every server on 127.0.0.1 only, and
   hand-off  wrk -t1 -c20 -H 'Connection: close' against nginx's short reply: every request is a
             new connection, so through a 1-slot peer every request is a hand-off of the slot.
             req/s, higher is better.  Peers: direct, haproxy-mc1 (server maxconn 1),
-            tcplock (--slots 1), tcplock-quiet (--slots 1 --log-level warning).
+            tcplock (--slots 1), tcplock-quiet (--slots 1 --log-level warning), and
+            tcplock-cft0 (--slots 1 --client-finish-timeout 0: the slot passes on as the
+            backend closes, as haproxy's does, instead of when the client has closed too).
   bulk      one iperf3 TCP stream.  Gbit/s, higher is better.  Peers: direct, haproxy (default
             config: no maxconn), tcplock and tcplock-quiet with --slots 2 (iperf3 opens a control
             and a data connection).
@@ -539,7 +541,7 @@ backend be
 
 
 def start_tcplock(
-    P: Procs, tag: str, backend: int, slots: int, quiet: bool, cpus: str | None
+    P: Procs, tag: str, backend: int, slots: int, extra: list[str], cpus: str | None
 ) -> tuple[int, subprocess.Popen]:
     port = free_port()
     argv = [
@@ -555,9 +557,7 @@ def start_tcplock(
         "--slots",
         str(slots),
     ]
-    if quiet:
-        argv += ["--log-level", "warning"]
-    return port, P.start(tag, argv, cpus, cwd=REPO, env=tcplock_env())
+    return port, P.start(tag, argv + extra, cpus, cwd=REPO, env=tcplock_env())
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,7 +677,7 @@ def measure_queue(P: Procs, a, rnd: int) -> dict:
     holder = None
     try:
         wait_port(bport, backend, "queue backend", P.log_of(backend))
-        lport, tl = start_tcplock(P, f"tcplock-queue-r{rnd}", bport, 1, False, None)
+        lport, tl = start_tcplock(P, f"tcplock-queue-r{rnd}", bport, 1, [], None)
         procs.append(tl)
         wait_port(lport, tl, "tcplock (queue)", P.log_of(tl))
         pid = tl.pid
@@ -832,8 +832,11 @@ def setup_peers(P: Procs, figures: list[str]) -> dict[str, list[tuple[str, int]]
         hp, hproc = start_haproxy(P, fig, bport, not bulk, cpus)
         peers.append(("haproxy" if bulk else "haproxy-mc1", hp))
         waits.append((hp, hproc, f"{fig} haproxy"))
-        for name, quiet in (("tcplock", False), ("tcplock-quiet", True)):
-            tp, tproc = start_tcplock(P, f"{name}-{fig}", bport, 2 if bulk else 1, quiet, cpus)
+        variants = [("tcplock", []), ("tcplock-quiet", ["--log-level", "warning"])]
+        if fig == "hand-off":
+            variants.append(("tcplock-cft0", ["--client-finish-timeout", "0"]))
+        for name, extra in variants:
+            tp, tproc = start_tcplock(P, f"{name}-{fig}", bport, 2 if bulk else 1, extra, cpus)
             peers.append((name, tp))
             waits.append((tp, tproc, f"{fig} {name}"))
         peers_of[fig] = peers
@@ -1129,9 +1132,12 @@ def print_table(rows, notes, a, elapsed) -> None:
 
 def print_targets(rows) -> int:
     """The issue's targets, for tcplock as shipped (INFO logging) and with --log-level warning."""
-    say("\ntargets (tcplock = default logging; tcplock-quiet = --log-level warning):")
+    say(
+        "\ntargets (tcplock = as shipped; tcplock-quiet = --log-level warning; tcplock-cft0 = "
+        "--client-finish-timeout 0):"
+    )
     missed = 0
-    for peer in ("tcplock", "tcplock-quiet"):
+    for peer in ("tcplock", "tcplock-quiet", "tcplock-cft0"):
         for fig, ref, want in TARGETS:
             mine, theirs = median_of(rows, fig, peer), median_of(rows, fig, ref)
             if mine is None or theirs is None:
