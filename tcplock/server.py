@@ -573,7 +573,15 @@ class TCPLock(StreamServer):
         me = gevent.getcurrent()
         hub = gevent.get_hub()
         while True:
-            self._serve(conn)
+            try:
+                self._serve(conn)
+            except BaseException:
+                # Something escaped the connection (a gevent.Timeout a Python hook left
+                # running, say): the client its release let in must still be served.
+                handed, self._handed = self._handed, None
+                if handed is not None:
+                    self._spawn(handed)
+                raise
             if self._handed is not None:
                 conn, self._handed = self._handed, None
                 continue

@@ -884,3 +884,31 @@ def test_finished_connections_are_freed_without_the_cycle_collector(make_backend
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_an_exception_escaping_a_connection_does_not_strand_the_next_client(
+    make_backend, make_lock, conn_log
+):
+    # A Python hook that leaves a gevent.Timeout running: it fires later in the greenlet that
+    # serves the connection, and escapes tcplock's handling (it is a BaseException).
+    leaked = []
+
+    def sloppy_hook(conn):
+        if not leaked:
+            leaked.append(gevent.Timeout(0.3))
+            leaked[0].start()
+
+    backend = make_backend("hold")
+    lock = make_lock(backend, on_activate=sloppy_hook)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    b.sendall(b"b")
+    queued(lock, 1)
+    assert conn_log.next_end()["end"] == "error"  # a was cut by the stray timeout
+    nxt = backend.next_conn()  # and b, let in by a's release, is served
+    wait_until(lambda: nxt.received)
+    assert bytes(nxt.received) == b"b"
+    assert lock.gate.held == 1
+    a.close()
+    b.close()
