@@ -142,7 +142,8 @@ class Connection:
         #: The client socket, and the backend socket once connected (None before and after).
         self.sock = sock
         self.upstream = None
-        #: The greenlet relaying this connection, once it holds a slot.
+        #: The greenlet relaying this connection while it holds a slot (None once it has ended:
+        #: that greenlet goes on to serve other clients).
         self.greenlet: Optional[Greenlet] = None
         self.running = False
         self.ticket: Optional[Ticket] = None
@@ -550,9 +551,16 @@ class TCPLock(StreamServer):
             self._end(conn, False, ticket.cancelled or "queue-timeout")
 
     def _spawn(self, conn: Connection) -> None:
-        if self._releasing is not None and self._handed is None:
+        if (
+            self._releasing is not None
+            and self._handed is None
+            and not self._parked
+            and len(self._active) == self.gate.held - 1
+        ):
             # The slot was released by a finishing connection's greenlet: it serves this one
-            # next, straight away, instead of waking another through the event loop.
+            # next, straight away, instead of waking another through the event loop. Not if
+            # another granted connection has yet to start or is parked for a restart: it was
+            # granted first and must reach the backend first.
             conn.greenlet = self._releasing
             self._handed = conn
             return
@@ -573,8 +581,14 @@ class TCPLock(StreamServer):
         me = gevent.getcurrent()
         hub = gevent.get_hub()
         while True:
+            turned = self.loop.iteration
             try:
                 self._serve(conn)
+                if self._handed is not None and self.loop.iteration == turned:
+                    # That connection ended without waiting for anything (a hook that failed
+                    # at once, say): let the event loop run before the next one, or a queue
+                    # of such clients would be worked through with everything else stalled.
+                    gevent.sleep(0)
             except BaseException:
                 # Something escaped the connection (a gevent.Timeout a Python hook left
                 # running, say): the client its release let in must still be served.
@@ -614,6 +628,7 @@ class TCPLock(StreamServer):
             reason = "error"
         finally:
             self._end(conn, True, reason)
+            conn.greenlet = None  # it goes on to serve other clients
 
     def _use_slot(self, conn: Connection) -> str:
         """With the slot held: hooks, backend connection, relay under the TTL."""

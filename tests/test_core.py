@@ -912,3 +912,63 @@ def test_an_exception_escaping_a_connection_does_not_strand_the_next_client(
     assert lock.gate.held == 1
     a.close()
     b.close()
+
+
+def test_clients_that_end_without_waiting_do_not_stall_the_event_loop(
+    make_backend, make_lock, conn_log
+):
+    # Queued clients whose on_activate fails at once end without waiting for anything; working
+    # through them must still let the event loop run between them.
+    failing = []
+
+    def on_activate(conn):
+        if failing:
+            raise RuntimeError("backend under maintenance")
+
+    backend = make_backend("echo")
+    lock = make_lock(backend, on_activate=on_activate)
+    first = connect(lock.server_port)
+    first.sendall(b"a")
+    assert recv_exactly(first, 1) == b"a"
+    waiting = []
+    for i in range(50):
+        c = connect(lock.server_port)
+        c.sendall(b"q")
+        waiting.append(c)
+    queued(lock, 50)
+    ticks = []
+    failing.append(True)
+
+    def ticker():
+        while True:
+            ticks.append(lock.queued)
+            gevent.sleep(0)
+
+    t = gevent.spawn(ticker)
+    gevent.sleep(0)  # the ticker has run once
+    first.close()
+    wait_until(lambda: lock.queued == 0 and not lock.active, what="queue worked through")
+    t.kill()
+    # The ticker ran while the queue was being worked through, not only before and after.
+    assert any(0 < n < 50 for n in ticks), ticks[:5]
+    for c in waiting:
+        c.close()
+
+
+def test_a_finished_connection_no_longer_points_at_a_greenlet(make_backend, make_lock, conn_log):
+    backend = make_backend("hold")
+    lock = make_lock(backend)
+    finished = []
+    lock.end_observers.append(finished.append)
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    b.sendall(b"b")
+    queued(lock, 1)
+    a.close()
+    backend.conns[0].release.set()
+    assert conn_log.next_end()["end"] == "closed"
+    backend.next_conn()
+    wait_until(lambda: finished and finished[0].greenlet is None, what="a's greenlet cleared")
+    assert lock.active[0].greenlet is not None  # b, served by what may be the same greenlet
+    b.close()

@@ -84,6 +84,40 @@ def test_restart_with_several_slots_is_a_barrier(make_backend, make_lock):
     c.close()
 
 
+@pytest.mark.parametrize("slots", [2, 3])
+def test_connections_parked_for_a_restart_keep_their_turn(make_backend, make_lock, slots):
+    # Every activation calls for a restart; with several slots, connections granted while one
+    # is due park until it is done. Those that come after them must not reach the backend first.
+    backend = make_backend("echo")
+    during = []
+
+    def restart(reason):
+        during.append(backend.current)
+        gevent.sleep(0.01)
+
+    lock = make_lock(backend, slots=slots, restart=restart, restart_every=1)
+    first = connect(lock.server_port)
+    first.sendall(b"A")
+    assert recv_exactly(first, 1) == b"A"
+    tags = [bytes([ord("B") + i]) for i in range(8)]
+    clients = []
+    for i, tag in enumerate(tags):
+        c = connect(lock.server_port)
+        c.sendall(tag)
+        clients.append(c)
+        wait_until(lambda: lock.queued == i + 1, what=f"{i + 1} queued")
+
+    def talk(tag, c):
+        assert recv_exactly(c, 1, timeout=10) == tag
+        c.close()
+
+    talkers = [gevent.spawn(talk, t, c) for t, c in zip(tags, clients)]
+    first.close()
+    gevent.joinall(talkers, timeout=20, raise_error=True)
+    assert b"".join(bytes(c.received) for c in backend.conns) == b"ABCDEFGHI"
+    assert set(during) == {0}
+
+
 def test_restart_after_ttl_cut_runs_after_on_timeout_and_before_next(make_backend, make_lock):
     backend = make_backend("never")
     events = []
