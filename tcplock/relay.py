@@ -265,6 +265,9 @@ class Relay:
         #: True once the backend side has been seen to finish (EOF or drained): the caller may
         #: close it gracefully. False means the caller should abort it.
         self.backend_finished = False
+        #: True if the exchange ended while the client could still send: the backend had
+        #: closed and the client's finish time ran out.
+        self.client_open = False
         self.failure: _Failure = None
         self._changed = Event()
         self._up: Optional[_Direction] = None
@@ -350,6 +353,7 @@ class Relay:
             self._stop_timer()
             if self.failure is None:
                 self.backend_finished = True
+                self.client_open = not up.done
                 return "closed"
             side, _error = self.failure
             if side == BACKEND:

@@ -127,6 +127,7 @@ class Connection:
         "bytes_down",
         "end",
         "backend_finished",
+        "client_open",
         "ticket",
         "watch",
         "timer",
@@ -160,6 +161,7 @@ class Connection:
         #: How the connection ended (one of END_REASONS), once it has.
         self.end: Optional[str] = None
         self.backend_finished = False
+        self.client_open = False
 
     @property
     def queued_seconds(self) -> float:
@@ -226,6 +228,11 @@ class TCPLock(StreamServer):
     restart_retry_delay = 1.0
     #: Seconds between checks for resets of waiting clients that have sent data.
     sweep_interval = 1.0
+    #: Once its slot has passed on, how long a client that has not closed may go on sending
+    #: (what it sends is dropped) before its socket is closed; and how many such clients at
+    #: most (beyond that they are closed at once).
+    linger_time = 5.0
+    max_lingering = 256
 
     def __init__(
         self,
@@ -284,8 +291,9 @@ class TCPLock(StreamServer):
         #: discarded) before the slot passes on.
         self.finish_timeout = finish_timeout
         #: How long the client may keep its side open after the backend closed before the slot
-        #: passes on. 0 passes it on as soon as the backend has closed (and its last bytes
-        #: were delivered): only for backends that never half-close to go on reading.
+        #: passes on. 0 passes it on as soon as the backend has closed: only for backends that
+        #: never half-close to go on reading. (The client's socket then lingers; see
+        #: :attr:`linger_time`.)
         self.client_finish_timeout = client_finish_timeout
         self.hook_timeout = hook_timeout
         self.drain_timeout = drain_timeout
@@ -329,6 +337,7 @@ class TCPLock(StreamServer):
         self._active: Dict[Connection, None] = {}
         self._idle = Event()
         self._idle.set()
+        self._lingering: Dict[_Lingering, None] = {}
         #: Greenlets that finished a connection and wait to serve the next (see _work).
         self._workers: List[Greenlet] = []
         # Set while a connection's greenlet releases its slot, and the connection that the
@@ -677,6 +686,7 @@ class TCPLock(StreamServer):
             if ttl is not None:
                 ttl.close()
             conn.backend_finished = relay.backend_finished
+            conn.client_open = relay.client_open
 
     def _end(self, conn: Connection, held: bool, reason: str) -> None:
         """The one place a connection ends: close both sides, log, then (with the slot still
@@ -686,8 +696,12 @@ class TCPLock(StreamServer):
         try:
             try:
                 # A client cut while active learns it with a reset; one turned away before it
-                # got a slot gets an orderly close.
-                _close(conn.sock, held and reason in _ABORT_CLIENT)
+                # got a slot gets an orderly close; one whose finish time ran out after the
+                # backend closed is closed once it has finished sending (see _Lingering).
+                if reason == "closed" and conn.client_open:
+                    self._linger(conn.sock)
+                else:
+                    _close(conn.sock, held and reason in _ABORT_CLIENT)
                 if conn.upstream is not None:
                     graceful = conn.backend_finished and reason != "ttl"
                     _close(conn.upstream, not graceful)
@@ -983,6 +997,14 @@ class TCPLock(StreamServer):
         workers, self._workers = self._workers, []
         for worker in workers:
             worker.kill(block=False)
+        for lingering in list(self._lingering):
+            lingering.close()
+
+    def _linger(self, sock) -> None:
+        if len(self._lingering) >= self.max_lingering:
+            _close(sock, False)
+        else:
+            _Lingering(self._lingering, sock, self.loop, self.linger_time)
 
 
 # Keepalive: a peer whose host vanished is noticed after about a minute of silence, not the
@@ -1030,6 +1052,59 @@ def _close(sock, abort: bool) -> None:
     except OSError:
         pass
     sock.close()
+
+
+class _Lingering:
+    """The last of a client whose slot passed on when the backend closed, before the client did.
+
+    Its socket stays open, what it still sends is read and dropped, and it is closed once the
+    client has finished sending or after ``seconds``. Closing it at once would answer the
+    client's next bytes with a reset, and a reset destroys whatever of the reply is still
+    queued for it.
+    """
+
+    __slots__ = ("sock", "registry", "watch", "timer")
+
+    def __init__(self, registry: dict, sock, loop, seconds: float) -> None:
+        self.sock = sock
+        self.registry = registry
+        self.watch = self.timer = None
+        if self._drain():
+            return
+        registry[self] = None
+        self.watch = loop.io(sock.fileno(), 1)
+        self.watch.start(self.readable)
+        self.timer = loop.timer(seconds)
+        self.timer.start(self.close)
+
+    def _drain(self) -> bool:
+        """Read what is there; True (and closed) if the client has finished."""
+        for _ in range(4):  # a client that floods is read again on the next turn
+            try:
+                if not self.sock.recv(65536):
+                    break
+            except BlockingIOError:
+                return False
+            except OSError:
+                break
+        else:
+            return False
+        self.close()
+        return True
+
+    def readable(self) -> None:
+        self._drain()
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        for watcher in (self.watch, self.timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self.registry.pop(self, None)
+        self.sock.close()
+        self.sock = self.registry = self.watch = self.timer = None
 
 
 def _watch_departure(sock, ticket: Ticket):

@@ -972,3 +972,56 @@ def test_a_finished_connection_no_longer_points_at_a_greenlet(make_backend, make
     wait_until(lambda: finished and finished[0].greenlet is None, what="a's greenlet cleared")
     assert lock.active[0].greenlet is not None  # b, served by what may be the same greenlet
     b.close()
+
+
+def test_client_still_sending_when_its_slot_passes_on_gets_the_whole_reply(
+    make_backend, make_lock, conn_log
+):
+    # The backend answers and closes; with client_finish_timeout=0 the slot passes on at once,
+    # while part of the answer is still queued for the client, which has not read yet. The
+    # client then sends more (a pipelined request, say): that must not reset the connection
+    # and destroy the rest of the answer. (512 KiB: more than the client's socket takes
+    # before it reads, less than tcplock's send buffer.)
+    size = 512 * 1024
+    payload = os.urandom(size)
+
+    def answer_and_close(conn):
+        conn.sock.recv(100)
+        conn.sock.sendall(payload)
+        conn.sock.close()
+
+    backend = make_backend(answer_and_close)
+    lock = make_lock(backend, client_finish_timeout=0)
+    c = connect(lock.server_port)
+    c.sendall(b"request\n")
+    end = conn_log.next_end()
+    assert end["end"] == "closed" and end["down"] == str(size)
+    c.sendall(b"more")
+    assert recv_all(c) == payload
+    c.close()
+
+
+def test_a_client_that_never_closes_is_closed_after_the_linger_time(
+    make_backend, make_lock, conn_log, monkeypatch
+):
+    monkeypatch.setattr(TCPLock, "linger_time", 0.2)
+
+    def answer_and_close(conn):
+        conn.sock.sendall(b"answer")
+        conn.sock.close()
+
+    backend = make_backend(answer_and_close)
+    lock = make_lock(backend, client_finish_timeout=0)
+    c = connect(lock.server_port)
+    assert conn_log.next_end()["end"] == "closed"
+    wait_until(lambda: len(lock._lingering) == 1, what="the client lingers")
+    c.sendall(b"ignored")  # read and dropped
+    started = time.monotonic()
+    assert recv_all(c) == b"answer"  # and then EOF...
+    wait_until(lambda: not lock._lingering, what="the lingering socket closed")
+    assert time.monotonic() - started < 3
+    with pytest.raises(OSError):  # ...and the socket is closed: more data is refused
+        for _ in range(20):
+            c.sendall(b"x" * 65536)
+            gevent.sleep(0.01)
+    c.close()
