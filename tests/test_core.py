@@ -1005,19 +1005,20 @@ def test_a_client_that_never_closes_is_closed_after_the_linger_time(
     make_backend, make_lock, conn_log, monkeypatch
 ):
     monkeypatch.setattr(TCPLock, "linger_time", 0.2)
+    payload = os.urandom(512 * 1024)  # more than the client's socket takes before it reads
 
     def answer_and_close(conn):
-        conn.sock.sendall(b"answer")
+        conn.sock.sendall(payload)
         conn.sock.close()
 
     backend = make_backend(answer_and_close)
     lock = make_lock(backend, client_finish_timeout=0)
     c = connect(lock.server_port)
     assert conn_log.next_end()["end"] == "closed"
-    wait_until(lambda: len(lock._lingering) == 1, what="the client lingers")
+    assert len(lock._lingering) == 1  # part of the answer is not acknowledged yet
     c.sendall(b"ignored")  # read and dropped
     started = time.monotonic()
-    assert recv_all(c) == b"answer"  # and then EOF...
+    assert recv_all(c) == payload  # and then EOF...
     wait_until(lambda: not lock._lingering, what="the lingering socket closed")
     assert time.monotonic() - started < 3
     with pytest.raises(OSError):  # ...and the socket is closed: more data is refused
