@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import _socket
 import errno
-import fcntl
 import ipaddress
 import logging
 import os
 import socket as _stdsocket
 import struct
 import sys
-import termios
 import time
 from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -59,8 +57,6 @@ _ABORT_CLIENT = frozenset({"backend-reset", "ttl", "shutdown", "error"})
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
-# The ioctl that reads how much of a socket's output its peer has not acknowledged (Linux).
-_SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 # Where the platform has it, a backend socket is made non-blocking by socket() itself.
 _NONBLOCK = getattr(_socket, "SOCK_NONBLOCK", 0)
 
@@ -1060,11 +1056,10 @@ def _close(sock, abort: bool) -> None:
 class _Lingering:
     """The last of a client whose slot passed on when the backend closed, before the client did.
 
-    Closing its socket at once would answer the client's next bytes with a reset, and a reset
-    destroys whatever of the reply the kernel still holds for it. So unless everything has
-    been acknowledged already (the usual case), the socket stays open, what the client still
-    sends is read and dropped, and it is closed once the client has finished sending or after
-    ``seconds``.
+    Its socket stays open, what it still sends is read and dropped, and it is closed once the
+    client has finished sending or after ``seconds``. Closing it at once would answer the
+    client's next bytes with a reset, and a reset destroys whatever of the reply is still
+    queued for it.
     """
 
     __slots__ = ("sock", "registry", "watch", "timer")
@@ -1074,9 +1069,6 @@ class _Lingering:
         self.registry = registry
         self.watch = self.timer = None
         if self._drain():
-            return
-        if _unacknowledged(sock) == 0:
-            self.close()
             return
         registry[self] = None
         self.watch = loop.io(sock.fileno(), 1)
@@ -1112,16 +1104,6 @@ class _Lingering:
         self.registry.pop(self, None)
         self.sock.close()
         self.sock = self.registry = self.watch = self.timer = None
-
-
-def _unacknowledged(sock) -> int:
-    """Bytes the kernel still holds for the peer, sent or not; -1 if it cannot say."""
-    if _SIOCOUTQ is None:
-        return -1
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return -1
 
 
 def _watch_departure(sock, ticket: Ticket):
