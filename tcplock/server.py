@@ -454,9 +454,11 @@ class TCPLock(StreamServer):
     # -- the life of a connection ----------------------------------------------------------------
 
     # A client's life starts in the event loop: do_read accepts it, do_handle admits it. A
-    # client that has to wait gets no greenlet: its place in the queue is a Ticket, the loop
-    # watches its socket for departure, and a greenlet is spawned only once the slot is
-    # granted (_serve). That keeps a waiting client down to a few small objects.
+    # client that has to wait gets no greenlet: its place in the queue is a Ticket, and the
+    # loop watches its socket for departure (or, once it has sent data, the sweep looks for a
+    # reset). Only once the slot is granted does a greenlet serve it (_spawn, _work, _serve),
+    # one that finished an earlier connection where there is one. That keeps a waiting client
+    # down to a few small objects.
 
     def do_read(self):
         try:
