@@ -8,9 +8,11 @@ sender through the kernel's socket buffers, never through memory of ours).
 Each direction is driven by the event loop itself: a watcher on the source calls a function
 that reads one chunk and writes it on; if the destination is full, the function swaps to a
 watcher on the destination until the chunk is out. No greenlet per direction, so no switch per
-read or write. Only :meth:`Relay.run`, in the connection's greenlet, waits; the caller bounds it
-with a ``gevent.Timeout`` for the TTL, and every watcher is stopped when ``run`` leaves for any
-reason. It knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
+read or write. How the exchange ends is decided in the same callbacks, and reported by a
+callback too (:meth:`Relay.start`), so a relay needs no greenlet at all; :meth:`Relay.run` waits
+for that in a greenlet instead, for a caller that bounds the wait with a ``gevent.Timeout``.
+Every watcher is stopped when the relay ends, is stopped, or ``run`` leaves for any reason. It
+knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import fcntl
 import os
 import socket
 import sys
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import gevent
-from gevent.event import Event
+from gevent.hub import Waiter
 
 __all__ = ["Relay", "CLIENT", "BACKEND", "BUFSIZE", "SPLICE"]
 
@@ -252,6 +254,11 @@ class Relay:
 
     ``counter`` is any object with integer attributes ``bytes_up`` (client to backend) and
     ``bytes_down`` (backend to client); they are updated as bytes are delivered.
+
+    Two ways to drive it: :meth:`start` with a callback, called from the event loop once the
+    exchange has ended (the relay then needs no greenlet at all), or :meth:`run`, which waits
+    for the end in the calling greenlet. Either way :attr:`reason` then says how it ended, and
+    :meth:`stop` cuts it short (the callback is not called then).
     """
 
     #: Seconds between checks that a client which has finished sending is still connected.
@@ -262,6 +269,9 @@ class Relay:
         self.backend = backend
         self.counter = counter
         self.loop = gevent.get_hub().loop
+        #: How the exchange ended (``closed``, ``client-reset`` or ``backend-reset``); None
+        #: while it runs, or if it was stopped.
+        self.reason: Optional[str] = None
         #: True once the backend side has been seen to finish (EOF or drained): the caller may
         #: close it gracefully. False means the caller should abort it.
         self.backend_finished = False
@@ -269,21 +279,83 @@ class Relay:
         #: closed and the client's finish time ran out.
         self.client_open = False
         self.failure: _Failure = None
-        self._changed = Event()
+        self._on_done: Optional[Callable[[], object]] = None
         self._up: Optional[_Direction] = None
         self._down: Optional[_Direction] = None
+        self._finish_timeout: Optional[float] = None
         self._client_finish_timeout: Optional[float] = None
         self._timer = None
         self._expired = False
         self._finishing = False
 
-    # Called from the directions' callbacks, in the event loop. The greenlet in run() is woken
-    # only when it has something to decide; the waits in between are event-loop timers.
+    def start(
+        self,
+        on_done: Callable[[], object],
+        finish_timeout: Optional[float],
+        client_finish_timeout: Optional[float],
+    ) -> None:
+        """Start relaying. ``on_done()`` is called once, from the event loop, when the exchange
+        has ended (see :attr:`reason`), unless :meth:`stop` came first.
+
+        Two limits bound the waits that depend on a peer the other side is done with:
+        ``finish_timeout``, how long the backend may keep talking after the client reset (its
+        reply is discarded), and ``client_finish_timeout``, how long the client may keep its
+        side open after the backend closed (0: not at all; the exchange ends as ``closed``).
+        None is no limit.
+        """
+        self._on_done = on_done
+        self._finish_timeout = finish_timeout
+        self._client_finish_timeout = client_finish_timeout
+        up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
+        down = self._down = _Direction(
+            self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
+        )
+        up.other, down.other = down, up
+        up.start()
+        down.start()
+        # The client has usually sent its request already: pass it on now rather than one
+        # turn of the event loop later. One read: a request seldom comes with its EOF.
+        up.readable(1)
+
+    def run(
+        self, finish_timeout: Optional[float], client_finish_timeout: Optional[float]
+    ) -> str:
+        """Relay until the exchange has ended, waiting in the calling greenlet; return the end
+        reason. Whatever interrupts the wait (a ``gevent.Timeout`` for the TTL, a kill) stops
+        the relay."""
+        waiter = Waiter()
+        try:
+            self.start(waiter.switch_args, finish_timeout, client_finish_timeout)
+            waiter.get()
+            return self.reason
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop relaying now; no callback. The sockets are left to the caller."""
+        self._on_done = None
+        self._release()
+
+    # Called from the directions' callbacks and the timers, in the event loop. Each call looks
+    # at the state and either waits on (arming a timer where a wait has a limit) or ends.
 
     def changed(self) -> None:
+        if self.reason is not None or self._up is None:
+            return
         up, down = self._up, self._down
-        if self._finishing or (up.done and down.done):
-            self._changed.set()
+        if self._finishing:
+            if down.done or self.failure is not None or self._expired:
+                self.backend_finished = down.done and self.failure is None
+                self._end("client-reset")
+        elif self.failure is not None:
+            if self.failure[0] == BACKEND:
+                self._end("backend-reset")
+            else:
+                self._finish_backend()
+        elif self._expired or (up.done and down.done):
+            self.backend_finished = True
+            self.client_open = not up.done
+            self._end("closed")
         elif self._timer is None:
             if down.done:
                 # The backend has finished; the client gets a bounded time to finish too.
@@ -304,88 +376,69 @@ class Relay:
     def failed(self, side: str, error: OSError) -> None:
         if self.failure is None:
             self.failure = (side, error)
-        self._changed.set()
+        self.changed()
 
     def _expire(self) -> None:
         self._expired = True
-        self._changed.set()
+        self.changed()
 
     def _check_client(self) -> None:
         if _gone(self.client):
             self.failed(CLIENT, OSError(errno.ECONNRESET, "client gone"))
+
+    def _finish_backend(self) -> None:
+        """The client is gone: half-close toward the backend and let it finish, discarding what
+        it still sends, so that the next client never overlaps this one (for at most
+        ``finish_timeout``)."""
+        up, down = self._up, self._down
+        up.stop()
+        if not up.done:
+            try:
+                self.backend.shutdown(socket.SHUT_WR)
+            except OSError:
+                return self._end("client-reset")
+        if down.done:
+            self.backend_finished = True
+            return self._end("client-reset")
+        self.failure = None  # from here on only the backend's own end matters
+        self._finishing = True
+        self._expired = False
+        self._stop_timer()
+        down.sink()
+        if self._finish_timeout is not None:
+            self._timer = self.loop.timer(self._finish_timeout)
+            self._timer.start(self._expire)
+
+    def _end(self, reason: str) -> None:
+        self.reason = reason
+        # Stop at once, so that nothing more is read or written; the rest (closing watchers,
+        # the callback) runs as an event-loop callback, once the direction that got here has
+        # returned.
+        self._stop_timer()
+        for d in (self._up, self._down):
+            d.stop()
+        self.loop.run_callback(self._done)
+
+    def _done(self) -> None:
+        self._release()
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
+
+    def _release(self) -> None:
+        self._stop_timer()
+        up, down = self._up, self._down
+        self._up = self._down = None
+        for d in (up, down):
+            if d is not None:
+                d.stop()
+                d.close()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.stop()
             self._timer.close()
             self._timer = None
-
-    def _wait(self) -> None:
-        self._changed.wait()
-        self._changed.clear()
-
-    def run(
-        self, finish_timeout: Optional[float], client_finish_timeout: Optional[float]
-    ) -> str:
-        """Relay until both directions are done; return the end reason.
-
-        Two limits bound the waits that depend on a peer the other side is done with:
-        ``finish_timeout``, how long the backend may keep talking after the client reset (its
-        reply is discarded), and ``client_finish_timeout``, how long the client may keep its
-        side open after the backend closed (0: not at all; the exchange ends as ``closed``).
-        None is no limit.
-        """
-        self._client_finish_timeout = client_finish_timeout
-        up = down = None
-        try:
-            up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
-            down = self._down = _Direction(
-                self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
-            )
-            up.other, down.other = down, up
-            up.start()
-            down.start()
-            # The client has usually sent its request already: pass it on now rather than one
-            # turn of the event loop later. One read: a request seldom comes with its EOF.
-            up.readable(1)
-            while self.failure is None and not (up.done and down.done) and not self._expired:
-                self._wait()
-            self._stop_timer()
-            if self.failure is None:
-                self.backend_finished = True
-                self.client_open = not up.done
-                return "closed"
-            side, _error = self.failure
-            if side == BACKEND:
-                return "backend-reset"
-            self.backend_finished = self._finish_backend(up, down, finish_timeout)
-            return "client-reset"
-        finally:
-            self._stop_timer()
-            for d in (up, down):
-                if d is not None:
-                    d.stop()
-                    d.close()
-            self._up = self._down = None
-
-    def _finish_backend(self, up: _Direction, down: _Direction, finish_timeout) -> bool:
-        """The client is gone: half-close toward the backend and let it finish, discarding what
-        it still sends, so that the next client never overlaps this one. True if it finished."""
-        up.stop()
-        if not up.done:
-            try:
-                self.backend.shutdown(socket.SHUT_WR)
-            except OSError:
-                return False
-        if down.done:
-            return True
-        self.failure = None  # from here on only the backend's own end matters
-        self._finishing = True
-        down.sink()
-        with gevent.Timeout(finish_timeout, False):
-            while not down.done and self.failure is None:
-                self._wait()
-        return down.done and self.failure is None
 
 
 def _gone(sock) -> bool:
