@@ -133,6 +133,8 @@ class Connection:
         "watch",
         "timer",
         "running",
+        "relay",
+        "connect_by",
     )
 
     def __init__(self, lock: TCPLock, sock, client: Tuple, number: int) -> None:
@@ -144,10 +146,15 @@ class Connection:
         #: The client socket, and the backend socket once connected (None before and after).
         self.sock = sock
         self.upstream = None
-        #: The greenlet relaying this connection while it holds a slot (None once it has ended:
-        #: that greenlet goes on to serve other clients).
+        #: The greenlet serving this connection while it holds a slot: only where there are
+        #: hooks to run or a backend that does not accept at once; otherwise the event loop
+        #: drives it and this stays None. None again once it has ended (that greenlet goes
+        #: on to serve other clients).
         self.greenlet: Optional[Greenlet] = None
+        #: True from the grant of its slot.
         self.running = False
+        self.relay: Optional[Relay] = None
+        self.connect_by: Optional[float] = None
         self.ticket: Optional[Ticket] = None
         self.watch = None
         self.timer = None
@@ -348,6 +355,7 @@ class TCPLock(StreamServer):
         self._numbers = 0
         self._stopping = False
         self._addrinfo: Optional[list] = None
+        self._hub = gevent.get_hub()
         self._operator_paused = False
         #: Finished connections by end reason, and their bytes in each direction.
         self.ended: Dict[str, int] = {}
@@ -535,7 +543,7 @@ class TCPLock(StreamServer):
         here. One that merely closed its sending side keeps its place, as it should."""
         for conn in list(self._connections):
             if (
-                conn.greenlet is None
+                not conn.running
                 and conn.ticket is not None
                 and (conn.watch is None or not conn.watch.active)
             ):
@@ -563,6 +571,11 @@ class TCPLock(StreamServer):
             self._end(conn, False, ticket.cancelled or "queue-timeout")
 
     def _spawn(self, conn: Connection) -> None:
+        if self.on_activate is None and self.on_timeout is None and self.restart is None:
+            return self._activate(conn)
+        self._spawn_greenlet(conn)
+
+    def _spawn_greenlet(self, conn: Connection) -> None:
         if (
             self._releasing is not None
             and self._handed is None
@@ -624,6 +637,79 @@ class TCPLock(StreamServer):
                     self._workers.remove(me)
                 return
 
+    # Without hooks nothing in a connection's life needs a greenlet: the event loop connects
+    # it (on loopback the backend has accepted before connect() returns), relays it, and ends
+    # it, in callbacks, as haproxy would. Only what has to wait its turn goes to a greenlet
+    # (_serve): a backend that refused or is slow to answer (connect retries), or a name to
+    # resolve.
+
+    def _activate(self, conn: Connection) -> None:
+        """A granted connection with no hooks to run: connect and relay from the event loop."""
+        conn.running = True
+        if self._stopping:
+            return self._end(conn, True, "shutdown")
+        self._activated(conn)
+        conn.connect_by = conn.activated_at + self.connect_timeout
+        try:
+            backend, err = self._connect_now()
+            if backend is None:
+                return self._spawn_greenlet(conn)  # retries, with the time that is left
+            conn.upstream = backend
+            if err:
+                # Connecting: watch for the outcome, within connect_timeout.
+                conn.watch = self.loop.io(backend.fileno(), 2)
+                conn.watch.start(self._connect_done, conn)
+                conn.timer = self.loop.timer(self.connect_timeout)
+                conn.timer.start(self._connect_failed, conn)
+            else:
+                self._relay(conn)
+        except Exception:
+            log.exception("%s: unexpected error", format_address(conn.client))
+            self._end(conn, True, "error")
+        return None
+
+    def _connect_done(self, conn: Connection) -> None:
+        try:
+            err = conn.upstream.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        except OSError as e:
+            err = e.errno or errno.EBADF
+        if err:
+            return self._connect_failed(conn)
+        conn.stop_watching()
+        try:
+            _tune_backend(conn.upstream)
+            self._relay(conn)
+        except Exception:
+            log.exception("%s: unexpected error", format_address(conn.client))
+            self._end(conn, True, "error")
+
+    def _connect_failed(self, conn: Connection) -> None:
+        """The first attempt failed or took too long: retry in a greenlet, in the time left."""
+        conn.stop_watching()
+        _close(conn.upstream, True)
+        conn.upstream = None
+        self._addrinfo = None
+        self._spawn_greenlet(conn)
+
+    def _relay(self, conn: Connection) -> None:
+        relay = conn.relay = Relay(conn.sock, conn.upstream, conn)
+        if self.timeout:
+            conn.timer = self.loop.timer(self.timeout)
+            conn.timer.start(self._cut, conn, "ttl")
+        relay.start(partial(self._relayed, conn), self.finish_timeout, self.client_finish_timeout)
+
+    def _relayed(self, conn: Connection) -> None:
+        relay = conn.relay
+        conn.backend_finished = relay.backend_finished
+        conn.client_open = relay.client_open
+        self._end(conn, True, relay.reason)
+
+    def _cut(self, conn: Connection, reason: str) -> None:
+        """End an event-driven connection now (its TTL, or the drain time after stop())."""
+        if conn.relay is not None:
+            conn.relay.stop()
+        self._end(conn, True, reason)
+
     def _serve(self, conn: Connection) -> None:
         """The greenlet of a client that holds a slot, from the grant to the end."""
         conn.running = True
@@ -644,10 +730,8 @@ class TCPLock(StreamServer):
 
     def _use_slot(self, conn: Connection) -> str:
         """With the slot held: hooks, backend connection, relay under the TTL."""
-        self.activations += 1
-        conn.activation = self.activations
-        conn.activated_at = time.monotonic()
-        self._active[conn] = None
+        if conn.activation is None:  # else it came from _activate: the backend was not ready
+            self._activated(conn)
         while self._restart_reason is not None and not self._stopping:
             # Granted just before a restart was called for: the restart comes first.
             if self._last_holder():
@@ -691,11 +775,21 @@ class TCPLock(StreamServer):
             conn.backend_finished = relay.backend_finished
             conn.client_open = relay.client_open
 
+    def _activated(self, conn: Connection) -> None:
+        self.activations += 1
+        conn.activation = self.activations
+        conn.activated_at = time.monotonic()
+        self._active[conn] = None
+
     def _end(self, conn: Connection, held: bool, reason: str) -> None:
         """The one place a connection ends: close both sides, log, then (with the slot still
         held) the TTL hook and a due restart, and last release the slot."""
         conn.end = reason
         conn.ended_at = time.monotonic()
+        if conn.relay is not None:
+            conn.relay.stop()
+            conn.relay = None
+        conn.stop_watching()
         try:
             try:
                 # A client cut while active learns it with a reset; one turned away before it
@@ -736,7 +830,9 @@ class TCPLock(StreamServer):
             finally:
                 if held:
                     self._active.pop(conn, None)
-                    self._releasing = gevent.getcurrent()
+                    me = gevent.getcurrent()
+                    # (A release from an event-loop callback has no greenlet to hand over.)
+                    self._releasing = None if me is self._hub else me
                     try:
                         self.gate.release()
                     finally:
@@ -916,7 +1012,7 @@ class TCPLock(StreamServer):
     def _connect_backend(self, conn: Connection):
         """Connect to the backend, retrying with backoff for up to connect_timeout (it may be
         restarting). Returns the socket, or None once the time is up."""
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = conn.connect_by or time.monotonic() + self.connect_timeout
         delay = 0.01
         while True:
             remaining = deadline - time.monotonic()
@@ -937,6 +1033,43 @@ class TCPLock(StreamServer):
             error.strerror or error,
         )
         return None
+
+    def _connect_now(self):
+        """One attempt that does not wait, for the event-driven path: ``(socket, 0)`` if the
+        backend accepted within the call (as on loopback), ``(socket, errno)`` if the
+        connection is under way, ``(None, errno)`` if it failed or the name has yet to be
+        resolved (the greenlet path does both)."""
+        addrs = self._addrinfo
+        if addrs is None:
+            try:  # an address, not a name: nothing to look up, nothing to wait for
+                addrs = self._addrinfo = _socket.getaddrinfo(
+                    self.backend[0],
+                    self.backend[1],
+                    0,
+                    _socket.SOCK_STREAM,
+                    _socket.IPPROTO_TCP,
+                    _socket.AI_NUMERICHOST,
+                )
+            except OSError:
+                return None, 0
+        family, type_, proto, _name, sockaddr = addrs[0]
+        s = _socket.socket(family, type_ | _NONBLOCK, proto)
+        try:
+            if not _NONBLOCK:
+                s.setblocking(False)
+            err = s.connect_ex(sockaddr)
+            if err in _IN_PROGRESS:
+                if not _connected(s):
+                    return s, err
+                err = 0
+            if err:
+                s.close()
+                return None, err
+            _tune_backend(s)
+        except BaseException:
+            s.close()
+            raise
+        return s, 0
 
     def _connect_once(self, timeout: float):
         # The backend's name is resolved once and kept until a connection fails, so the usual
@@ -964,8 +1097,7 @@ class TCPLock(StreamServer):
                         err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
-                s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+                _tune_backend(s)
             except OSError as e:
                 s.close()
                 error = e
@@ -994,8 +1126,12 @@ class TCPLock(StreamServer):
             log.warning("drain time over; cutting %d connection(s)", len(remaining))
             for conn in remaining:
                 # One that has not started yet sees _stopping when it does.
-                if conn.running and conn.greenlet is not None:
+                if not conn.running:
+                    continue
+                if conn.greenlet is not None:
                     conn.greenlet.kill(_Shutdown, block=False)
+                elif conn.end is None:
+                    self._cut(conn, "shutdown")
             self._idle.wait(5)
         workers, self._workers = self._workers, []
         for worker in workers:
@@ -1027,6 +1163,11 @@ def _tune(sock) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
     except OSError:
         pass  # the peer may already be gone; the relay will see it
+
+
+def _tune_backend(sock) -> None:
+    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
 
 
 def _connected(sock) -> bool:

@@ -456,6 +456,129 @@ def test_backend_down_closes_client_and_passes_slot(make_lock, conn_log):
     assert lock.gate.held == 0
 
 
+def _warm(lock, listener):
+    """One connection through the lock to a plain listener: the lock has resolved the backend's
+    address since, so the next connection is made from the event loop."""
+    c = connect(lock.server_port)
+    b, _ = listener.accept()
+    c.close()
+    assert b.recv(1) == b""  # the lock closes first: no TIME_WAIT on the listener's port
+    b.close()
+
+
+def test_connections_without_hooks_are_served_without_a_greenlet(make_backend, make_lock):
+    backend = make_backend("echo")
+    lock = make_lock(backend)
+    for i in range(3):
+        c = connect(lock.server_port)
+        c.sendall(b"ping %d" % i)
+        assert recv_exactly(c, 6) == b"ping %d" % i
+        conn = lock.active[0]
+        assert conn.running and conn.greenlet is None and conn.relay is not None
+        c.close()
+        wait_until(lambda: not lock.active, what="slot released")
+    assert lock._workers == []
+
+
+def test_a_backend_slow_to_accept_is_waited_for_by_the_event_loop(make_lock, conn_log):
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)  # one connection waiting to be accepted fills its queue
+    lock = make_lock(listener.getsockname()[1], connect_timeout=10.0)
+    _warm(lock, listener)
+    assert conn_log.next_end()["end"] == "closed"
+    filler = _stdsocket.create_connection(listener.getsockname())
+    c = connect(lock.server_port)
+    c.sendall(b"ping")
+    active(lock, 1)
+    gevent.sleep(0.1)
+    conn = lock.active[0]
+    # The backend's queue is full, so its SYN was dropped: the connection is under way, watched
+    # by the event loop.
+    assert conn.upstream is not None and conn.relay is None and conn.greenlet is None
+    listener.accept()[0].close()  # room again: the retransmitted SYN gets in (after ~1 s)
+    listener.settimeout(5)
+    b, _ = listener.accept()
+    assert recv_exactly(b, 4) == b"ping"
+    b.sendall(b"pong")
+    assert recv_exactly(c, 4) == b"pong"
+    assert conn.relay is not None and conn.greenlet is None
+    for s in (b, c, filler, listener):
+        s.close()
+
+
+def test_a_backend_that_never_accepts_is_given_up_after_connect_timeout(make_lock, conn_log):
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    lock = make_lock(listener.getsockname()[1], connect_timeout=0.5)
+    _warm(lock, listener)
+    assert conn_log.next_end()["end"] == "closed"
+    filler = _stdsocket.create_connection(listener.getsockname())
+    c = connect(lock.server_port)
+    line = conn_log.next_end()
+    assert line["end"] == "backend-refused"
+    # The time spent connecting from the event loop counts: not a second connect_timeout on top.
+    assert 0.5 <= float(line["active"]) < 0.9
+    assert recv_all(c) == b""
+    for s in (c, filler, listener):
+        s.close()
+
+
+def test_backend_refusing_at_once_is_retried_until_it_comes_up(make_lock, conn_log):
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    lock = make_lock(port, connect_timeout=5.0)
+    _warm(lock, listener)
+    assert conn_log.next_end()["end"] == "closed"
+    listener.close()  # down: connecting is refused at once
+    c = connect(lock.server_port)
+    c.sendall(b"early")
+    gevent.sleep(0.3)
+    from conftest import Backend
+
+    backend = Backend("echo")
+    backend.set_listener((LOOPBACK, port))
+    backend.start()
+    try:
+        assert recv_exactly(c, 5) == b"early"
+    finally:
+        c.close()
+        backend.stop(timeout=0)
+
+
+def test_an_unexpected_error_in_the_event_loop_path_ends_only_that_connection(
+    make_backend, make_lock, conn_log, monkeypatch
+):
+    from tcplock.relay import Relay
+
+    backend = make_backend("echo")
+    lock = make_lock(backend)
+    real = Relay.start
+    calls = []
+
+    def start(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(self, *args)
+
+    monkeypatch.setattr(Relay, "start", start)
+    for expected in ("closed", "error", "closed"):
+        c = connect(lock.server_port)
+        c.sendall(b"x")
+        if expected == "closed":
+            assert recv_exactly(c, 1) == b"x"
+        else:
+            with pytest.raises(ConnectionResetError):  # an error: the client learns by a reset
+                recv_all(c)
+        c.close()
+        assert conn_log.next_end()["end"] == expected
+    assert lock.gate.held == 0
+
+
 # -- 7. queue limits -------------------------------------------------------------------------
 
 
@@ -839,7 +962,8 @@ def test_finished_greenlets_serve_the_next_connections_and_stop_ends_them(
     make_backend, make_lock, conn_log
 ):
     backend = make_backend("echo")
-    lock = make_lock(backend, slots=2)
+    # A hook to run: each connection is served by a greenlet.
+    lock = make_lock(backend, slots=2, on_activate=lambda conn: None)
     servers = []
     for i in range(6):
         c = connect(lock.server_port)
@@ -957,7 +1081,7 @@ def test_clients_that_end_without_waiting_do_not_stall_the_event_loop(
 
 def test_a_finished_connection_no_longer_points_at_a_greenlet(make_backend, make_lock, conn_log):
     backend = make_backend("hold")
-    lock = make_lock(backend)
+    lock = make_lock(backend, on_activate=lambda conn: None)  # served by greenlets
     finished = []
     lock.end_observers.append(finished.append)
     a = connect(lock.server_port)
