@@ -489,11 +489,18 @@ class TextFormatter(logging.Formatter):
         self._stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:
-        second = int(record.created)
+        return self.stamp(record.created, record.msecs)
+
+    def stamp(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
-        return f"{self._stamp},{int(record.msecs):03d}"
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
+        return f"{self._stamp},{int(msecs):03d}"
+
+    def connection_line(self, conn, created: float) -> str:
+        """A connection's INFO line, as :meth:`format` makes it from its record."""
+        return f"{self.stamp(created, _msecs(created))} INFO {conn.describe()}"
 
     def format(self, record: logging.LogRecord) -> str:
         # What logging.Formatter.format does for this fixed layout, without its generic steps.
@@ -539,32 +546,69 @@ class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import json
 
-        data = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-            + f".{int(record.msecs):03d}"
-            + time.strftime("%z", self.converter(record.created)),
-            "level": record.levelname,
-        }
+        data = {"time": self._time(record), "level": record.levelname}
         conn = getattr(record, "connection", None)
         if conn is not None:
-            from .server import format_address
-
-            data.update(
-                client=format_address(conn.client),
-                queued_seconds=round(conn.queued_seconds, 3),
-                active_seconds=round(conn.active_seconds, 3),
-                bytes_up=conn.bytes_up,
-                bytes_down=conn.bytes_down,
-                end=conn.end,
-            )
+            self._add_connection(data, conn)
         else:
             data["message"] = record.getMessage()
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
 
+    def connection_line(self, conn, created: float) -> str:
+        """A connection's INFO line, as :meth:`format` makes it from its record."""
+        import json
 
-def _setup_logging(level: str, fmt: str = "text") -> None:
+        record = logging.makeLogRecord({"created": created, "msecs": _msecs(created)})
+        data = {"time": self._time(record), "level": "INFO"}
+        self._add_connection(data, conn)
+        return json.dumps(data)
+
+    def _time(self, record: logging.LogRecord) -> str:
+        return (
+            self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            + f".{int(record.msecs):03d}"
+            + time.strftime("%z", self.converter(record.created))
+        )
+
+    @staticmethod
+    def _add_connection(data: dict, conn) -> None:
+        from .server import format_address
+
+        data.update(
+            client=format_address(conn.client),
+            queued_seconds=round(conn.queued_seconds, 3),
+            active_seconds=round(conn.active_seconds, 3),
+            bytes_up=conn.bytes_up,
+            bytes_down=conn.bytes_down,
+            end=conn.end,
+        )
+
+
+def _msecs(created: float) -> float:
+    # As logging.LogRecord computes it.
+    return int((created - int(created)) * 1000) + 0.0
+
+
+def connection_writer(handler: logging.StreamHandler):
+    """A :attr:`TCPLock.connection_log` that writes each connection's line straight to the
+    handler's stream, the line the handler would write for its record. A record through the
+    logging machinery cost more than everything else in a hand-off."""
+    line = handler.formatter.connection_line
+    stream = handler.stream
+
+    def write(conn) -> None:
+        try:
+            stream.write(line(conn, time.time()) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # as the handler would: a log that cannot be written does not stop the proxy
+
+    return write
+
+
+def _setup_logging(level: str, fmt: str = "text") -> logging.Handler:
     # tcplock's log lines need none of the caller's file and line, thread, or process: skip
     # computing them for every record (under gevent, naming the "thread" of each greenlet is
     # costly). _srcfile = None is the logging module's own switch for the caller lookup.
@@ -580,6 +624,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    return handler
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -608,7 +653,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    _setup_logging(args.log_level, args.log_format)
+    handler = _setup_logging(args.log_level, args.log_format)
     demo = None
     backend = (args.proxy_host, args.proxy_port)
     if args.demo:
@@ -642,6 +687,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         restart_on_timeout=args.restart_on_timeout,
         ready_timeout=args.ready_timeout,
     )
+    if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
+        lock.connection_log = connection_writer(handler)
     # Handlers first: a supervisor may send SIGTERM as soon as it sees the first log line.
     stop = Event()
     hurry = Event()

@@ -184,6 +184,19 @@ class Connection:
             return 0.0
         return (self.ended_at or time.monotonic()) - self.activated_at
 
+    def describe(self) -> str:
+        """What its log line says: client, time waited, time active, bytes each way, end."""
+        ended = self.ended_at or time.monotonic()
+        activated = self.activated_at
+        if activated is None:
+            queued, active = ended - self.queued_at, 0.0
+        else:
+            queued, active = activated - self.queued_at, ended - activated
+        return (
+            f"{format_address(self.client)} queued={queued:.3f}s active={active:.3f}s "
+            f"up={self.bytes_up} down={self.bytes_down} end={self.end}"
+        )
+
     def stop_watching(self) -> None:
         """Stop the event-loop watchers of a waiting client."""
         for watcher in (self.watch, self.timer):
@@ -241,6 +254,10 @@ class TCPLock(StreamServer):
     #: most (beyond that they are closed at once).
     linger_time = 5.0
     max_lingering = 256
+    #: Called with each connection that has ended, in place of its INFO line through
+    #: :mod:`logging` (the CLI sets one that writes the same line straight to its log stream:
+    #: the logging machinery cost more than the rest of a hand-off). None: ``log.info``.
+    connection_log: Optional[Callable[[Connection], object]] = None
 
     def __init__(
         self,
@@ -852,16 +869,10 @@ class TCPLock(StreamServer):
         self.bytes_up_total += conn.bytes_up
         self.bytes_down_total += conn.bytes_down
         if reason != "not-allowed" or self._log_refusal(conn):
-            log.info(
-                "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s",
-                format_address(conn.client),
-                conn.queued_seconds,
-                conn.active_seconds,
-                conn.bytes_up,
-                conn.bytes_down,
-                reason,
-                extra={"connection": conn},
-            )
+            if self.connection_log is not None:
+                self.connection_log(conn)
+            elif log.isEnabledFor(logging.INFO):
+                log.info("%s", conn.describe(), extra={"connection": conn})
         for observe in self.end_observers:
             try:
                 observe(conn)

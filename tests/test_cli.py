@@ -301,6 +301,33 @@ def test_text_log_lines_carry_date_time_and_milliseconds():
     assert [line[17:23] for line in lines] == ["00,123", "00,987", "01,500"]
 
 
+@pytest.mark.parametrize("kind", ["text", "json"])
+def test_connection_lines_written_directly_match_the_formatters_lines(kind):
+    import io
+    import logging
+
+    from tcplock.cli import JSONFormatter, LineHandler, TextFormatter, connection_writer
+    from tcplock.server import Connection
+
+    conn = Connection(None, None, ("127.0.0.1", 4321), 1)
+    conn.queued_at, conn.activated_at, conn.ended_at = 100.0, 100.25, 101.5
+    conn.bytes_up, conn.bytes_down, conn.end = 60, 145, "closed"
+    fmt = JSONFormatter() if kind == "json" else TextFormatter()
+    for created in (1_800_000_000.0, 1_800_000_000.987, 1_800_000_001.5):
+        record = logging.LogRecord("tcplock.server", logging.INFO, "", 0, "%s", None, None)
+        record.args = (conn.describe(),)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        record.connection = conn
+        assert fmt.connection_line(conn, created) == fmt.format(record)
+    line = fmt.connection_line(conn, 1_800_000_000.0)
+    assert ("127.0.0.1:4321" in line and "closed" in line and "145" in line), line
+    out = io.StringIO()
+    handler = LineHandler(out)
+    handler.setFormatter(fmt)
+    connection_writer(handler)(conn)
+    assert out.getvalue().count("\n") == 1 and "127.0.0.1:4321" in out.getvalue()
+
+
 def test_cli_log_handler_writes_plain_lines_tracebacks_and_honours_filters():
     import io
     import logging
