@@ -210,8 +210,8 @@ class _Direction:
             return self._eof()
         self.size = n
         self._splice_out()
-        if self.size and self.on_read.active:
-            self._wait_for_room()
+        if self.size and self.on_read is not None and self.on_read.active:
+            self._wait_for_room()  # (on_read is None if a failure just ended the relay)
 
     def _splice_out(self) -> None:
         if self.discard:
@@ -287,6 +287,7 @@ class Relay:
         self._timer = None
         self._expired = False
         self._finishing = False
+        self._deferred = False
 
     def start(
         self,
@@ -294,8 +295,9 @@ class Relay:
         finish_timeout: Optional[float],
         client_finish_timeout: Optional[float],
     ) -> None:
-        """Start relaying. ``on_done()`` is called once, from the event loop, when the exchange
-        has ended (see :attr:`reason`), unless :meth:`stop` came first.
+        """Start relaying. ``on_done()`` is called once when the exchange has ended (see
+        :attr:`reason`), unless :meth:`stop` came first: from an event-loop callback, or from
+        within this call if the exchange ends at once. It may start the next relay.
 
         Two limits bound the waits that depend on a peer the other side is done with:
         ``finish_timeout``, how long the backend may keep talking after the client reset (its
@@ -324,6 +326,7 @@ class Relay:
         reason. Whatever interrupts the wait (a ``gevent.Timeout`` for the TTL, a kill) stops
         the relay."""
         waiter = Waiter()
+        self._deferred = True  # a Waiter is switched to from the hub only
         try:
             self.start(waiter.switch_args, finish_timeout, client_finish_timeout)
             waiter.get()
@@ -411,13 +414,17 @@ class Relay:
 
     def _end(self, reason: str) -> None:
         self.reason = reason
-        # Stop at once, so that nothing more is read or written; the rest (closing watchers,
-        # the callback) runs as an event-loop callback, once the direction that got here has
-        # returned.
-        self._stop_timer()
-        for d in (self._up, self._down):
-            d.stop()
-        self.loop.run_callback(self._done)
+        if self._deferred:
+            # Stop at once, so that nothing more is read or written; the rest runs as an
+            # event-loop callback.
+            self._stop_timer()
+            for d in (self._up, self._down):
+                d.stop()
+            self.loop.run_callback(self._done)
+        else:
+            # Straight away: the caller hands the slot on without waiting for a later turn
+            # of the loop. The direction that got here touches nothing once it returns.
+            self._done()
 
     def _done(self) -> None:
         self._release()
