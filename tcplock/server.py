@@ -799,14 +799,17 @@ class TCPLock(StreamServer):
         self._active[conn] = None
 
     def _end(self, conn: Connection, held: bool, reason: str) -> None:
-        """The one place a connection ends: close both sides, log, then (with the slot still
-        held) the TTL hook and a due restart, and last release the slot."""
+        """The one place a connection ends: close both sides, then (with the slot still held)
+        the TTL hook and a due restart, and last release the slot. The log line comes once
+        the slot has passed on, off the next client's way in; or, when a hook or a restart
+        is to run first, before them, so that what they log comes after it."""
         conn.end = reason
         conn.ended_at = time.monotonic()
         if conn.relay is not None:
             conn.relay.stop()
             conn.relay = None
         conn.stop_watching()
+        logged = False
         try:
             try:
                 # A client cut while active learns it with a reset; one turned away before it
@@ -821,7 +824,9 @@ class TCPLock(StreamServer):
                     _close(conn.upstream, not graceful)
                     conn.upstream = None
             finally:
-                self._account(conn, held, reason)
+                if reason == "ttl" or (held and self._restart_reason is not None):
+                    logged = True
+                    self._account(conn, held, reason)
             if reason == "ttl":
                 if self.on_timeout is not None:
                     try:
@@ -856,6 +861,8 @@ class TCPLock(StreamServer):
                         self._releasing = None
                 self._connections.pop(conn, None)
                 conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
+                if not logged:
+                    self._account(conn, held, reason)
                 if not self._connections:
                     self._idle.set()
 

@@ -804,6 +804,43 @@ def test_one_log_line_per_connection_with_times_and_bytes(make_backend, make_loc
 # -- 11. socket options and backpressure -----------------------------------------------------
 
 
+def test_log_line_comes_after_the_slot_passed_on_unless_a_hook_or_restart_runs_first(
+    make_backend, make_lock, conn_log
+):
+    echo = make_backend("echo")
+    order = []
+    plain = make_lock(echo)
+    plain.end_observers.append(lambda conn: order.append(("line", plain.gate.held)))
+    c = connect(plain.server_port)
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    c.close()
+    assert conn_log.next_end()["end"] == "closed"
+    # Nothing else to run: written once the slot is free, off the next client's way in.
+    wait_until(lambda: order == [("line", 0)], what="line after the release")
+
+    order.clear()
+    restarting = make_lock(
+        echo, restart=lambda reason: order.append("restart"), restart_every=1, ready_timeout=None
+    )
+    restarting.end_observers.append(lambda conn: order.append("line"))
+    c = connect(restarting.server_port)
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    c.close()
+    wait_until(lambda: len(order) == 2, what="line and restart")
+    assert order == ["line", "restart"]
+
+    order.clear()
+    never = make_backend("never")
+    cut = make_lock(never, timeout=0.2, on_timeout=lambda conn: order.append("on_timeout"))
+    cut.end_observers.append(lambda conn: order.append("line"))
+    c = connect(cut.server_port)
+    wait_until(lambda: len(order) == 2, what="line and on_timeout")
+    assert order == ["line", "on_timeout"]
+    c.close()
+
+
 def test_both_sockets_have_nodelay_and_keepalive(make_backend, make_lock):
     backend = make_backend("hold")
     lock = make_lock(backend)
