@@ -279,6 +279,10 @@ class Relay:
         #: closed and the client's finish time ran out.
         self.client_open = False
         self.failure: _Failure = None
+        #: Optional: called with the backend socket once the backend has finished sending;
+        #: True means it has closed the connection for good (nothing on its side can read any
+        #: more), so the exchange is over without waiting for the client (see peer.py).
+        self.backend_closed: Optional[Callable[[object], Optional[bool]]] = None
         self._on_done: Optional[Callable[[], object]] = None
         self._up: Optional[_Direction] = None
         self._down: Optional[_Direction] = None
@@ -361,9 +365,12 @@ class Relay:
             self._end("closed")
         elif self._timer is None:
             if down.done:
-                # The backend has finished; the client gets a bounded time to finish too.
+                # The backend has finished sending. If it has closed the connection for good,
+                # nothing more of the client's can reach it: the exchange is over. Else (it
+                # may still be reading) the client gets a bounded time to finish too.
                 limit = self._client_finish_timeout
-                if limit == 0:
+                closed = self.backend_closed
+                if limit == 0 or (closed is not None and closed(self.backend)):
                     self._expire()
                 elif limit is not None:
                     self._timer = self.loop.timer(limit)

@@ -29,6 +29,7 @@ from gevent.socket import wait_write
 
 from .gate import Gate, Ticket
 from .hooks import CommandHook, HookFailed, call_hook
+from .peer import PeerCheck
 from .relay import Relay
 
 __all__ = ["TCPLock", "Connection", "END_REASONS", "format_address"]
@@ -258,6 +259,10 @@ class TCPLock(StreamServer):
     #: :mod:`logging` (the CLI sets one that writes the same line straight to its log stream:
     #: the logging machinery cost more than the rest of a hand-off). None: ``log.info``.
     connection_log: Optional[Callable[[Connection], object]] = None
+    #: For a backend on loopback (Linux): once it has sent its FIN, ask the kernel whether it
+    #: closed the connection for good; if so the slot passes on without waiting for the client
+    #: (see client_finish_timeout). A backend that only half-closed is still waited for.
+    check_backend_close = True
 
     def __init__(
         self,
@@ -372,6 +377,7 @@ class TCPLock(StreamServer):
         self._numbers = 0
         self._stopping = False
         self._addrinfo: Optional[list] = None
+        self._peer_check = PeerCheck()
         self._hub = gevent.get_hub()
         self._operator_paused = False
         #: Finished connections by end reason, and their bytes in each direction.
@@ -708,8 +714,14 @@ class TCPLock(StreamServer):
         self._addrinfo = None
         self._spawn_greenlet(conn)
 
+    def _new_relay(self, conn: Connection) -> Relay:
+        relay = Relay(conn.sock, conn.upstream, conn)
+        if self.check_backend_close:
+            relay.backend_closed = self._peer_check.closed
+        return relay
+
     def _relay(self, conn: Connection) -> None:
-        relay = conn.relay = Relay(conn.sock, conn.upstream, conn)
+        relay = conn.relay = self._new_relay(conn)
         if self.timeout:
             conn.timer = self.loop.timer(self.timeout)
             conn.timer.start(self._cut, conn, "ttl")
@@ -776,7 +788,7 @@ class TCPLock(StreamServer):
         if backend is None:
             return "backend-refused"
         conn.upstream = backend
-        relay = Relay(conn.sock, backend, conn)
+        relay = self._new_relay(conn)
         ttl = gevent.Timeout(self.timeout) if self.timeout else None
         try:
             if ttl is not None:
@@ -1156,6 +1168,7 @@ class TCPLock(StreamServer):
             worker.kill(block=False)
         for lingering in list(self._lingering):
             lingering.close()
+        self._peer_check.close()
 
     def _linger(self, sock) -> None:
         if len(self._lingering) >= self.max_lingering:

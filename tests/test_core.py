@@ -360,13 +360,16 @@ def test_backend_half_close_lets_client_keep_sending(make_backend, make_lock):
 def test_client_finish_timeout_decides_whether_a_lingering_client_keeps_the_slot(
     make_backend, make_lock, conn_log, client_finish_timeout
 ):
-    # The backend answers and closes; the first client reads the answer and its EOF but keeps
-    # its own side open.
-    def answer_and_close(conn):
+    # The backend answers and half-closes (it would still read); the first client reads the
+    # answer and its EOF but keeps its own side open.
+    def answer_and_half_close(conn):
         conn.sock.sendall(b"answer %d" % conn.number)
+        conn.sock.shutdown(socket.SHUT_WR)
+        while conn.sock.recv(1024):
+            pass
         conn.sock.close()
 
-    backend = make_backend(answer_and_close)
+    backend = make_backend(answer_and_half_close)
     lock = make_lock(
         backend, finish_timeout=10, client_finish_timeout=client_finish_timeout
     )
@@ -387,6 +390,68 @@ def test_client_finish_timeout_decides_whether_a_lingering_client_keeps_the_slot
         assert recv_all(b) == b"answer 2"
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the_client(
+    make_backend, make_lock, conn_log, check
+):
+    def answer_and_close(conn):
+        conn.sock.sendall(b"answer %d" % conn.number)
+        conn.sock.close()
+
+    backend = make_backend(answer_and_close)
+    lock = make_lock(backend, finish_timeout=10, client_finish_timeout=10)
+    lock.check_backend_close = check
+    a = connect(lock.server_port)
+    backend.next_conn()
+    b = connect(lock.server_port)
+    assert recv_all(a) == b"answer 1"  # a has its answer and EOF, and keeps its side open
+    if check:
+        # Nothing on the backend's side can read a's bytes any more: b is served at once.
+        assert recv_all(b) == b"answer 2"
+        assert conn_log.next_end()["end"] == "closed"
+        a.sendall(b"late")  # read and dropped while a lingers: no reset for a
+    else:
+        queued(lock, 1)
+        gevent.sleep(0.2)
+        assert lock.queued == 1 and backend.count == 1  # a holds the slot until it closes
+        a.close()
+        assert conn_log.next_end()["end"] == "closed"
+        assert recv_all(b) == b"answer 2"
+    a.close()
+    b.close()
+
+
+def test_peer_check_tells_closed_from_half_closed_and_ignores_other_hosts():
+    from tcplock.peer import PeerCheck
+
+    check = PeerCheck()
+    listener = _stdsocket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    ours = _stdsocket.create_connection(listener.getsockname())
+    theirs, _ = listener.accept()
+    assert check.closed(ours) is False
+    theirs.shutdown(_stdsocket.SHUT_WR)
+    assert ours.recv(1) == b""
+    assert check.closed(ours) is False  # half-closed: it may still read
+    theirs.close()
+    assert check.closed(ours) is True
+    ours.close()
+    listener.close()
+
+    class Remote:  # a connection to another host: nothing to ask the kernel about
+        family = _stdsocket.AF_INET
+
+        def getpeername(self):
+            return ("192.0.2.1", 80)
+
+        def getsockname(self):
+            return ("192.0.2.2", 40000)
+
+    assert check.closed(Remote()) is None
+    check.close()
 
 
 def test_backend_reset_ends_client_connection_at_once(make_backend, make_lock, conn_log):
