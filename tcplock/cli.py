@@ -260,9 +260,10 @@ def build_parser() -> configargparse.ArgumentParser:
         metavar="DURATION",
         type=_duration(allow_zero=True),
         default=10.0,
-        help="how long the client may keep its side open after the backend closed; 0 passes "
-        "the slot on as soon as the backend closes, for backends that never half-close to "
-        "go on reading (default: 10s)",
+        help="how long the client may keep its side open after the backend closed (a backend "
+        "on loopback that closed for good passes the slot on at once); 0 passes the slot on "
+        "as soon as the backend closes, for backends that never half-close to go on reading "
+        "(default: 10s)",
     )
     add(
         "--on-activate",
