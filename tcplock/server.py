@@ -811,34 +811,28 @@ class TCPLock(StreamServer):
         self._active[conn] = None
 
     def _end(self, conn: Connection, held: bool, reason: str) -> None:
-        """The one place a connection ends: close both sides, then (with the slot still held)
-        the TTL hook and a due restart, and last release the slot. The log line comes once
-        the slot has passed on, off the next client's way in; or, when a hook or a restart
-        is to run first, before them, so that what they log comes after it."""
+        """The one place a connection ends: close the backend side, then (with the slot still
+        held) the TTL hook and a due restart, and release the slot. The client's side is
+        closed and the log line written once the slot has passed on, off the next client's
+        way in; or, when a hook or a restart is to run first, before them (so that the client
+        is not kept waiting, and what they log comes after the line)."""
         conn.end = reason
         conn.ended_at = time.monotonic()
         if conn.relay is not None:
             conn.relay.stop()
             conn.relay = None
         conn.stop_watching()
-        logged = False
+        settled = False
         try:
             try:
-                # A client cut while active learns it with a reset; one turned away before it
-                # got a slot gets an orderly close; one whose finish time ran out after the
-                # backend closed is closed once it has finished sending (see _Lingering).
-                if reason == "closed" and conn.client_open:
-                    self._linger(conn.sock)
-                else:
-                    _close(conn.sock, held and reason in _ABORT_CLIENT)
                 if conn.upstream is not None:
                     graceful = conn.backend_finished and reason != "ttl"
                     _close(conn.upstream, not graceful)
                     conn.upstream = None
             finally:
                 if reason == "ttl" or (held and self._restart_reason is not None):
-                    logged = True
-                    self._account(conn, held, reason)
+                    settled = True
+                    self._settle(conn, held, reason)
             if reason == "ttl":
                 if self.on_timeout is not None:
                     try:
@@ -873,10 +867,23 @@ class TCPLock(StreamServer):
                         self._releasing = None
                 self._connections.pop(conn, None)
                 conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
-                if not logged:
-                    self._account(conn, held, reason)
+                if not settled:
+                    self._settle(conn, held, reason)
                 if not self._connections:
                     self._idle.set()
+
+    def _settle(self, conn: Connection, held: bool, reason: str) -> None:
+        """Close the client's side, and account for the connection (its log line)."""
+        try:
+            # A client cut while active learns it with a reset; one turned away before it got
+            # a slot gets an orderly close; one still open after the backend closed is closed
+            # once it has finished sending (see _Lingering).
+            if reason == "closed" and conn.client_open:
+                self._linger(conn.sock)
+            else:
+                _close(conn.sock, held and reason in _ABORT_CLIENT)
+        finally:
+            self._account(conn, held, reason)
 
     def _account(self, conn: Connection, held: bool, reason: str) -> None:
         """Counters, the connection's log line and the observers, as soon as it has ended (so
