@@ -328,6 +328,63 @@ def test_connection_lines_written_directly_match_the_formatters_lines(kind):
     assert out.getvalue().count("\n") == 1 and "127.0.0.1:4321" in out.getvalue()
 
 
+def test_log_lines_are_written_in_batches_and_warnings_at_once():
+    import logging
+
+    import gevent
+
+    from tcplock.cli import BatchedStream, LineHandler, TextFormatter
+
+    class Counting:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    out = Counting()
+    stream = BatchedStream(out, delay=0.05, limit=10_000)
+    handler = LineHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("tcplock.test-batched")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        for i in range(100):
+            logger.info("line %d", i)
+        assert out.writes == []  # gathered, not yet written
+        with gevent.Timeout(2):
+            while not out.writes:
+                gevent.sleep(0.01)
+        assert len(out.writes) == 1 and out.writes[0].count("\n") == 100
+        out.writes.clear()
+        for i in range(40):  # lines spread over 8 delays: a handful of writes, not one each
+            logger.info("spread %d", i)
+            gevent.sleep(0.01)
+        handler.flush()
+        assert sum(w.count("\n") for w in out.writes) == 40
+        assert len(out.writes) <= 15, len(out.writes)
+        out.writes.clear()
+        logger.info("before")
+        logger.warning("now")  # written at once, after the line before it
+        assert len(out.writes) == 1 and out.writes[0].splitlines()[0].endswith("INFO before")
+        assert out.writes[0].splitlines()[1].endswith("WARNING now")
+        for i in range(400):  # past the limit: written without waiting for the timer
+            logger.info("filler %d", i)
+        assert len(out.writes) >= 2
+        logger.info("last")
+        handler.flush()
+        assert out.writes[-1].endswith("INFO last\n")
+        assert sum(w.count("\n") for w in out.writes) == 2 + 400 + 1
+    finally:
+        logger.removeHandler(handler)
+        stream.close()
+
+
 def test_cli_log_handler_writes_plain_lines_tracebacks_and_honours_filters():
     import io
     import logging
