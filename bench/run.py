@@ -12,7 +12,8 @@ tcplock from this checkout with pip), starts every server on 127.0.0.1 only, and
             req/s, higher is better.  Peers: direct, haproxy-mc1 (server maxconn 1),
             tcplock (--slots 1), tcplock-quiet (--slots 1 --log-level warning), and
             tcplock-cft0 (--slots 1 --client-finish-timeout 0: the slot passes on as the
-            backend closes, as haproxy's does, instead of when the client has closed too).
+            backend closes without asking the kernel whether it closed for good; nginx does,
+            so this differs from tcplock only by the cost of that question).
   bulk      one iperf3 TCP stream.  Gbit/s, higher is better.  Peers: direct, haproxy (default
             config: no maxconn), tcplock and tcplock-quiet with --slots 2 (iperf3 opens a control
             and a data connection).
