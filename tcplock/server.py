@@ -1248,9 +1248,8 @@ class _Lingering:
     def __init__(self, registry: dict, sock, loop, seconds: float) -> None:
         self.sock = sock
         self.registry = registry
-        self.watch = self.timer = None
-        if self._drain():
-            return
+        # No read now: the client has seldom sent anything yet, and if it has (or has closed),
+        # the watcher fires on the next turn of the loop.
         registry[self] = None
         self.watch = loop.io(sock.fileno(), 1)
         self.watch.start(self.readable)
