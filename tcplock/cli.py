@@ -454,10 +454,17 @@ def raise_descriptor_limit() -> int:
     return soft
 
 
+def max_lingering(capacity: int) -> int:
+    """Clients whose slot passed on before they closed that are kept open at once (the rest
+    are closed at once): at most 256, and an eighth of the descriptor limit."""
+    return min(256, capacity // 8)
+
+
 def default_max_queue(capacity: int, slots: int) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
-    active connection up to six (client, backend, and a pipe each way for bulk data)."""
-    return max(0, capacity - _RESERVED_FDS - 6 * slots)
+    active connection up to six (client, backend, and a pipe each way for bulk data), and each
+    lingering client one (see max_lingering)."""
+    return max(0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity))
 
 
 def notify(state: str) -> None:
@@ -753,6 +760,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         restart_on_timeout=args.restart_on_timeout,
         ready_timeout=args.ready_timeout,
     )
+    lock.max_lingering = max_lingering(capacity)
     if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
         lock.connection_log = connection_writer(handler)
     # Handlers first: a supervisor may send SIGTERM as soon as it sees the first log line.

@@ -36,6 +36,13 @@ def call_hook(name: str, hook: Callable, arg, timeout: Optional[float]) -> None:
     hook that spins on the CPU without yielding cannot be interrupted (nor can anything else in
     a gevent process).
     """
+    # What was logged before the hook comes before what the hook prints (the CLI writes its
+    # log in batches; a command hook writes to the same standard error directly).
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # pragma: no cover - a broken handler must not stop the hook
+            pass
     timer = gevent.Timeout(timeout) if timeout else None
     if timer is not None:
         timer.start()

@@ -289,6 +289,7 @@ class Relay:
         self._finish_timeout: Optional[float] = None
         self._client_finish_timeout: Optional[float] = None
         self._timer = None
+        self._recheck = None
         self._expired = False
         self._finishing = False
         self._deferred = False
@@ -371,8 +372,13 @@ class Relay:
                 limit = self._client_finish_timeout
                 closed = self.backend_closed
                 if limit == 0 or (closed is not None and closed(self.backend)):
-                    self._expire()
-                elif limit is not None:
+                    return self._expire()
+                if closed is not None and self._recheck is None:
+                    # The FIN can arrive a moment before the closing process has let go of its
+                    # socket: ask once more shortly.
+                    self._recheck = self.loop.timer(0.001)
+                    self._recheck.start(self._recheck_backend)
+                if limit is not None:
                     self._timer = self.loop.timer(limit)
                     self._timer.start(self._expire)
             elif up.done:
@@ -391,6 +397,17 @@ class Relay:
     def _expire(self) -> None:
         self._expired = True
         self.changed()
+
+    def _recheck_backend(self) -> None:
+        self._recheck.close()
+        self._recheck = None
+        if (
+            self.reason is None
+            and not self._finishing
+            and self.failure is None
+            and self.backend_closed(self.backend)
+        ):
+            self._expire()
 
     def _check_client(self) -> None:
         if _gone(self.client):
@@ -453,6 +470,10 @@ class Relay:
             self._timer.stop()
             self._timer.close()
             self._timer = None
+        if self._recheck is not None:
+            self._recheck.stop()
+            self._recheck.close()
+            self._recheck = None
 
 
 def _gone(sock) -> bool:

@@ -378,6 +378,7 @@ class TCPLock(StreamServer):
         self._stopping = False
         self._addrinfo: Optional[list] = None
         self._peer_check = PeerCheck()
+        self._activating = False
         self._hub = gevent.get_hub()
         self._operator_paused = False
         #: Finished connections by end reason, and their bytes in each direction.
@@ -595,15 +596,24 @@ class TCPLock(StreamServer):
 
     def _spawn(self, conn: Connection) -> None:
         if self.on_activate is None and self.on_timeout is None and self.restart is None:
-            return self._activate(conn)
+            if self._activating:
+                # Granted by a connection that ended while being activated: start this one on
+                # the next turn, not inside that one's call (a queue of such ends would
+                # recurse through the whole queue).
+                self.loop.run_callback(self._activate, conn)
+            else:
+                self._activate(conn)
+            return
         self._spawn_greenlet(conn)
 
     def _spawn_greenlet(self, conn: Connection) -> None:
+        # (A connection that comes from _activate, its backend not ready, is already active.)
+        others = len(self._active) - (conn.activation is not None)
         if (
             self._releasing is not None
             and self._handed is None
             and not self._parked
-            and len(self._active) == self.gate.held - 1
+            and others == self.gate.held - 1
         ):
             # The slot was released by a finishing connection's greenlet: it serves this one
             # next, straight away, instead of waking another through the event loop. Not if
@@ -668,6 +678,13 @@ class TCPLock(StreamServer):
 
     def _activate(self, conn: Connection) -> None:
         """A granted connection with no hooks to run: connect and relay from the event loop."""
+        self._activating = True
+        try:
+            self._activate_now(conn)
+        finally:
+            self._activating = False
+
+    def _activate_now(self, conn: Connection) -> None:
         conn.running = True
         if self._stopping:
             return self._end(conn, True, "shutdown")
@@ -867,10 +884,12 @@ class TCPLock(StreamServer):
                         self._releasing = None
                 self._connections.pop(conn, None)
                 conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
-                if not settled:
-                    self._settle(conn, held, reason)
-                if not self._connections:
-                    self._idle.set()
+                try:
+                    if not settled:
+                        self._settle(conn, held, reason)
+                finally:
+                    if not self._connections:
+                        self._idle.set()
 
     def _settle(self, conn: Connection, held: bool, reason: str) -> None:
         """Close the client's side, and account for the connection (its log line)."""
@@ -896,7 +915,10 @@ class TCPLock(StreamServer):
         self.bytes_down_total += conn.bytes_down
         if reason != "not-allowed" or self._log_refusal(conn):
             if self.connection_log is not None:
-                self.connection_log(conn)
+                try:
+                    self.connection_log(conn)
+                except Exception:
+                    log.exception("connection_log %r failed", self.connection_log)
             elif log.isEnabledFor(logging.INFO):
                 log.info("%s", conn.describe(), extra={"connection": conn})
         for observe in self.end_observers:
@@ -1090,7 +1112,11 @@ class TCPLock(StreamServer):
             except OSError:
                 return None, 0
         family, type_, proto, _name, sockaddr = addrs[0]
-        s = _socket.socket(family, type_ | _NONBLOCK, proto)
+        try:
+            s = _socket.socket(family, type_ | _NONBLOCK, proto)
+        except OSError as e:
+            # Out of descriptors, say: the greenlet path retries within connect_timeout.
+            return None, e.errno or errno.EMFILE
         try:
             if not _NONBLOCK:
                 s.setblocking(False)
@@ -1118,7 +1144,7 @@ class TCPLock(StreamServer):
             )
             self._addrinfo = addrs
         error: OSError = OSError("no address")
-        for family, type_, proto, _name, sockaddr in addrs:
+        for i, (family, type_, proto, _name, sockaddr) in enumerate(addrs):
             # A plain non-blocking socket, like the client's: the relay drives both from the
             # event loop.
             s = _socket.socket(family, type_ | _NONBLOCK, proto)
@@ -1142,6 +1168,10 @@ class TCPLock(StreamServer):
             except BaseException:
                 s.close()
                 raise
+            if i and self._addrinfo is addrs:
+                # Try the address that answered first next time (a name whose first address
+                # refuses, such as localhost's ::1 for a server on 127.0.0.1 only).
+                self._addrinfo = [addrs[i], *addrs[:i], *addrs[i + 1 :]]
             return s
         self._addrinfo = None
         raise error

@@ -212,6 +212,32 @@ def test_cli_command_hooks_run_with_context(cli, make_backend, tmp_path):
     c.close()
 
 
+def test_hook_output_comes_after_the_lines_logged_before_the_hook(cli, make_backend):
+    backend = make_backend("never")
+    p = cli.to(
+        backend,
+        "--timeout",
+        "300ms",
+        "--on-activate",
+        "echo ACTIVATE-$TCPLOCK_CONNECTION_ID >&2",
+        "--on-timeout",
+        "echo TIMEOUT-$TCPLOCK_CONNECTION_ID >&2",
+    )
+    port = p.wait_ready()
+    a = connect(port)
+    b = connect(port)
+    p.wait_for("TIMEOUT-2")
+    lines = [line for line in p.lines if "end=" in line or "ACTIVATE-" in line or "TIMEOUT-" in line]
+    kinds = [
+        "ttl" if "end=ttl" in line else line.strip().split()[-1] for line in lines
+    ]
+    # Each connection's line comes before its on-timeout output, and the first connection's
+    # line before the second's on-activate output.
+    assert kinds[:6] == ["ACTIVATE-1", "ttl", "TIMEOUT-1", "ACTIVATE-2", "ttl", "TIMEOUT-2"], lines
+    a.close()
+    b.close()
+
+
 def test_listen_on_ipv6_loopback(cli, make_backend):
     if not _stdsocket.has_ipv6:
         pytest.skip("no IPv6")

@@ -182,8 +182,12 @@ def test_gunicorn_four_workers_share_one_lock(make_backend, gunicorn):
     assert backend.count == n
     assert backend.most == 1, f"the backend saw {backend.most} connections at once"
     # And the requests really were concurrent upstream: most of them waited in tcplock's queue
-    # (its per-connection log lines go to gunicorn's stderr).
-    queued = [float(x) for x in re.findall(r"queued=([\d.]+)s .* end=closed", g.output())]
+    # (its per-connection log lines go to gunicorn's stderr, written in batches).
+    def queued_times():
+        return [float(x) for x in re.findall(r"queued=([\d.]+)s .* end=closed", g.output())]
+
+    wait_until(lambda: len(queued_times()) >= n, what="a log line per request")
+    queued = queued_times()
     assert len(queued) == n, g.output()
     assert sum(q >= 0.04 for q in queued) >= n // 2, queued
 

@@ -412,6 +412,8 @@ def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the
         assert recv_all(b) == b"answer 2"
         assert conn_log.next_end()["end"] == "closed"
         a.sendall(b"late")  # read and dropped while a lingers: no reset for a
+        gevent.sleep(0.05)
+        assert a.recv(1) == b""
     else:
         queued(lock, 1)
         gevent.sleep(0.2)
@@ -586,6 +588,28 @@ def test_a_backend_that_never_accepts_is_given_up_after_connect_timeout(make_loc
     # The time spent connecting from the event loop counts: not a second connect_timeout on top.
     assert 0.5 <= float(line["active"]) < 0.9
     assert recv_all(c) == b""
+    for s in (c, filler, listener):
+        s.close()
+
+
+def test_stop_cuts_a_connection_still_connecting_in_the_event_loop(make_lock, conn_log):
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    lock = make_lock(listener.getsockname()[1], connect_timeout=10.0)
+    _warm(lock, listener)
+    assert conn_log.next_end()["end"] == "closed"
+    filler = _stdsocket.create_connection(listener.getsockname())
+    c = connect(lock.server_port)
+    active(lock, 1)
+    conn = lock.active[0]
+    wait_until(lambda: conn.upstream is not None and conn.watch is not None, what="connecting")
+    lock.stop(timeout=0.2)
+    assert conn_log.next_end()["end"] == "shutdown"
+    assert lock.gate.held == 0 and conn.watch is None and conn.timer is None
+    with pytest.raises((ConnectionResetError, EOFError)):
+        if not c.recv(1):
+            raise EOFError
     for s in (c, filler, listener):
         s.close()
 

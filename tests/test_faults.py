@@ -300,6 +300,39 @@ def test_descriptor_exhaustion_is_survived_logged_once_and_recovered(make_backen
         p.kill()
 
 
+def test_no_descriptor_for_the_backend_is_a_refused_backend_not_an_error_cascade():
+    # Every descriptor is taken by waiting clients and the backend refuses: each client that
+    # gets the slot finds no descriptor for its backend socket. That is retried like a refused
+    # connect, client after client; it once ended each as an error, at once, through the queue.
+    placeholder = socket.socket()
+    placeholder.bind((LOOPBACK, 0))
+    dead_port = placeholder.getsockname()[1]
+    placeholder.close()
+    p = _limited_cli(
+        ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(dead_port),
+         "--max-queue", "1000", "--connect-timeout", "0.2s"],
+        nofile=64,
+    )  # fmt: skip
+    try:
+        port = p.wait_ready()
+        flood = []
+        for _ in range(100):
+            c = connect(port)
+            c.sendall(b"x")
+            flood.append(c)
+        p.wait_for("cannot accept new clients")
+        with gevent.Timeout(20):
+            while sum("end=backend-refused" in line for line in p.lines) < 4:
+                gevent.sleep(0.05)
+        assert not any("end=error" in line for line in p.lines), p.output()
+        assert "Traceback" not in p.output()
+        assert p.proc.poll() is None
+    finally:
+        for c in flood:
+            c.close()
+        p.kill()
+
+
 def test_default_max_queue_fits_the_descriptor_limit(make_backend):
     backend = make_backend("hold")
     p = _limited_cli(
@@ -309,7 +342,8 @@ def test_default_max_queue_fits_the_descriptor_limit(make_backend):
     try:
         port = p.wait_ready()
         line = p.wait_for("max-queue")
-        assert "max-queue 58" in line  # 128 - 64 reserved - 6 for the active connection
+        # 128 - 64 reserved - 6 for the active connection - 16 for lingering clients
+        assert "max-queue 42" in line
         clients = [connect(port) for _ in range(100)]
         backend.next_conn()
         p.wait_for("end=queue-full")
