@@ -57,6 +57,12 @@ class PeerCheck:
         """True if no process holds the far end of ``sock`` any more, so nothing can read what
         is sent to it; False if one does; None if it cannot be told (the far end is not on
         loopback, or the kernel will not say)."""
+        question = self.question(sock)
+        return None if question is None else self.ask(question)
+
+    def question(self, sock) -> Optional[bytes]:
+        """The request about ``sock``'s far end, made ahead of time, for :meth:`ask`; None if
+        there is nothing to ask (not on loopback, or the kernel will not say)."""
         if self.unavailable:
             return None
         try:
@@ -70,22 +76,31 @@ class PeerCheck:
                 return None
             local = sock.getsockname()
             family = sock.family
-            if self._sock is None:
-                self._sock = _socket.socket(
-                    _socket.AF_NETLINK, _socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG
-                )
-            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
             # The far end's view of the connection: its address is our peer, ours its peer.
-            body = (
+            return (
                 _REQUEST.pack(family, _socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
                 + _PORTS.pack(peer[1], local[1])
                 + _socket.inet_pton(family, peer[0]).ljust(16, b"\0")
                 + _socket.inet_pton(family, local[0]).ljust(16, b"\0")
                 + _TAIL.pack(0, _NO_COOKIE, _NO_COOKIE)
             )
+        except (OSError, ValueError):
+            return None
+
+    def ask(self, question: bytes) -> Optional[bool]:
+        """Send a :meth:`question`: True if the far end is closed for good, False if a process
+        still holds it, None if it cannot be told."""
+        if self.unavailable:
+            return None
+        try:
+            if self._sock is None:
+                self._sock = _socket.socket(
+                    _socket.AF_NETLINK, _socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG
+                )
+            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
             self._sock.send(
-                _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY,
-                                   _NLM_F_REQUEST, seq, 0) + body
+                _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(question), _SOCK_DIAG_BY_FAMILY,
+                                   _NLM_F_REQUEST, seq, 0) + question
             )  # fmt: skip
             # The kernel answers within the request: the reply is already there.
             reply = self._sock.recv(4096, _socket.MSG_DONTWAIT)

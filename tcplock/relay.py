@@ -279,10 +279,10 @@ class Relay:
         #: closed and the client's finish time ran out.
         self.client_open = False
         self.failure: _Failure = None
-        #: Optional: called with the backend socket once the backend has finished sending;
-        #: True means it has closed the connection for good (nothing on its side can read any
-        #: more), so the exchange is over without waiting for the client (see peer.py).
-        self.backend_closed: Optional[Callable[[object], Optional[bool]]] = None
+        #: Optional: called once the backend has finished sending; True means it has closed
+        #: the connection for good (nothing on its side can read any more), so the exchange
+        #: is over without waiting for the client (see peer.py).
+        self.backend_closed: Optional[Callable[[], Optional[bool]]] = None
         self._on_done: Optional[Callable[[], object]] = None
         self._up: Optional[_Direction] = None
         self._down: Optional[_Direction] = None
@@ -371,7 +371,7 @@ class Relay:
                 # may still be reading) the client gets a bounded time to finish too.
                 limit = self._client_finish_timeout
                 closed = self.backend_closed
-                if limit == 0 or (closed is not None and closed(self.backend)):
+                if limit == 0 or (closed is not None and closed()):
                     return self._expire()
                 if closed is not None and self._recheck is None:
                     # The FIN can arrive a moment before the closing process has let go of its
@@ -405,7 +405,7 @@ class Relay:
             self.reason is None
             and not self._finishing
             and self.failure is None
-            and self.backend_closed(self.backend)
+            and self.backend_closed()
         ):
             self._expire()
 

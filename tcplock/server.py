@@ -731,18 +731,22 @@ class TCPLock(StreamServer):
         self._addrinfo = None
         self._spawn_greenlet(conn)
 
-    def _new_relay(self, conn: Connection) -> Relay:
-        relay = Relay(conn.sock, conn.upstream, conn)
+    def _ask_backend_close(self, relay: Relay) -> None:
+        # Made ahead, while the backend works on the request: when its FIN comes, only the
+        # question itself is left to send.
         if self.check_backend_close:
-            relay.backend_closed = self._peer_check.closed
-        return relay
+            question = self._peer_check.question(relay.backend)
+            if question is not None:
+                relay.backend_closed = partial(self._peer_check.ask, question)
 
     def _relay(self, conn: Connection) -> None:
-        relay = conn.relay = self._new_relay(conn)
+        relay = conn.relay = Relay(conn.sock, conn.upstream, conn)
         if self.timeout:
             conn.timer = self.loop.timer(self.timeout)
             conn.timer.start(self._cut, conn, "ttl")
         relay.start(partial(self._relayed, conn), self.finish_timeout, self.client_finish_timeout)
+        if relay.reason is None:
+            self._ask_backend_close(relay)
 
     def _relayed(self, conn: Connection) -> None:
         relay = conn.relay
@@ -805,7 +809,8 @@ class TCPLock(StreamServer):
         if backend is None:
             return "backend-refused"
         conn.upstream = backend
-        relay = self._new_relay(conn)
+        relay = Relay(conn.sock, backend, conn)
+        self._ask_backend_close(relay)
         ttl = gevent.Timeout(self.timeout) if self.timeout else None
         try:
             if ttl is not None:
