@@ -533,6 +533,19 @@ def _warm(lock, listener):
     b.close()
 
 
+def _lock_before_a_full_backend(make_lock, conn_log, connect_timeout):
+    """A lock whose backend's accept queue is full: its next connection's SYN is dropped, so
+    that connection stays under way (the SYN is sent again after about a second)."""
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)  # one connection waiting to be accepted fills its queue
+    lock = make_lock(listener.getsockname()[1], connect_timeout=connect_timeout)
+    _warm(lock, listener)
+    assert conn_log.next_end()["end"] == "closed"
+    filler = _stdsocket.create_connection(listener.getsockname())
+    return lock, listener, filler
+
+
 def test_connections_without_hooks_are_served_without_a_greenlet(make_backend, make_lock):
     backend = make_backend("echo")
     lock = make_lock(backend)
@@ -548,13 +561,7 @@ def test_connections_without_hooks_are_served_without_a_greenlet(make_backend, m
 
 
 def test_a_backend_slow_to_accept_is_waited_for_by_the_event_loop(make_lock, conn_log):
-    listener = socket.socket()
-    listener.bind((LOOPBACK, 0))
-    listener.listen(0)  # one connection waiting to be accepted fills its queue
-    lock = make_lock(listener.getsockname()[1], connect_timeout=10.0)
-    _warm(lock, listener)
-    assert conn_log.next_end()["end"] == "closed"
-    filler = _stdsocket.create_connection(listener.getsockname())
+    lock, listener, filler = _lock_before_a_full_backend(make_lock, conn_log, 10.0)
     c = connect(lock.server_port)
     c.sendall(b"ping")
     active(lock, 1)
@@ -575,13 +582,7 @@ def test_a_backend_slow_to_accept_is_waited_for_by_the_event_loop(make_lock, con
 
 
 def test_a_backend_that_never_accepts_is_given_up_after_connect_timeout(make_lock, conn_log):
-    listener = socket.socket()
-    listener.bind((LOOPBACK, 0))
-    listener.listen(0)
-    lock = make_lock(listener.getsockname()[1], connect_timeout=0.5)
-    _warm(lock, listener)
-    assert conn_log.next_end()["end"] == "closed"
-    filler = _stdsocket.create_connection(listener.getsockname())
+    lock, listener, filler = _lock_before_a_full_backend(make_lock, conn_log, 0.5)
     c = connect(lock.server_port)
     line = conn_log.next_end()
     assert line["end"] == "backend-refused"
@@ -593,13 +594,7 @@ def test_a_backend_that_never_accepts_is_given_up_after_connect_timeout(make_loc
 
 
 def test_stop_cuts_a_connection_still_connecting_in_the_event_loop(make_lock, conn_log):
-    listener = socket.socket()
-    listener.bind((LOOPBACK, 0))
-    listener.listen(0)
-    lock = make_lock(listener.getsockname()[1], connect_timeout=10.0)
-    _warm(lock, listener)
-    assert conn_log.next_end()["end"] == "closed"
-    filler = _stdsocket.create_connection(listener.getsockname())
+    lock, listener, filler = _lock_before_a_full_backend(make_lock, conn_log, 10.0)
     c = connect(lock.server_port)
     active(lock, 1)
     conn = lock.active[0]
