@@ -89,7 +89,8 @@ class _Direction:
         self.on_read.start(self.readable)
 
     def stop(self) -> None:
-        self.on_read.stop()
+        if self.on_read is not None:
+            self.on_read.stop()
         if self.on_write is not None:
             self.on_write.stop()
 
@@ -97,7 +98,8 @@ class _Direction:
         # Closed watchers still hold their callbacks (bound methods of this object): drop
         # them, so that a finished relay is freed by reference counting, not the cycle
         # collector.
-        self.on_read.close()
+        if self.on_read is not None:
+            self.on_read.close()
         if self.on_write is not None:
             self.on_write.close()
         self.on_read = self.on_write = self.relay = self.other = None
@@ -278,6 +280,11 @@ class Relay:
         #: True if the exchange ended while the client could still send: the backend had
         #: closed and the client's finish time ran out.
         self.client_open = False
+        #: When the exchange ended with the client still open: the (stopped) event-loop
+        #: watcher of the client's socket, for the caller to go on watching it with. The
+        #: caller closes it. Watching the socket afresh would cost system calls to register
+        #: it with the event loop again.
+        self.client_watch = None
         self.failure: _Failure = None
         #: Optional: called once the backend has finished sending; True means it has closed
         #: the connection for good (nothing on its side can read any more), so the exchange
@@ -460,6 +467,9 @@ class Relay:
         self._stop_timer()
         up, down = self._up, self._down
         self._up = self._down = None
+        if up is not None and self.client_open and self.reason == "closed":
+            up.on_read.stop()
+            self.client_watch, up.on_read = up.on_read, None
         for d in (up, down):
             if d is not None:
                 d.stop()

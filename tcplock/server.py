@@ -130,6 +130,7 @@ class Connection:
         "end",
         "backend_finished",
         "client_open",
+        "client_watch",
         "ticket",
         "watch",
         "timer",
@@ -171,6 +172,7 @@ class Connection:
         self.end: Optional[str] = None
         self.backend_finished = False
         self.client_open = False
+        self.client_watch = None  # the relay's watcher of a client left open (see _settle)
 
     @property
     def queued_seconds(self) -> float:
@@ -248,11 +250,13 @@ class TCPLock(StreamServer):
     backlog = 1024
     #: First pause before a failed restart is tried again; it doubles up to 30 s.
     restart_retry_delay = 1.0
-    #: Seconds between checks for resets of waiting clients that have sent data.
+    #: Seconds between checks for resets of waiting clients that have sent data (and for
+    #: lingering clients whose time is up).
     sweep_interval = 1.0
     #: Once its slot has passed on, how long a client that has not closed may go on sending
-    #: (what it sends is dropped) before its socket is closed; and how many such clients at
-    #: most (beyond that they are closed at once).
+    #: (what it sends is dropped) before its socket is closed, by the sweep, so up to
+    #: sweep_interval later; and how many such clients at most (beyond that they are closed
+    #: at once).
     linger_time = 5.0
     max_lingering = 256
     #: Called with each connection that has ended, in place of its INFO line through
@@ -564,7 +568,8 @@ class TCPLock(StreamServer):
     def _sweep(self) -> None:
         """Once a second, in the event loop: a waiting client that sent its request is no
         longer watched for readiness (its data keeps the socket readable), so look for a reset
-        here. One that merely closed its sending side keeps its place, as it should."""
+        here. One that merely closed its sending side keeps its place, as it should. Lingering
+        clients whose time is up are closed here too (one timer for all of them)."""
         for conn in list(self._connections):
             if (
                 not conn.running
@@ -577,6 +582,14 @@ class TCPLock(StreamServer):
                     gone = True
                 if gone and conn.ticket is not None:
                     conn.ticket.cancel("left-queue")
+        lingering = self._lingering
+        if lingering:
+            now = time.monotonic()
+            while lingering:
+                oldest = next(iter(lingering))
+                if oldest.until > now:
+                    break
+                oldest.close()
 
     def do_close(self, *args) -> None:
         pass  # every connection is closed by _end
@@ -752,6 +765,7 @@ class TCPLock(StreamServer):
         relay = conn.relay
         conn.backend_finished = relay.backend_finished
         conn.client_open = relay.client_open
+        conn.client_watch = relay.client_watch
         self._end(conn, True, relay.reason)
 
     def _cut(self, conn: Connection, reason: str) -> None:
@@ -825,6 +839,7 @@ class TCPLock(StreamServer):
                 ttl.close()
             conn.backend_finished = relay.backend_finished
             conn.client_open = relay.client_open
+            conn.client_watch = relay.client_watch
 
     def _activated(self, conn: Connection) -> None:
         self.activations += 1
@@ -902,9 +917,12 @@ class TCPLock(StreamServer):
             # A client cut while active learns it with a reset; one turned away before it got
             # a slot gets an orderly close; one still open after the backend closed is closed
             # once it has finished sending (see _Lingering).
+            watch, conn.client_watch = conn.client_watch, None
             if reason == "closed" and conn.client_open:
-                self._linger(conn.sock)
+                self._linger(conn.sock, watch)
             else:
+                if watch is not None:
+                    watch.close()
                 _close(conn.sock, held and reason in _ABORT_CLIENT)
         finally:
             self._account(conn, held, reason)
@@ -1212,11 +1230,14 @@ class TCPLock(StreamServer):
             lingering.close()
         self._peer_check.close()
 
-    def _linger(self, sock) -> None:
+    def _linger(self, sock, watch=None) -> None:
         if len(self._lingering) >= self.max_lingering:
+            if watch is not None:
+                watch.close()
             _close(sock, False)
         else:
-            _Lingering(self._lingering, sock, self.loop, self.linger_time)
+            until = time.monotonic() + self.linger_time
+            _Lingering(self._lingering, sock, watch, self.loop, until)
 
 
 # Keepalive: a peer whose host vanished is noticed after about a minute of silence, not the
@@ -1273,23 +1294,24 @@ class _Lingering:
     """The last of a client whose slot passed on when the backend closed, before the client did.
 
     Its socket stays open, what it still sends is read and dropped, and it is closed once the
-    client has finished sending or after ``seconds``. Closing it at once would answer the
-    client's next bytes with a reset, and a reset destroys whatever of the reply is still
-    queued for it.
+    client has finished sending, or by the lock's sweep once ``until`` (a monotonic time) has
+    passed. Closing it at once would answer the client's next bytes with a reset, and a reset
+    destroys whatever of the reply is still queued for it. ``watch`` is the relay's watcher of
+    the socket, if it left one (None: a new one is made).
     """
 
-    __slots__ = ("sock", "registry", "watch", "timer")
+    __slots__ = ("sock", "registry", "watch", "until")
 
-    def __init__(self, registry: dict, sock, loop, seconds: float) -> None:
+    def __init__(self, registry: dict, sock, watch, loop, until: float) -> None:
         self.sock = sock
         self.registry = registry
+        self.until = until
         # No read now: the client has seldom sent anything yet, and if it has (or has closed),
-        # the watcher fires on the next turn of the loop.
+        # the watcher fires on the next turn of the loop. The registry is in order of
+        # ``until``: the sweep closes from its front.
         registry[self] = None
-        self.watch = loop.io(sock.fileno(), 1)
+        self.watch = watch if watch is not None else loop.io(sock.fileno(), 1)
         self.watch.start(self.readable)
-        self.timer = loop.timer(seconds)
-        self.timer.start(self.close)
 
     def _drain(self) -> bool:
         """Read what is there; True (and closed) if the client has finished."""
@@ -1312,13 +1334,11 @@ class _Lingering:
     def close(self) -> None:
         if self.sock is None:
             return
-        for watcher in (self.watch, self.timer):
-            if watcher is not None:
-                watcher.stop()
-                watcher.close()
+        self.watch.stop()
+        self.watch.close()
         self.registry.pop(self, None)
         self.sock.close()
-        self.sock = self.registry = self.watch = self.timer = None
+        self.sock = self.registry = self.watch = None
 
 
 def _watch_departure(sock, ticket: Ticket):
