@@ -126,10 +126,15 @@ class _Direction:
         # Pass the EOF on, unless the other way is done too: then both sockets are closed at
         # once, which sends the same FIN without a system call of its own.
         if not self.discard and not self.other.done:
-            try:
-                self.dst.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                return self._fail(self.dst_side, e)
+            if self.src_side == BACKEND:
+                # Passed on in Relay.changed(), unless the exchange ends there and then: the
+                # caller sends it then, once the slot has passed on (Relay.client_fin).
+                self.relay.client_fin = True
+            else:
+                try:
+                    self.dst.shutdown(socket.SHUT_WR)
+                except OSError as e:
+                    return self._fail(self.dst_side, e)
         self.relay.changed()
 
     # -- plain copying through the buffer --------------------------------------------------------
@@ -285,6 +290,13 @@ class Relay:
         #: caller closes it. Watching the socket afresh would cost system calls to register
         #: it with the event loop again.
         self.client_watch = None
+        #: True if the exchange ended with the backend's EOF not yet passed on to the
+        #: client: the caller shuts the client's side down (it closes for good or lingers).
+        self.client_fin = False
+        #: True if the exchange ended "closed" with nothing more to reach the backend: it has
+        #: the client's EOF, or it closed the connection for good. The caller may then close
+        #: the backend socket after passing the slot on: the backend cannot tell.
+        self.backend_done = False
         self.failure: _Failure = None
         #: Optional: called once the backend has finished sending; True means it has closed
         #: the connection for good (nothing on its side can read any more), so the exchange
@@ -370,6 +382,7 @@ class Relay:
         elif self._expired or (up.done and down.done):
             self.backend_finished = True
             self.client_open = not up.done
+            self.backend_done = self.backend_done or up.done
             self._end("closed")
         elif self._timer is None:
             if down.done:
@@ -378,8 +391,17 @@ class Relay:
                 # may still be reading) the client gets a bounded time to finish too.
                 limit = self._client_finish_timeout
                 closed = self.backend_closed
-                if limit == 0 or (closed is not None and closed()):
+                if limit == 0:
                     return self._expire()
+                if closed is not None and closed():
+                    self.backend_done = True
+                    return self._expire()
+                if self.client_fin:
+                    self.client_fin = False
+                    try:
+                        self.client.shutdown(socket.SHUT_WR)
+                    except OSError as e:
+                        return self.failed(CLIENT, e)
                 if closed is not None and self._recheck is None:
                     # The FIN can arrive a moment before the closing process has let go of its
                     # socket: ask once more shortly.
@@ -414,6 +436,7 @@ class Relay:
             and self.failure is None
             and self.backend_closed()
         ):
+            self.backend_done = True
             self._expire()
 
     def _check_client(self) -> None:

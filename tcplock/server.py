@@ -128,9 +128,7 @@ class Connection:
         "bytes_up",
         "bytes_down",
         "end",
-        "backend_finished",
-        "client_open",
-        "client_watch",
+        "outcome",
         "ticket",
         "watch",
         "timer",
@@ -170,9 +168,8 @@ class Connection:
         self.bytes_down = 0
         #: How the connection ended (one of END_REASONS), once it has.
         self.end: Optional[str] = None
-        self.backend_finished = False
-        self.client_open = False
-        self.client_watch = None  # the relay's watcher of a client left open (see _settle)
+        #: The relay, once it has finished: how the exchange ended, for _end and _settle.
+        self.outcome: Optional[Relay] = None
 
     @property
     def queued_seconds(self) -> float:
@@ -762,10 +759,7 @@ class TCPLock(StreamServer):
             self._ask_backend_close(relay)
 
     def _relayed(self, conn: Connection) -> None:
-        relay = conn.relay
-        conn.backend_finished = relay.backend_finished
-        conn.client_open = relay.client_open
-        conn.client_watch = relay.client_watch
+        relay = conn.outcome = conn.relay
         self._end(conn, True, relay.reason)
 
     def _cut(self, conn: Connection, reason: str) -> None:
@@ -837,9 +831,7 @@ class TCPLock(StreamServer):
         finally:
             if ttl is not None:
                 ttl.close()
-            conn.backend_finished = relay.backend_finished
-            conn.client_open = relay.client_open
-            conn.client_watch = relay.client_watch
+            conn.outcome = relay
 
     def _activated(self, conn: Connection) -> None:
         self.activations += 1
@@ -860,11 +852,17 @@ class TCPLock(StreamServer):
             conn.relay = None
         conn.stop_watching()
         settled = False
+        outcome = conn.outcome
         try:
             try:
-                if conn.upstream is not None:
-                    graceful = conn.backend_finished and reason != "ttl"
-                    _close(conn.upstream, not graceful)
+                # Once nothing more can reach the backend, closing its socket is not part of
+                # the exchange as the backend sees it: that waits until the slot has passed
+                # on (_settle). Otherwise it is closed now, before anyone else is let in.
+                if conn.upstream is not None and not (
+                    reason == "closed" and outcome is not None and outcome.backend_done
+                ):
+                    graceful = outcome is not None and outcome.backend_finished
+                    _close(conn.upstream, not (graceful and reason != "ttl"))
                     conn.upstream = None
             finally:
                 if reason == "ttl" or (held and self._restart_reason is not None):
@@ -912,14 +910,19 @@ class TCPLock(StreamServer):
                         self._idle.set()
 
     def _settle(self, conn: Connection, held: bool, reason: str) -> None:
-        """Close the client's side, and account for the connection (its log line)."""
+        """Close the client's side (and the backend's, if _end left it), and account for the
+        connection (its log line)."""
+        outcome, conn.outcome = conn.outcome, None
         try:
+            if conn.upstream is not None:
+                upstream, conn.upstream = conn.upstream, None
+                _close(upstream, False)
             # A client cut while active learns it with a reset; one turned away before it got
             # a slot gets an orderly close; one still open after the backend closed is closed
             # once it has finished sending (see _Lingering).
-            watch, conn.client_watch = conn.client_watch, None
-            if reason == "closed" and conn.client_open:
-                self._linger(conn.sock, watch)
+            watch = outcome.client_watch if outcome is not None else None
+            if reason == "closed" and outcome is not None and outcome.client_open:
+                self._linger(conn.sock, watch, outcome.client_fin)
             else:
                 if watch is not None:
                     watch.close()
@@ -1230,8 +1233,16 @@ class TCPLock(StreamServer):
             lingering.close()
         self._peer_check.close()
 
-    def _linger(self, sock, watch=None) -> None:
-        if len(self._lingering) >= self.max_lingering:
+    def _linger(self, sock, watch=None, fin: bool = False) -> None:
+        """Keep a client open that may still send (see _Lingering); ``fin``: the backend's EOF
+        has yet to be passed on to it."""
+        try:
+            if fin:
+                sock.shutdown(_stdsocket.SHUT_WR)
+            room = len(self._lingering) < self.max_lingering
+        except OSError:
+            room = False  # the client is gone already: nothing to linger for
+        if not room:
             if watch is not None:
                 watch.close()
             _close(sock, False)
