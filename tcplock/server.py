@@ -652,7 +652,7 @@ class TCPLock(StreamServer):
             turned = self.loop.iteration
             try:
                 self._serve(conn)
-                if self._handed is not None and self.loop.iteration == turned:
+                if self._handed_to(me) and self.loop.iteration == turned:
                     # That connection ended without waiting for anything (a hook that failed
                     # at once, say): let the event loop run before the next one, or a queue
                     # of such clients would be worked through with everything else stalled.
@@ -660,11 +660,11 @@ class TCPLock(StreamServer):
             except BaseException:
                 # Something escaped the connection (a gevent.Timeout a Python hook left
                 # running, say): the client its release let in must still be served.
-                handed, self._handed = self._handed, None
-                if handed is not None:
+                if self._handed_to(me):
+                    handed, self._handed = self._handed, None
                     self._spawn(handed)
                 raise
-            if self._handed is not None:
+            if self._handed_to(me):
                 conn, self._handed = self._handed, None
                 continue
             if self._stopping or len(self._workers) >= self.slots:
@@ -679,6 +679,10 @@ class TCPLock(StreamServer):
                 if me in self._workers:
                     self._workers.remove(me)
                 return
+
+    def _handed_to(self, me) -> bool:
+        # The hand-off is meant for the greenlet whose release made it, and no other.
+        return self._handed is not None and self._handed.greenlet is me
 
     # Without hooks nothing in a connection's life needs a greenlet: the event loop connects
     # it (on loopback the backend has accepted before connect() returns), relays it, and ends

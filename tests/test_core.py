@@ -1200,6 +1200,42 @@ def test_clients_that_end_without_waiting_do_not_stall_the_event_loop(
         c.close()
 
 
+def test_a_hand_off_is_taken_only_by_the_greenlet_it_was_made_for(
+    make_backend, make_lock, conn_log
+):
+    # Two slots and a hook, so greenlets serve every connection. P and B end in the same
+    # turn; one releaser's greenlet is handed A, whose hook fails at once, and A's release
+    # hands C to that same greenlet, which lets the loop turn before taking it. The other
+    # releaser's greenlet finishes meanwhile: it must not take C, or C would name a
+    # greenlet that does not serve it, and stop() would cut the wrong one and leave C open.
+    served_by = {}
+
+    def on_activate(conn):
+        served_by[conn.id] = gevent.getcurrent()
+        if conn.id == 3:
+            raise RuntimeError("A fails at once")
+
+    backend = make_backend("hold")
+    lock = make_lock(backend, slots=2, on_activate=on_activate)
+    p = connect(lock.server_port)
+    held_p = backend.next_conn()
+    b = connect(lock.server_port)
+    held_b = backend.next_conn()
+    waiting = [connect(lock.server_port) for _ in range(3)]  # A (#3), C (#4), D (#5)
+    queued(lock, 3)
+    held_p.release.set()  # both backend connections close in the same turn
+    held_b.release.set()
+    wait_until(lambda: {c.id for c in lock.active} == {4, 5}, what="C and D active")
+    c_conn = next(c for c in lock.active if c.id == 4)
+    assert c_conn.greenlet is served_by[4]
+    started = time.monotonic()
+    lock.stop(timeout=0)
+    assert lock.connections == [] and lock.gate.held == 0
+    assert time.monotonic() - started < 2
+    for c in (p, b, *waiting):
+        c.close()
+
+
 def test_a_finished_connection_no_longer_points_at_a_greenlet(make_backend, make_lock, conn_log):
     backend = make_backend("hold")
     lock = make_lock(backend, on_activate=lambda conn: None)  # served by greenlets
