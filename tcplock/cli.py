@@ -319,7 +319,7 @@ def build_parser() -> configargparse.ArgumentParser:
         metavar="DURATION",
         type=_duration(allow_zero=True),
         default=10.0,
-        help="on SIGTERM/SIGINT, how long active connections may finish (default: 10s)",
+        help="on SIGTERM/SIGINT/SIGHUP, how long active connections may finish (default: 10s)",
     )
     add(
         "--status",
@@ -772,7 +772,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             hurry.set()
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP as well: there is no configuration to reload, and its default action would kill
+    # the process on the spot, cutting every client and losing the batched log lines.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         gevent.signal_handler(sig, on_signal)
     try:
         lock.start()

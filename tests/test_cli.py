@@ -152,7 +152,10 @@ def test_config_file_and_environment_drive_a_real_run(cli, make_backend, tmp_pat
     backend.release_all()
 
 
-def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_backend):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_backend, sig):
+    # SIGHUP too: tcplock has nothing to reload, and dying on the spot would cut every client
+    # and lose the log lines still waiting for their batch.
     backend = make_backend("reply_at_eof")
     p = cli.to(backend, "--drain-timeout", "10s")
     port = p.wait_ready()
@@ -162,7 +165,7 @@ def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_
     waiting = connect(port)
     p.wait_for("")  # any output so far
     gevent.sleep(0.1)
-    p.signal(signal.SIGTERM)
+    p.signal(sig)
     assert recv_all(waiting) == b""
     p.wait_for(r"end=shutdown")
     assert p.proc.poll() is None  # still draining
@@ -227,7 +230,9 @@ def test_hook_output_comes_after_the_lines_logged_before_the_hook(cli, make_back
     a = connect(port)
     b = connect(port)
     p.wait_for("TIMEOUT-2")
-    lines = [line for line in p.lines if "end=" in line or "ACTIVATE-" in line or "TIMEOUT-" in line]
+    lines = [
+        line for line in p.lines if "end=" in line or "ACTIVATE-" in line or "TIMEOUT-" in line
+    ]
     kinds = [
         "ttl" if "end=ttl" in line else line.strip().split()[-1] for line in lines
     ]

@@ -1086,7 +1086,7 @@ def test_finished_greenlets_serve_the_next_connections_and_stop_ends_them(
     # A hook to run: each connection is served by a greenlet.
     lock = make_lock(backend, slots=2, on_activate=lambda conn: None)
     servers = []
-    for i in range(6):
+    for _ in range(6):
         c = connect(lock.server_port)
         c.sendall(b"x")
         assert recv_exactly(c, 1) == b"x"
@@ -1176,7 +1176,7 @@ def test_clients_that_end_without_waiting_do_not_stall_the_event_loop(
     first.sendall(b"a")
     assert recv_exactly(first, 1) == b"a"
     waiting = []
-    for i in range(50):
+    for _ in range(50):
         c = connect(lock.server_port)
         c.sendall(b"q")
         waiting.append(c)

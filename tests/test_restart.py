@@ -105,7 +105,7 @@ def test_connections_parked_for_a_restart_keep_their_turn(make_backend, make_loc
         c = connect(lock.server_port)
         c.sendall(tag)
         clients.append(c)
-        wait_until(lambda: lock.queued == i + 1, what=f"{i + 1} queued")
+        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
 
     def talk(tag, c):
         assert recv_exactly(c, 1, timeout=10) == tag
