@@ -343,9 +343,7 @@ class Relay:
         # turn of the event loop later. One read: a request seldom comes with its EOF.
         up.readable(1)
 
-    def run(
-        self, finish_timeout: Optional[float], client_finish_timeout: Optional[float]
-    ) -> str:
+    def run(self, finish_timeout: Optional[float], client_finish_timeout: Optional[float]) -> str:
         """Relay until the exchange has ended, waiting in the calling greenlet; return the end
         reason. Whatever interrupts the wait (a ``gevent.Timeout`` for the TTL, a kill) stops
         the relay."""

@@ -233,9 +233,7 @@ def test_hook_output_comes_after_the_lines_logged_before_the_hook(cli, make_back
     lines = [
         line for line in p.lines if "end=" in line or "ACTIVATE-" in line or "TIMEOUT-" in line
     ]
-    kinds = [
-        "ttl" if "end=ttl" in line else line.strip().split()[-1] for line in lines
-    ]
+    kinds = ["ttl" if "end=ttl" in line else line.strip().split()[-1] for line in lines]
     # Each connection's line comes before its on-timeout output, and the first connection's
     # line before the second's on-activate output.
     assert kinds[:6] == ["ACTIVATE-1", "ttl", "TIMEOUT-1", "ACTIVATE-2", "ttl", "TIMEOUT-2"], lines
@@ -351,7 +349,7 @@ def test_connection_lines_written_directly_match_the_formatters_lines(kind):
         record.connection = conn
         assert fmt.connection_line(conn, created) == fmt.format(record)
     line = fmt.connection_line(conn, 1_800_000_000.0)
-    assert ("127.0.0.1:4321" in line and "closed" in line and "145" in line), line
+    assert "127.0.0.1:4321" in line and "closed" in line and "145" in line, line
     out = io.StringIO()
     handler = LineHandler(out)
     handler.setFormatter(fmt)

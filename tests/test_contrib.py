@@ -181,6 +181,7 @@ def test_gunicorn_four_workers_share_one_lock(make_backend, gunicorn):
     n = len(requests)
     assert backend.count == n
     assert backend.most == 1, f"the backend saw {backend.most} connections at once"
+
     # And the requests really were concurrent upstream: most of them waited in tcplock's queue
     # (its per-connection log lines go to gunicorn's stderr, written in batches).
     def queued_times():

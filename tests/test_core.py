@@ -370,9 +370,7 @@ def test_client_finish_timeout_decides_whether_a_lingering_client_keeps_the_slot
         conn.sock.close()
 
     backend = make_backend(answer_and_half_close)
-    lock = make_lock(
-        backend, finish_timeout=10, client_finish_timeout=client_finish_timeout
-    )
+    lock = make_lock(backend, finish_timeout=10, client_finish_timeout=client_finish_timeout)
     a = connect(lock.server_port)
     backend.next_conn()
     b = connect(lock.server_port)
