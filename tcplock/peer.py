@@ -50,6 +50,8 @@ class PeerCheck:
         self._sock = None
         self._seq = 0
         self._loopback: dict = {}  # peer host -> whether it is on loopback
+        # (family, peer host, local host) -> the request's parts around the ports
+        self._parts: dict = {}
         #: Set once the kernel has refused the interface (a sandbox, say): no more asking.
         self.unavailable = not SUPPORTED
 
@@ -60,30 +62,42 @@ class PeerCheck:
         question = self.question(sock)
         return None if question is None else self.ask(question)
 
-    def question(self, sock) -> Optional[bytes]:
+    def local(self, peer) -> bool:
+        """Whether the address ``peer`` is on loopback (remembered for the next time)."""
+        local = self._loopback.get(peer[0])
+        if local is None:
+            if len(self._loopback) >= 64:
+                self._loopback.clear()
+            local = self._loopback[peer[0]] = is_loopback(peer)
+        return local
+
+    def question(self, sock, peer=None) -> Optional[bytes]:
         """The request about ``sock``'s far end, made ahead of time, for :meth:`ask`; None if
-        there is nothing to ask (not on loopback, or the kernel will not say)."""
+        there is nothing to ask (not on loopback, or the kernel will not say). ``peer``: the
+        address ``sock`` is connected to, if the caller knows it (saves asking the kernel)."""
         if self.unavailable:
             return None
         try:
-            peer = sock.getpeername()
-            local = self._loopback.get(peer[0])
-            if local is None:
-                if len(self._loopback) >= 64:
-                    self._loopback.clear()
-                local = self._loopback[peer[0]] = is_loopback(peer)
-            if not local:
+            if peer is None:
+                peer = sock.getpeername()
+            if not self.local(peer):
                 return None
             local = sock.getsockname()
-            family = sock.family
-            # The far end's view of the connection: its address is our peer, ours its peer.
-            return (
-                _REQUEST.pack(family, _socket.IPPROTO_TCP, 0, 0, _ALL_STATES)
-                + _PORTS.pack(peer[1], local[1])
-                + _socket.inet_pton(family, peer[0]).ljust(16, b"\0")
-                + _socket.inet_pton(family, local[0]).ljust(16, b"\0")
-                + _TAIL.pack(0, _NO_COOKIE, _NO_COOKIE)
-            )
+            key = (sock.family, peer[0], local[0])
+            parts = self._parts.get(key)
+            if parts is None:
+                if len(self._parts) >= 64:
+                    self._parts.clear()
+                family = sock.family
+                # The far end's view of the connection: its address is our peer, ours its
+                # peer.
+                parts = self._parts[key] = (
+                    _REQUEST.pack(family, _socket.IPPROTO_TCP, 0, 0, _ALL_STATES),
+                    _socket.inet_pton(family, peer[0]).ljust(16, b"\0")
+                    + _socket.inet_pton(family, local[0]).ljust(16, b"\0")
+                    + _TAIL.pack(0, _NO_COOKIE, _NO_COOKIE),
+                )
+            return parts[0] + _PORTS.pack(peer[1], local[1]) + parts[1]
         except (OSError, ValueError):
             return None
 

@@ -52,6 +52,34 @@ def _new_buffer():
     return buf, memoryview(buf)
 
 
+# So are read watchers: a new one costs its creation and a check of the descriptor (a system
+# call); an idle one takes the new descriptor by assignment.
+_READERS: list = []
+_KEEP_READERS = 64
+
+
+def read_watcher(loop, fd: int):
+    """A stopped event-loop watcher for ``fd`` turning readable: an idle one where there is one.
+    Give it back with :func:`recycle`."""
+    while _READERS:
+        watcher = _READERS.pop()
+        if watcher.loop is loop:
+            watcher.fd = fd
+            return watcher
+        watcher.close()  # another thread's loop
+    return loop.io(fd, 1)
+
+
+def recycle(watcher) -> None:
+    """Stop a watcher from :func:`read_watcher` (which drops its callback) and keep it for
+    reuse, or close it."""
+    watcher.stop()
+    if len(_READERS) < _KEEP_READERS:
+        _READERS.append(watcher)
+    else:
+        watcher.close()
+
+
 _Failure = Optional[Tuple[str, OSError]]
 
 
@@ -65,18 +93,18 @@ class _Direction:
     """
 
     __slots__ = (
-        "relay", "src", "dst", "src_side", "dst_side", "attr", "counter", "on_read",
+        "relay", "src", "dst", "src_side", "dst_side", "up", "counter", "on_read",
         "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done", "other",
     )  # fmt: skip
 
-    def __init__(self, relay, src, dst, attr, src_side, dst_side) -> None:
-        loop = relay.loop
+    def __init__(self, relay, src, dst, up: bool) -> None:
         self.relay = relay
         self.src, self.dst = src, dst
-        self.src_side, self.dst_side = src_side, dst_side
-        self.attr = attr
+        #: Client to backend (bytes_up), or back (bytes_down).
+        self.up = up
+        self.src_side, self.dst_side = (CLIENT, BACKEND) if up else (BACKEND, CLIENT)
         self.counter = relay.counter
-        self.on_read = loop.io(src.fileno(), 1)
+        self.on_read = read_watcher(relay.loop, src.fileno())
         self.on_write = None  # made when the destination first fills up (rarely, for replies)
         self.buf, self.view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
         self.sent = self.size = 0
@@ -97,9 +125,9 @@ class _Direction:
     def close(self) -> None:
         # Closed watchers still hold their callbacks (bound methods of this object): drop
         # them, so that a finished relay is freed by reference counting, not the cycle
-        # collector.
+        # collector. (A recycled one is stopped, which drops its callback.)
         if self.on_read is not None:
-            self.on_read.close()
+            recycle(self.on_read)
         if self.on_write is not None:
             self.on_write.close()
         self.on_read = self.on_write = self.relay = self.other = None
@@ -111,10 +139,6 @@ class _Direction:
             os.close(self.pipe[0])
             os.close(self.pipe[1])
             self.pipe = None
-
-    def _count(self, n: int) -> None:
-        counter, attr = self.counter, self.attr
-        setattr(counter, attr, getattr(counter, attr) + n)
 
     def _fail(self, side: str, error: OSError) -> None:
         self.stop()
@@ -144,7 +168,8 @@ class _Direction:
             return self._splice_in()
         # Two reads at most per call: a reply and the end of stream often arrive together,
         # and seeing the EOF now saves a turn of the event loop; more would starve others.
-        for _ in range(reads):
+        while reads:
+            reads -= 1
             try:
                 n = self.src.recv_into(self.buf)
             except BlockingIOError:
@@ -170,7 +195,10 @@ class _Direction:
             m = 0
         except OSError as e:
             return self._fail(self.dst_side, e)
-        self._count(m)
+        if self.up:
+            self.counter.bytes_up += m
+        else:
+            self.counter.bytes_down += m
         self.sent += m
         if self.sent < self.size:
             if self.on_read.active:
@@ -231,7 +259,10 @@ class _Direction:
                 return
             except OSError as e:
                 return self._fail(self.dst_side, e)
-            self._count(m)
+            if self.up:
+                self.counter.bytes_up += m
+            else:
+                self.counter.bytes_down += m
             self.size -= m
         if not self.on_read.active and self.on_write is not None:
             self.on_write.stop()
@@ -271,47 +302,51 @@ class Relay:
     #: Seconds between checks that a client which has finished sending is still connected.
     client_check_interval = 1.0
 
+    # The state of an exchange, as class-level defaults: an instance stores only what changes
+    # (this runs once per connection, and most of these never change).
+
+    #: How the exchange ended (``closed``, ``client-reset`` or ``backend-reset``); None while
+    #: it runs, or if it was stopped.
+    reason: Optional[str] = None
+    #: True once the backend side has been seen to finish (EOF or drained): the caller may
+    #: close it gracefully. False means the caller should abort it.
+    backend_finished = False
+    #: True if the exchange ended while the client could still send: the backend had closed
+    #: (for good, or the client's finish time ran out).
+    client_open = False
+    #: When the exchange ended with the client still open: the (stopped) event-loop watcher
+    #: of the client's socket, for the caller to go on watching it with, and then to give
+    #: back with :func:`recycle`. Watching the socket afresh would cost system calls to
+    #: register it with the event loop again.
+    client_watch = None
+    #: True if the exchange ended with the backend's EOF not yet passed on to the client: the
+    #: caller shuts the client's side down (it closes for good or lingers).
+    client_fin = False
+    #: True if the exchange ended "closed" with nothing more to reach the backend: it has the
+    #: client's EOF, or it closed the connection for good. The caller may then close the
+    #: backend socket after passing the slot on: the backend cannot tell.
+    backend_done = False
+    failure: _Failure = None
+    #: Optional: called once the backend has finished sending; True means it has closed the
+    #: connection for good (nothing on its side can read any more), so the exchange is over
+    #: without waiting for the client (see peer.py).
+    backend_closed: Optional[Callable[[], Optional[bool]]] = None
+    _on_done: Optional[Callable[[], object]] = None
+    _up: Optional[_Direction] = None
+    _down: Optional[_Direction] = None
+    _finish_timeout: Optional[float] = None
+    _client_finish_timeout: Optional[float] = None
+    _timer = None
+    _recheck = None
+    _expired = False
+    _finishing = False
+    _deferred = False
+
     def __init__(self, client, backend, counter) -> None:
         self.client = client
         self.backend = backend
         self.counter = counter
         self.loop = gevent.get_hub().loop
-        #: How the exchange ended (``closed``, ``client-reset`` or ``backend-reset``); None
-        #: while it runs, or if it was stopped.
-        self.reason: Optional[str] = None
-        #: True once the backend side has been seen to finish (EOF or drained): the caller may
-        #: close it gracefully. False means the caller should abort it.
-        self.backend_finished = False
-        #: True if the exchange ended while the client could still send: the backend had
-        #: closed and the client's finish time ran out.
-        self.client_open = False
-        #: When the exchange ended with the client still open: the (stopped) event-loop
-        #: watcher of the client's socket, for the caller to go on watching it with. The
-        #: caller closes it. Watching the socket afresh would cost system calls to register
-        #: it with the event loop again.
-        self.client_watch = None
-        #: True if the exchange ended with the backend's EOF not yet passed on to the
-        #: client: the caller shuts the client's side down (it closes for good or lingers).
-        self.client_fin = False
-        #: True if the exchange ended "closed" with nothing more to reach the backend: it has
-        #: the client's EOF, or it closed the connection for good. The caller may then close
-        #: the backend socket after passing the slot on: the backend cannot tell.
-        self.backend_done = False
-        self.failure: _Failure = None
-        #: Optional: called once the backend has finished sending; True means it has closed
-        #: the connection for good (nothing on its side can read any more), so the exchange
-        #: is over without waiting for the client (see peer.py).
-        self.backend_closed: Optional[Callable[[], Optional[bool]]] = None
-        self._on_done: Optional[Callable[[], object]] = None
-        self._up: Optional[_Direction] = None
-        self._down: Optional[_Direction] = None
-        self._finish_timeout: Optional[float] = None
-        self._client_finish_timeout: Optional[float] = None
-        self._timer = None
-        self._recheck = None
-        self._expired = False
-        self._finishing = False
-        self._deferred = False
 
     def start(
         self,
@@ -332,10 +367,8 @@ class Relay:
         self._on_done = on_done
         self._finish_timeout = finish_timeout
         self._client_finish_timeout = client_finish_timeout
-        up = self._up = _Direction(self, self.client, self.backend, "bytes_up", CLIENT, BACKEND)
-        down = self._down = _Direction(
-            self, self.backend, self.client, "bytes_down", BACKEND, CLIENT
-        )
+        up = self._up = _Direction(self, self.client, self.backend, True)
+        down = self._down = _Direction(self, self.backend, self.client, False)
         up.other, down.other = down, up
         up.start()
         down.start()
@@ -493,8 +526,7 @@ class Relay:
             self.client_watch, up.on_read = up.on_read, None
         for d in (up, down):
             if d is not None:
-                d.stop()
-                d.close()
+                d.close()  # which stops its watchers
 
     def _stop_timer(self) -> None:
         if self._timer is not None:

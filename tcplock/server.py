@@ -30,7 +30,7 @@ from gevent.socket import wait_write
 from .gate import Gate, Ticket
 from .hooks import CommandHook, HookFailed, call_hook
 from .peer import PeerCheck
-from .relay import Relay
+from .relay import Relay, read_watcher, recycle
 
 __all__ = ["TCPLock", "Connection", "END_REASONS", "format_address"]
 
@@ -716,7 +716,7 @@ class TCPLock(StreamServer):
                 conn.timer = self.loop.timer(self.connect_timeout)
                 conn.timer.start(self._connect_failed, conn)
             else:
-                self._relay(conn)
+                self._relay(conn, self._addrinfo[0][4])  # the address _connect_now used
         except Exception:
             log.exception("%s: unexpected error", format_address(conn.client))
             self._end(conn, True, "error")
@@ -745,22 +745,22 @@ class TCPLock(StreamServer):
         self._addrinfo = None
         self._spawn_greenlet(conn)
 
-    def _ask_backend_close(self, relay: Relay) -> None:
+    def _ask_backend_close(self, relay: Relay, peer=None) -> None:
         # Made ahead, while the backend works on the request: when its FIN comes, only the
         # question itself is left to send.
         if self.check_backend_close:
-            question = self._peer_check.question(relay.backend)
+            question = self._peer_check.question(relay.backend, peer)
             if question is not None:
                 relay.backend_closed = partial(self._peer_check.ask, question)
 
-    def _relay(self, conn: Connection) -> None:
+    def _relay(self, conn: Connection, peer=None) -> None:
         relay = conn.relay = Relay(conn.sock, conn.upstream, conn)
         if self.timeout:
             conn.timer = self.loop.timer(self.timeout)
             conn.timer.start(self._cut, conn, "ttl")
         relay.start(partial(self._relayed, conn), self.finish_timeout, self.client_finish_timeout)
         if relay.reason is None:
-            self._ask_backend_close(relay)
+            self._ask_backend_close(relay, peer)
 
     def _relayed(self, conn: Connection) -> None:
         relay = conn.outcome = conn.relay
@@ -929,7 +929,7 @@ class TCPLock(StreamServer):
                 self._linger(conn.sock, watch, outcome.client_fin)
             else:
                 if watch is not None:
-                    watch.close()
+                    recycle(watch)
                 _close(conn.sock, held and reason in _ABORT_CLIENT)
         finally:
             self._account(conn, held, reason)
@@ -1158,7 +1158,7 @@ class TCPLock(StreamServer):
             if err:
                 s.close()
                 return None, err
-            _tune_backend(s)
+            _tune_backend(s, not self._peer_check.local(sockaddr))
         except BaseException:
             s.close()
             raise
@@ -1190,7 +1190,7 @@ class TCPLock(StreamServer):
                         err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
-                _tune_backend(s)
+                _tune_backend(s, not self._peer_check.local(sockaddr))
             except OSError as e:
                 s.close()
                 error = e
@@ -1248,7 +1248,7 @@ class TCPLock(StreamServer):
             room = False  # the client is gone already: nothing to linger for
         if not room:
             if watch is not None:
-                watch.close()
+                recycle(watch)
             _close(sock, False)
         else:
             until = time.monotonic() + self.linger_time
@@ -1274,9 +1274,12 @@ def _tune(sock) -> None:
         pass  # the peer may already be gone; the relay will see it
 
 
-def _tune_backend(sock) -> None:
+def _tune_backend(sock, keepalive: bool = True) -> None:
     sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+    # (Not on loopback: the kernel answers the probes for a backend that hangs, and closes
+    # the connection of one that dies, so they could never tell anything.)
+    if keepalive:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
 
 
 def _connected(sock) -> bool:
@@ -1325,32 +1328,29 @@ class _Lingering:
         # the watcher fires on the next turn of the loop. The registry is in order of
         # ``until``: the sweep closes from its front.
         registry[self] = None
-        self.watch = watch if watch is not None else loop.io(sock.fileno(), 1)
+        self.watch = watch if watch is not None else read_watcher(loop, sock.fileno())
         self.watch.start(self.readable)
 
-    def _drain(self) -> bool:
-        """Read what is there; True (and closed) if the client has finished."""
-        for _ in range(4):  # a client that floods is read again on the next turn
+    def readable(self) -> None:
+        """Read what is there, and close once the client has finished."""
+        reads = 4  # a client that floods is read again on the next turn
+        while reads:
+            reads -= 1
             try:
                 if not self.sock.recv(65536):
                     break
             except BlockingIOError:
-                return False
+                return
             except OSError:
                 break
         else:
-            return False
+            return
         self.close()
-        return True
-
-    def readable(self) -> None:
-        self._drain()
 
     def close(self) -> None:
         if self.sock is None:
             return
-        self.watch.stop()
-        self.watch.close()
+        recycle(self.watch)
         self.registry.pop(self, None)
         self.sock.close()
         self.sock = self.registry = self.watch = None
