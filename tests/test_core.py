@@ -989,9 +989,11 @@ def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock, monk
     spliced = []
     real = relay._Direction._open_pipe
     monkeypatch.setattr(relay, "SPLICE", zero_copy)
-    monkeypatch.setattr(
-        relay._Direction, "_open_pipe", lambda d: spliced.append("up" if d.up else "down") or real(d)
-    )
+    def open_pipe(d):
+        spliced.append("up" if d.up else "down")
+        return real(d)
+
+    monkeypatch.setattr(relay._Direction, "_open_pipe", open_pipe)
     backend = make_backend("echo")
     lock = make_lock(backend)
     payload = os.urandom(8 << 20)
