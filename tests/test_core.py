@@ -989,6 +989,7 @@ def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock, monk
     spliced = []
     real = relay._Direction._open_pipe
     monkeypatch.setattr(relay, "SPLICE", zero_copy)
+
     def open_pipe(d):
         spliced.append("up" if d.up else "down")
         return real(d)
