@@ -19,7 +19,7 @@ import re
 import signal
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import configargparse
 
@@ -527,19 +527,34 @@ class BatchedStream:
     :meth:`flush`. At thousands of connections a second, a write() per line cost more CPU than
     all the rest of the logging; now it is one per batch. Written from the event loop (a
     timer); needs gevent's hub.
+
+    A line may also be given as the function that makes it (:meth:`defer`): it is made when
+    the batch is written, with the others, in one loop. Made one at a time, each in the midst
+    of a hand-off, a connection's line cost several times as much.
     """
+
+    #: What a deferred line counts for against ``limit``, before it is made.
+    deferred_size = 128
 
     def __init__(self, stream, delay: float = 0.02, limit: int = 1 << 16) -> None:
         self.stream = stream
         self.delay = delay
         self.limit = limit
-        self._parts: List[str] = []
+        self._parts: list = []  # text, or (make, a, b): the text is make(a, b)
         self._size = 0
         self._timer = None
 
     def write(self, text: str) -> None:
         self._parts.append(text)
-        self._size += len(text)
+        self._added(len(text))
+
+    def defer(self, make: Callable[[Any, Any], str], a, b) -> None:
+        """Add the text ``make(a, b)``, to be made when the batch is written."""
+        self._parts.append((make, a, b))
+        self._added(self.deferred_size)
+
+    def _added(self, size: int) -> None:
+        self._size += size
         if self._size >= self.limit:
             self.flush()
         elif self._timer is None:
@@ -557,9 +572,15 @@ class BatchedStream:
             self._timer = None
         if not self._parts:
             return
-        text = "".join(self._parts)
-        self._parts.clear()
+        parts, self._parts = self._parts, []
         self._size = 0
+        for i, part in enumerate(parts):
+            if part.__class__ is tuple:
+                try:
+                    parts[i] = part[0](part[1], part[2])
+                except Exception as e:  # a line that cannot be made must not cost the others
+                    parts[i] = f"(a log line could not be made: {e!r})\n"
+        text = "".join(parts)
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -662,17 +683,25 @@ def _msecs(created: float) -> float:
 
 def connection_writer(handler: logging.StreamHandler):
     """A :attr:`TCPLock.connection_log` that writes each connection's line straight to the
-    handler's stream, the line the handler would write for its record. A record through the
-    logging machinery cost more than everything else in a hand-off."""
+    handler's stream, the line the handler would write for its record (over a
+    :class:`BatchedStream`, made when the batch is written). A record through the logging
+    machinery cost more than everything else in a hand-off."""
     line = handler.formatter.connection_line
     stream = handler.stream
-    batched = isinstance(stream, BatchedStream)
+    if isinstance(stream, BatchedStream):
+
+        def make(conn, created: float) -> str:
+            return line(conn, created) + "\n"
+
+        def defer(conn) -> None:
+            stream.defer(make, conn, time.time())
+
+        return defer
 
     def write(conn) -> None:
         try:
             stream.write(line(conn, time.time()) + "\n")
-            if not batched:
-                stream.flush()
+            stream.flush()
         except (OSError, ValueError):
             pass  # as the handler would: a log that cannot be written does not stop the proxy
 

@@ -335,7 +335,13 @@ def test_connection_lines_written_directly_match_the_formatters_lines(kind):
     import io
     import logging
 
-    from tcplock.cli import JSONFormatter, LineHandler, TextFormatter, connection_writer
+    from tcplock.cli import (
+        BatchedStream,
+        JSONFormatter,
+        LineHandler,
+        TextFormatter,
+        connection_writer,
+    )
     from tcplock.server import Connection
 
     conn = Connection(None, None, ("127.0.0.1", 4321), 1)
@@ -355,6 +361,29 @@ def test_connection_lines_written_directly_match_the_formatters_lines(kind):
     handler.setFormatter(fmt)
     connection_writer(handler)(conn)
     assert out.getvalue().count("\n") == 1 and "127.0.0.1:4321" in out.getvalue()
+    # Over the batched stream the line is made when the batch is written, the same line, in
+    # its place among the others.
+    out = io.StringIO()
+    handler = LineHandler(BatchedStream(out, delay=60))
+    handler.setFormatter(fmt)
+    logger = logging.getLogger("tcplock.test-deferred")
+    logger.propagate, logger.handlers[:] = False, [handler]
+    logger.warning("before")  # written at once
+    connection_writer(handler)(conn)
+    handler.stream.write("after\n")
+    assert out.getvalue().count("\n") == 1
+    handler.flush()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "before" in lines[0] and lines[2] == "after"
+
+    def timeless(line):
+        if kind == "json":
+            import json
+
+            return {k: v for k, v in json.loads(line).items() if k != "time"}
+        return line.split(" ", 2)[2]
+
+    assert timeless(lines[1]) == timeless(fmt.connection_line(conn, 1_800_000_000.0))
 
 
 def test_log_lines_are_written_in_batches_and_warnings_at_once():
