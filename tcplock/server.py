@@ -250,6 +250,12 @@ class TCPLock(StreamServer):
 
     #: Listen backlog: a burst of clients waits in the kernel rather than being refused.
     backlog = 1024
+    #: Clients accepted per turn of the event loop. One: the listener stays readable while
+    #: more are waiting, so the loop comes back for them, and no accept() is made to find the
+    #: backlog empty. That call fails with EAGAIN, but only after the kernel has made and
+    #: freed a socket and a file for it: it cost about 4 us, as much as Python spends on a
+    #: whole hand-off's worth of gate and queue, and came about every other hand-off.
+    max_accept = 1
     #: First pause before a failed restart is tried again; it doubles up to 30 s.
     restart_retry_delay = 1.0
     #: Seconds between checks for resets of waiting clients that have sent data (and for

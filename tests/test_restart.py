@@ -410,6 +410,7 @@ def test_stop_wakes_a_connection_parked_for_a_restart(make_backend, make_lock, c
     lock = make_lock(backend, slots=3, restart=calls.append, restart_every=2, drain_timeout=10)
     # Three clients accepted in the same turn of the loop: the second activation calls for a
     # restart, and the third, already granted, parks until the restart is done.
+    lock.max_accept = 3
     clients = []
     for _ in range(3):
         s = socket.socket()
