@@ -193,7 +193,7 @@ class Connection:
         else:
             queued, active = activated - self.queued_at, ended - activated
         # (%-formatting: a quarter cheaper than the same as an f-string, once per connection)
-        return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (
+        return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (  # noqa: UP031
             format_address(self.client),
             queued,
             active,

@@ -1006,6 +1006,37 @@ def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock, monk
     assert sorted(spliced) == (["down", "up"] if zero_copy else [])
 
 
+def test_bulk_traffic_to_a_peer_on_loopback_is_not_paced(make_backend, make_lock):
+    # Once a direction moves bulk data (zero-copy), the socket it sends on uses Reno when its
+    # peer is on loopback: the system's default may pace (BBR), for no network to share.
+    from tcplock import relay
+
+    if not relay.SPLICE or not hasattr(socket, "TCP_CONGESTION"):
+        pytest.skip("no splice() or TCP_CONGESTION here")
+    probe = _stdsocket.socket()
+    try:
+        probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+    except OSError:
+        pytest.skip("this system does not let a process choose reno")
+    finally:
+        probe.close()
+    backend = make_backend("echo")
+    lock = make_lock(backend)
+    c = connect(lock.server_port, timeout=30)
+    payload = os.urandom(4 << 20)
+    sender = gevent.spawn(c.sendall, payload)
+    assert recv_exactly(c, len(payload)) == payload  # both ways in bulk; the client still open
+    sender.join()
+    conn = lock.active[0]
+
+    def congestion(sock):
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
+
+    assert congestion(conn.upstream) == b"reno"  # client to backend
+    assert congestion(conn.sock) == b"reno"  # backend to client
+    c.close()
+
+
 # -- embedding -------------------------------------------------------------------------------
 
 
