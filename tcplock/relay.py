@@ -164,6 +164,9 @@ class _Direction:
                     self.dst.shutdown(socket.SHUT_WR)
                 except OSError as e:
                     return self._fail(self.dst_side, e)
+                # The backend has the client's EOF: once it has finished too, closing its
+                # socket is nothing it can see. (Not so when the EOF is left to the close.)
+                self.relay.backend_done = True
         self.relay.changed()
 
     # -- plain copying through the buffer --------------------------------------------------------
@@ -428,7 +431,6 @@ class Relay:
         elif self._expired or (up.done and down.done):
             self.backend_finished = True
             self.client_open = not up.done
-            self.backend_done = self.backend_done or up.done
             self._end("closed")
         elif self._timer is None:
             if down.done:

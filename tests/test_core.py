@@ -390,6 +390,58 @@ def test_client_finish_timeout_decides_whether_a_lingering_client_keeps_the_slot
     b.close()
 
 
+def test_a_half_closed_backend_has_the_clients_eof_before_the_next_client_connects(
+    make_backend, make_lock, conn_log
+):
+    # The backend answers, half-closes and reads on; the client sends more and its EOF. That
+    # EOF reaches the backend with the close of its socket, which must come before the next
+    # client's connect, as the backend sees it (found by a second reader, with this test).
+    states = {1: "ESTABLISHED", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 7: "CLOSE", 8: "CLOSE_WAIT"}
+
+    def answer_half_close_read_to_eof(conn):
+        conn.sock.recv(100)
+        conn.sock.sendall(b"answer %d" % conn.number)
+        conn.sock.shutdown(socket.SHUT_WR)
+        while True:
+            data = conn.sock.recv(65536)
+            if not data:
+                break
+            conn.received += data
+        gevent.sleep(0.5)  # keep the socket, so that its state can be read
+        conn.sock.close()
+
+    backend = make_backend(answer_half_close_read_to_eof)
+    lock = make_lock(backend, finish_timeout=10, client_finish_timeout=10)
+    seen = []  # the state of the backend's side of earlier connections, at each connect
+    connect_now = lock._connect_now
+
+    def recording():
+        seen.append(
+            [
+                states.get(c.sock.getsockopt(socket.IPPROTO_TCP, _stdsocket.TCP_INFO, 8)[0])
+                for c in backend.conns
+            ]
+        )
+        return connect_now()
+
+    lock._connect_now = recording
+    a = connect(lock.server_port)
+    a.sendall(b"req a\n")
+    backend.next_conn()
+    b = connect(lock.server_port)
+    queued(lock, 1)
+    assert recv_all(a) == b"answer 1"
+    a.sendall(b"late words from a")
+    a.shutdown(socket.SHUT_WR)
+    assert conn_log.next_end()["end"] == "closed"
+    b.sendall(b"req b\n")
+    assert recv_exactly(b, 8) == b"answer 2"
+    assert bytes(backend.conns[0].received) == b"late words from a"
+    assert seen[1] == ["CLOSE"], seen  # a's EOF had reached the backend
+    a.close()
+    b.close()
+
+
 @pytest.mark.parametrize("check", [True, False])
 def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the_client(
     make_backend, make_lock, conn_log, check
