@@ -567,11 +567,17 @@ class TCPLock(StreamServer):
             self._sweeper.start(self._sweep)
 
     def close(self) -> None:
+        """Stop listening. Connections already accepted go on (stop() drains them); the sweep
+        goes on while there are any, or lingering clients to close in time."""
+        super().close()
+        if not self._connections and not self._lingering:
+            self._stop_sweeper()
+
+    def _stop_sweeper(self) -> None:
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper.close()
             self._sweeper = None
-        super().close()
 
     def _sweep(self) -> None:
         """Once a second, in the event loop: a waiting client that sent its request is no
@@ -598,6 +604,8 @@ class TCPLock(StreamServer):
                 if oldest.until > now:
                     break
                 oldest.close()
+        if self.closed and not self._connections and not lingering:
+            self._stop_sweeper()  # closed, and nothing left to look after
 
     def do_close(self, *args) -> None:
         pass  # every connection is closed by _end
@@ -1246,6 +1254,7 @@ class TCPLock(StreamServer):
             worker.kill(block=False)
         for lingering in list(self._lingering):
             lingering.close()
+        self._stop_sweeper()
         self._peer_check.close()
 
     def _linger(self, sock, watch=None, fin: bool = False) -> None:

@@ -1349,6 +1349,39 @@ def test_a_finished_connection_no_longer_points_at_a_greenlet(make_backend, make
     b.close()
 
 
+def test_a_lingering_client_is_closed_in_time_while_stop_drains(
+    make_backend, make_lock, conn_log, monkeypatch
+):
+    # The sweep that closes lingering clients goes on while stop() drains the others (found
+    # by a second reader, with this test).
+    monkeypatch.setattr(TCPLock, "linger_time", 0.2)
+
+    def behaviour(conn):
+        conn.release.wait()
+        if conn.number == 2:
+            conn.sock.sendall(b"answer")
+        conn.sock.close()
+
+    backend = make_backend(behaviour)
+    lock = make_lock(backend, slots=2, client_finish_timeout=0)
+    a = connect(lock.server_port)
+    first = backend.next_conn()
+    b = connect(lock.server_port)
+    second = backend.next_conn()
+    stopper = gevent.spawn(lock.stop, 10)
+    wait_until(lambda: lock.closed, what="stop() under way")
+    second.release.set()
+    assert conn_log.next_end()["end"] == "closed"
+    assert recv_exactly(b, 6) == b"answer"  # b lingers: it has not closed
+    wait_until(lambda: not lock._lingering, timeout=3, what="b closed while a still drains")
+    assert not stopper.ready()
+    first.release.set()
+    stopper.join(5)
+    assert stopper.ready()
+    a.close()
+    b.close()
+
+
 def test_client_still_sending_when_its_slot_passes_on_gets_the_whole_reply(
     make_backend, make_lock, conn_log
 ):
