@@ -802,8 +802,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         stop.set()
 
     # SIGHUP as well: there is no configuration to reload, and its default action would kill
-    # the process on the spot, cutting every client and losing the batched log lines.
+    # the process on the spot, cutting every client and losing the batched log lines. Unless
+    # it was ignored when tcplock started (nohup, a supervisor): then it stays ignored.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
         gevent.signal_handler(sig, on_signal)
     try:
         lock.start()

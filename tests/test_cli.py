@@ -176,6 +176,31 @@ def test_sigterm_closes_queued_clients_and_drains_active_then_exits_0(cli, make_
     assert "Traceback" not in p.output()
 
 
+def test_sighup_ignored_when_tcplock_started_stays_ignored(make_backend):
+    # As under nohup: a hang-up that the parent chose to ignore does not stop tcplock
+    # (found by a second reader, with this test).
+    from conftest import CLIProcess
+
+    backend = make_backend("echo")
+    p = CLIProcess(
+        ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port)],
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        port = p.wait_ready()
+        p.signal(signal.SIGHUP)
+        # Serving one client takes tcplock's loop through several turns, by which time a
+        # handled hang-up would have closed the listener; the next client is still served.
+        for _ in range(2):
+            c = connect(port)
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+            c.close()
+        assert p.proc.poll() is None and "stopping" not in p.output(), p.output()
+    finally:
+        p.kill()
+
+
 def test_drain_timeout_cuts_and_second_signal_cuts_at_once(cli, make_backend):
     backend = make_backend("never")
     p = cli.to(backend, "--drain-timeout", "1m")
