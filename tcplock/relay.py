@@ -66,13 +66,16 @@ _KEEP_READERS = 64
 def read_watcher(loop, fd: int):
     """A stopped event-loop watcher for ``fd`` turning readable: an idle one where there is one.
     Give it back with :func:`recycle`."""
-    while _READERS:
+    try:
         watcher = _READERS.pop()
-        if watcher.loop is loop:
-            watcher.fd = fd
-            return watcher
-        watcher.close()  # another thread's loop
-    return loop.io(fd, 1)
+    except IndexError:
+        return loop.io(fd, 1)
+    if watcher.loop is not loop:
+        # Another thread's hub: not ours to touch. (One thread per hub is the common case.)
+        _READERS.append(watcher)
+        return loop.io(fd, 1)
+    watcher.fd = fd
+    return watcher
 
 
 def recycle(watcher) -> None:
@@ -122,8 +125,7 @@ class _Direction:
         self.on_read.start(self.readable)
 
     def stop(self) -> None:
-        if self.on_read is not None:
-            self.on_read.stop()
+        self.on_read.stop()
         if self.on_write is not None:
             self.on_write.stop()
 

@@ -1089,6 +1089,33 @@ def test_bulk_traffic_to_a_peer_on_loopback_is_not_paced(make_backend, make_lock
     c.close()
 
 
+def test_an_idle_watcher_is_reused_only_on_its_own_loop():
+    import threading
+
+    from tcplock.relay import _READERS, read_watcher, recycle
+
+    a, b = _stdsocket.socketpair()
+    loop = gevent.get_hub().loop
+    mine = read_watcher(loop, a.fileno())
+    recycle(mine)
+    assert read_watcher(loop, b.fileno()) is mine  # reused, with the new descriptor
+    assert mine.fd == b.fileno()
+    recycle(mine)
+    got = []
+
+    def other_thread():  # a hub and loop of its own
+        got.append(read_watcher(gevent.get_hub().loop, a.fileno()))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join(5)
+    assert got and got[0] is not mine and mine in _READERS  # left for its own loop
+    assert read_watcher(loop, a.fileno()) is mine
+    mine.close()
+    a.close()
+    b.close()
+
+
 # -- embedding -------------------------------------------------------------------------------
 
 
