@@ -202,6 +202,21 @@ class Connection:
             self.end,
         )
 
+    def fields(self) -> Dict[str, object]:
+        """The connection as plain data: what its JSON log line, its ``/status`` entry and a
+        command hook's environment are made from (one projection, so they cannot disagree)."""
+        return {
+            "id": self.id,
+            "client": format_address(self.client),
+            "backend": format_address(self.lock.backend),
+            "activation": self.activation,
+            "queued_seconds": round(self.queued_seconds, 3),
+            "active_seconds": round(self.active_seconds, 3),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "end": self.end,
+        }
+
     def stop_watching(self) -> None:
         """Stop the event-loop watchers of a waiting client."""
         for watcher in (self.watch, self.timer):
