@@ -1,22 +1,18 @@
 """The FIFO gate: N slots, a queue of waiters, and the hand-off between them.
 
 The rule this module keeps: a freed slot goes to the head of the queue. A newcomer takes a free
-slot only when nobody is waiting and the gate is not paused. gevent's semaphore wakes its waiters
-in order but lets a greenlet that arrives between a release and the waiter's wake-up take the
-slot; here the releasing greenlet hands the slot over directly (the waiter is marked granted before
-it even runs), so there is no window for a newcomer to slip through.
+slot only when nobody is waiting and the gate is not paused. A released slot is handed straight
+to the head of the queue (the ticket is marked granted before its owner even hears of it), so
+there is no moment in which a newcomer could slip in ahead of it.
 
-The gate knows nothing of sockets: a waiter is a :class:`Ticket`, which something outside (the
-server's departure watch, a queue timeout, shutdown) may cancel.
+The gate knows nothing of sockets or greenlets: a waiter is a :class:`Ticket` with a ``wake``
+callback, which something outside (a departure watch, a queue timeout, shutdown) may cancel.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Callable, Iterator, Optional
-
-from gevent.event import Event
-from gevent.lock import BoundedSemaphore
 
 __all__ = ["Gate", "Ticket"]
 
@@ -28,10 +24,8 @@ class Ticket:
     the ticket owns the slot and must :meth:`Gate.release` it once. ``cancelled`` holds the reason
     given to :meth:`cancel` (a short word such as ``"left-queue"``) when the wait was abandoned.
 
-    ``wake`` is called (with no arguments, possibly from the event loop itself) when the ticket
-    is granted or cancelled. A greenlet blocked in :meth:`Gate.acquire` is woken this way; code
-    that queues without a greenlet of its own (:meth:`Gate.enqueue`) passes its own callback,
-    which must not block.
+    ``wake`` is called (with no arguments, possibly from an event-loop callback) when the ticket
+    is granted or cancelled. It must not block.
     """
 
     __slots__ = ("wake", "granted", "cancelled", "dead")
@@ -40,11 +34,12 @@ class Ticket:
         self.wake = wake
         self.granted = False
         self.cancelled: Optional[str] = None
-        #: Set once the ticket has left the queue without a slot; the gate skips dead tickets.
+        #: Set once the ticket has left the queue (granted, or discarded); the gate skips dead
+        #: tickets.
         self.dead = False
 
     def cancel(self, reason: str) -> None:
-        """Abandon the wait (safe to call from a hub callback). Ignored once granted."""
+        """Abandon the wait (safe to call from an event-loop callback). Ignored once granted."""
         if not self.granted and self.cancelled is None:
             self.cancelled = reason
             if self.wake is not None:
@@ -57,17 +52,28 @@ class Gate:
     def __init__(self, slots: int = 1) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        #: Number of slots; fixed for the gate's life.
-        self.slots = slots
-        # The semaphore counts slots that are free; a slot handed from a releaser straight to a
-        # waiter never passes through it. Being bounded, it turns a double release that would
-        # create a slot out of nothing into a ValueError instead of a silent overlap.
-        self._sem = BoundedSemaphore(slots)
+        self._slots = slots
+        self._free = slots
         self._queue: deque[Ticket] = deque()
         self._waiting = 0
         self._paused = False
 
     # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        """Number of slots. It may be changed while the gate is in use: more slots are handed to
+        the queue at once; with fewer, holders keep theirs and the excess is taken back as
+        they release them."""
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self._free += slots - self._slots
+        self._slots = slots
+        self._fill()
 
     @property
     def waiting(self) -> int:
@@ -77,7 +83,7 @@ class Gate:
     @property
     def held(self) -> int:
         """How many slots are held right now."""
-        return self.slots - self._sem.counter
+        return self._slots - self._free
 
     @property
     def paused(self) -> bool:
@@ -85,7 +91,7 @@ class Gate:
 
     def would_wait(self) -> bool:
         """Whether a newcomer would have to queue right now."""
-        return self._paused or self._waiting > 0 or self._sem.counter == 0
+        return self._paused or self._waiting > 0 or self._free <= 0
 
     def tickets(self) -> Iterator[Ticket]:
         """The live tickets in queue order."""
@@ -100,7 +106,8 @@ class Gate:
         if ticket.cancelled is not None:
             ticket.dead = True
             return False
-        if not self._paused and not self._waiting and self._sem.acquire(blocking=False):
+        if not self._paused and not self._waiting and self._free > 0:
+            self._free -= 1
             ticket.granted = True
             return True
         self._queue.append(ticket)
@@ -109,38 +116,10 @@ class Gate:
 
     def discard(self, ticket: Ticket) -> None:
         """Take a cancelled (or abandoned) ticket out of the queue; no-op once granted."""
-        self._leave(ticket)
-
-    def acquire(self, ticket: Ticket, timeout: Optional[float] = None) -> bool:
-        """Wait in line for a slot, blocking this greenlet. True when the slot is held; False
-        when the wait ended without one (``ticket.cancelled`` says why, or it is None after
-        ``timeout``).
-
-        If the calling greenlet is killed while waiting, the ticket leaves the queue, and a slot
-        that was handed to it in the meantime is passed on, so nothing leaks.
-        """
-        event = Event()
-        ticket.wake = event.set
-        if self.enqueue(ticket):
-            return True
-        if ticket.dead:
-            return False
-        try:
-            event.wait(timeout)
-        except BaseException:
-            if self._leave(ticket):
-                self.release()  # granted, but the holder died before it could use the slot
-            raise
-        return self._leave(ticket)
-
-    def _leave(self, ticket: Ticket) -> bool:
-        if ticket.granted:
-            return True
-        if not ticket.dead:
+        if not ticket.granted and not ticket.dead:
             ticket.dead = True
             self._waiting -= 1
             self._compact()
-        return False
 
     def _compact(self) -> None:
         # Dead tickets are skipped lazily; drop them from the front so the deque does not grow
@@ -158,8 +137,8 @@ class Gate:
             if t.dead:
                 continue
             if t.cancelled is not None:
-                # Cancelled but its owner has not run yet to leave the queue: it must not get
-                # a slot it would never release.
+                # Cancelled but its owner has not discarded it yet: it must not get a slot it
+                # would never release.
                 t.dead = True
                 self._waiting -= 1
                 continue
@@ -173,13 +152,16 @@ class Gate:
         ticket.wake()
 
     def release(self) -> None:
-        """Give a held slot back: to the head of the queue if anyone waits, else to the pool."""
-        if not self._paused:
+        """Give a held slot back: to the head of the queue if anyone waits, else to the pool.
+        Releasing more slots than are held is a bug in the caller: ValueError."""
+        if self._free >= self._slots:
+            raise ValueError("Gate released too many times")
+        if not self._paused and self._free >= 0:
             t = self._next_ticket()
             if t is not None:
                 self._grant(t)
                 return
-        self._sem.release()
+        self._free += 1
 
     # -- steering ------------------------------------------------------------------------------
 
@@ -190,11 +172,14 @@ class Gate:
     def resume(self) -> None:
         """Hand every free slot to the head of the queue, in order."""
         self._paused = False
-        while self._waiting and self._sem.acquire(blocking=False):
+        self._fill()
+
+    def _fill(self) -> None:
+        while not self._paused and self._waiting and self._free > 0:
             t = self._next_ticket()
             if t is None:  # pragma: no cover - _waiting counts live tickets
-                self._sem.release()
                 break
+            self._free -= 1
             self._grant(t)
 
     def cancel_all(self, reason: str) -> None:

@@ -36,13 +36,6 @@ def call_hook(name: str, hook: Callable, arg, timeout: Optional[float]) -> None:
     hook that spins on the CPU without yielding cannot be interrupted (nor can anything else in
     a gevent process).
     """
-    # What was logged before the hook comes before what the hook prints (the CLI writes its
-    # log in batches; a command hook writes to the same standard error directly).
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:  # pragma: no cover - a broken handler must not stop the hook
-            pass
     timer = gevent.Timeout(timeout) if timeout else None
     if timer is not None:
         timer.start()
@@ -70,6 +63,13 @@ def run_command(command: str, env: Mapping[str, str], name: str = "hook") -> Non
     whole group it started is killed; anything it deliberately leaves running after a normal exit
     (a restarted daemon) is left alone.
     """
+    # What was logged before the command comes before what it prints (the log may be written
+    # in batches; the command writes to the same standard error directly).
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # pragma: no cover - a broken handler must not stop the hook
+            pass
     try:
         proc = subprocess.Popen(
             command,
@@ -105,7 +105,7 @@ def _kill_group(proc) -> None:
 
 class CommandHook:
     """A shell command used as a hook: called with the connection, given its context in the
-    environment (see :meth:`tcplock.server.Connection.hook_env`)."""
+    environment (see :meth:`tcplock.connection.Connection.hook_env`)."""
 
     def __init__(self, command: str, name: str) -> None:
         self.command = command

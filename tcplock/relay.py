@@ -9,10 +9,8 @@ Each direction is driven by the event loop itself: a watcher on the source calls
 that reads one chunk and writes it on; if the destination is full, the function swaps to a
 watcher on the destination until the chunk is out. No greenlet per direction, so no switch per
 read or write. How the exchange ends is decided in the same callbacks, and reported by a
-callback too (:meth:`Relay.start`), so a relay needs no greenlet at all; :meth:`Relay.run` waits
-for that in a greenlet instead, for a caller that bounds the wait with a ``gevent.Timeout``.
-Every watcher is stopped when the relay ends, is stopped, or ``run`` leaves for any reason. It
-knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
+callback too (:meth:`Relay.start`). Every watcher is stopped when the relay ends or is stopped.
+It knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import sys
 from typing import Callable, Optional, Tuple
 
 import gevent
-from gevent.hub import Waiter
 
 from .peer import is_loopback
 
@@ -57,33 +54,34 @@ def _new_buffer():
     return buf, memoryview(buf)
 
 
-# So are read watchers: a new one costs its creation and a check of the descriptor (a system
-# call); an idle one takes the new descriptor by assignment.
+# So are read watchers (on libev, where a watcher takes a new descriptor by assignment): a new
+# one costs its creation and a check of the descriptor (a system call). Each is kept with its
+# loop, and given only to that loop. On other loops (libuv) a watcher is made afresh.
 _READERS: list = []
 _KEEP_READERS = 64
+
+
+def _poolable(loop) -> bool:
+    return type(loop).__module__.startswith("gevent.libev")
 
 
 def read_watcher(loop, fd: int):
     """A stopped event-loop watcher for ``fd`` turning readable: an idle one where there is one.
     Give it back with :func:`recycle`."""
-    try:
-        watcher = _READERS.pop()
-    except IndexError:
-        return loop.io(fd, 1)
-    if watcher.loop is not loop:
-        # Another thread's hub: not ours to touch. (One thread per hub is the common case.)
-        _READERS.append(watcher)
-        return loop.io(fd, 1)
-    watcher.fd = fd
-    return watcher
+    readers = _READERS
+    if readers and readers[-1][0] is loop:
+        watcher = readers.pop()[1]
+        watcher.fd = fd
+        return watcher
+    return loop.io(fd, 1)
 
 
-def recycle(watcher) -> None:
+def recycle(watcher, loop=None) -> None:
     """Stop a watcher from :func:`read_watcher` (which drops its callback) and keep it for
-    reuse, or close it."""
+    reuse by ``loop``, or close it."""
     watcher.stop()
-    if len(_READERS) < _KEEP_READERS:
-        _READERS.append(watcher)
+    if loop is not None and len(_READERS) < _KEEP_READERS and _poolable(loop):
+        _READERS.append((loop, watcher))
     else:
         watcher.close()
 
@@ -134,7 +132,7 @@ class _Direction:
         # them, so that a finished relay is freed by reference counting, not the cycle
         # collector. (A recycled one is stopped, which drops its callback.)
         if self.on_read is not None:
-            recycle(self.on_read)
+            recycle(self.on_read, self.relay.loop)
         if self.on_write is not None:
             self.on_write.close()
         self.on_read = self.on_write = self.relay = self.other = None
@@ -313,10 +311,8 @@ class Relay:
     ``counter`` is any object with integer attributes ``bytes_up`` (client to backend) and
     ``bytes_down`` (backend to client); they are updated as bytes are delivered.
 
-    Two ways to drive it: :meth:`start` with a callback, called from the event loop once the
-    exchange has ended (the relay then needs no greenlet at all), or :meth:`run`, which waits
-    for the end in the calling greenlet. Either way :attr:`reason` then says how it ended, and
-    :meth:`stop` cuts it short (the callback is not called then).
+    :meth:`start` takes a callback, called from the event loop once the exchange has ended;
+    :attr:`reason` then says how it ended. :meth:`stop` cuts it short (no callback then).
     """
 
     #: Seconds between checks that a client which has finished sending is still connected.
@@ -325,8 +321,8 @@ class Relay:
     # The state of an exchange, as class-level defaults: an instance stores only what changes
     # (this runs once per connection, and most of these never change).
 
-    #: How the exchange ended (``closed``, ``client-reset`` or ``backend-reset``); None while
-    #: it runs, or if it was stopped.
+    #: How the exchange ended (``closed``, ``client-reset``, ``backend-reset`` or
+    #: ``client-finish-timeout``); None while it runs, or if it was stopped.
     reason: Optional[str] = None
     #: True once the backend side has been seen to finish (EOF or drained): the caller may
     #: close it gracefully. False means the caller should abort it.
@@ -360,7 +356,7 @@ class Relay:
     _recheck = None
     _expired = False
     _finishing = False
-    _deferred = False
+    _client_time_up = False
 
     def __init__(self, client, backend, counter) -> None:
         self.client = client
@@ -396,19 +392,6 @@ class Relay:
         # turn of the event loop later. One read: a request seldom comes with its EOF.
         up.readable(1)
 
-    def run(self, finish_timeout: Optional[float], client_finish_timeout: Optional[float]) -> str:
-        """Relay until the exchange has ended, waiting in the calling greenlet; return the end
-        reason. Whatever interrupts the wait (a ``gevent.Timeout`` for the TTL, a kill) stops
-        the relay."""
-        waiter = Waiter()
-        self._deferred = True  # a Waiter is switched to from the hub only
-        try:
-            self.start(waiter.switch_args, finish_timeout, client_finish_timeout)
-            waiter.get()
-            return self.reason
-        finally:
-            self.stop()
-
     def stop(self) -> None:
         """Stop relaying now; no callback. The sockets are left to the caller."""
         self._on_done = None
@@ -430,6 +413,10 @@ class Relay:
                 self._end("backend-reset")
             else:
                 self._finish_backend()
+        elif self._client_time_up:
+            # The backend closed its side, the client went on sending past its finish time:
+            # what reached the backend is not the whole upload, and it must not look whole.
+            self._end("client-finish-timeout")
         elif self._expired or (up.done and down.done):
             self.backend_finished = True
             self.client_open = not up.done
@@ -459,7 +446,7 @@ class Relay:
                     self._recheck.start(self._recheck_backend)
                 if limit is not None:
                     self._timer = self.loop.timer(limit)
-                    self._timer.start(self._expire)
+                    self._timer.start(self._client_finish_expired)
             elif up.done:
                 # The client has finished sending; the backend may take as long as it needs
                 # (the TTL bounds it) to answer. Nobody reads the client meanwhile, so look
@@ -475,6 +462,10 @@ class Relay:
 
     def _expire(self) -> None:
         self._expired = True
+        self.changed()
+
+    def _client_finish_expired(self) -> None:
+        self._client_time_up = True
         self.changed()
 
     def _recheck_backend(self) -> None:
@@ -517,18 +508,10 @@ class Relay:
             self._timer.start(self._expire)
 
     def _end(self, reason: str) -> None:
+        # Straight away: the caller hands the slot on without waiting for a later turn of the
+        # loop. The direction that got here touches nothing once it returns.
         self.reason = reason
-        if self._deferred:
-            # Stop at once, so that nothing more is read or written; the rest runs as an
-            # event-loop callback.
-            self._stop_timer()
-            for d in (self._up, self._down):
-                d.stop()
-            self.loop.run_callback(self._done)
-        else:
-            # Straight away: the caller hands the slot on without waiting for a later turn
-            # of the loop. The direction that got here touches nothing once it returns.
-            self._done()
+        self._done()
 
     def _done(self) -> None:
         self._release()

@@ -104,8 +104,11 @@ class _LockCollector:
             "Bytes relayed, by direction (up: client to backend).",
             labels=["direction"],
         )
-        relayed.add_metric(["up"], lock.bytes_up_total + sum(c.bytes_up for c in active))
-        relayed.add_metric(["down"], lock.bytes_down_total + sum(c.bytes_down for c in active))
+        # A connection's bytes join the totals when it ends; one still holding its slot after
+        # that (its restart or on-timeout hook running) is counted there, not here too.
+        live = [c for c in active if c.end is None]
+        relayed.add_metric(["up"], lock.bytes_up_total + sum(c.bytes_up for c in live))
+        relayed.add_metric(["down"], lock.bytes_down_total + sum(c.bytes_down for c in live))
         yield relayed
 
 

@@ -1,0 +1,419 @@
+"""A backend: the service behind the lock, how to reach it, and when to restart it.
+
+What it owns: the backend's address and the one routine that connects to it (:class:`Connect`,
+driven by the event loop, for clients and readiness checks alike), its state (``up`` or
+``restarting``), its restart policy and its counters. The rule it keeps: once a restart is due,
+no new client reaches the backend; the restart runs while the last connection using it still
+holds its slot, and nobody is let in until the backend accepts connections again.
+
+A single backend is a pool of one: the lock asks :meth:`Backend.for_grant` style questions of
+its backends, never of a fixed address.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import logging
+import os
+import time
+from typing import Callable, List, Optional, Tuple
+
+import gevent
+from gevent import GreenletExit, socket
+from gevent.event import AsyncResult
+
+from .hooks import CommandHook, HookFailed, call_hook
+from .peer import PeerCheck
+from .steps import Step
+
+__all__ = ["Backend", "Connect", "format_address", "UP", "RESTARTING"]
+
+log = logging.getLogger("tcplock.server")
+
+UP = "up"
+RESTARTING = "restarting"
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+# Where the platform has it, a backend socket is made non-blocking by socket() itself.
+_NONBLOCK = getattr(_socket, "SOCK_NONBLOCK", 0)
+
+_RESTART_WHY = {"count": "after the set number of uses", "ttl": "after a connection timed out"}
+
+
+def format_address(addr) -> str:
+    """``host:port``, with IPv6 hosts in brackets."""
+    host, port = addr[0], addr[1]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class Backend:
+    """One backend service, as ``(host, port)``.
+
+    ``lock`` is what the backend needs of the lock that uses it: its settings (``restart``,
+    ``hook_timeout``, ``ready_timeout``, ``restart_retry_delay``), ``draining``, and
+    ``_sync_gate()`` to stop or start the queue around a restart.
+    """
+
+    def __init__(self, address: Tuple[str, int], lock) -> None:
+        #: Where it listens, as (host, port).
+        self.address = (address[0], int(address[1]))
+        self.lock = lock
+        #: Why a restart is due or running (``"count"``, ``"ttl"``), None when up.
+        self.restart_reason: Optional[str] = None
+        #: Slots of this backend held right now (by connections and in-process holders).
+        self.held = 0
+        #: Connections granted a slot while a restart was due: they wait for it, in order.
+        self.parked: List = []
+        #: Clients let through since the last restart.
+        self.since_restart = 0
+        self.activations = 0
+        #: Restarts done, and restart attempts that failed.
+        self.restarts = 0
+        self.restart_failures = 0
+        #: How the latest connection that used it ended.
+        self.last_end: Optional[str] = None
+        self.peer_check = PeerCheck()
+        self._addrinfo: Optional[list] = None
+
+    @property
+    def label(self) -> str:
+        return format_address(self.address)
+
+    @property
+    def state(self) -> str:
+        return UP if self.restart_reason is None else RESTARTING
+
+    def status(self) -> dict:
+        return {
+            "address": self.label,
+            "state": self.state,
+            "active": self.held,
+            "activations": self.activations,
+            "restarts": self.restarts,
+            "restart_failures": self.restart_failures,
+            "last_end": self.last_end,
+        }
+
+    def close(self) -> None:
+        self.peer_check.close()
+
+    # -- use and restart policy ------------------------------------------------------------------
+
+    def used(self) -> None:
+        """A client is let through: count it, and call for a restart once it is the K-th."""
+        self.activations += 1
+        self.since_restart += 1
+        every = self.lock.restart_every
+        if every and self.since_restart >= every:
+            self.request_restart("count")
+
+    def request_restart(self, reason: str) -> None:
+        """Call for a restart: no new client reaches this backend until it is done."""
+        if self.lock.restart is None:
+            return
+        if self.restart_reason is not None:
+            if reason == "ttl":
+                self.restart_reason = reason  # the more telling reason, for the command
+            return
+        self.restart_reason = reason
+        self.lock._sync_gate()
+
+    def last_holder(self) -> bool:
+        """Whether every other slot of this backend is free or parked behind the restart."""
+        return self.held - len(self.parked) == 1
+
+    def restart_now(self, conn, then: Callable[[], object]) -> Step:
+        """Run the due restart as a step while ``conn`` holds the last slot in use; retry until
+        it succeeds or tcplock stops. Then the parked connections go on, in order, and
+        ``then()`` (the holder's own next step), and the queue moves again."""
+
+        def restarted(_result, _error) -> None:
+            self.restart_reason = None
+            parked, self.parked = self.parked, []
+            for waiting in parked:
+                waiting.unpark()
+            then()
+            self.lock._sync_gate()
+
+        return Step(self._restart, (conn,), restarted)
+
+    def _restart(self, conn) -> None:
+        lock = self.lock
+        delay = lock.restart_retry_delay
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                reason = self.restart_reason
+                log.warning(
+                    "restarting backend %s (%s)%s",
+                    self.label,
+                    _RESTART_WHY.get(reason, reason),
+                    f", attempt {attempt}" if attempt > 1 else "",
+                )
+                started = time.monotonic()
+                try:
+                    self._run_restart_hook(conn, reason)
+                    self.wait_ready(lock.ready_timeout)
+                except HookFailed as e:
+                    self.restart_failures += 1
+                    if lock.draining:
+                        log.error("restart failed: %s; not retried: tcplock is stopping", e)
+                        return
+                    log.error("restart failed: %s; retrying in %gs", e, delay)
+                    gevent.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    if lock.draining:
+                        log.warning("restart abandoned: tcplock is stopping")
+                        return
+                    continue
+                self.restarts += 1
+                self.since_restart = 0
+                log.warning(
+                    "backend restarted in %.2fs (restart #%d)",
+                    time.monotonic() - started,
+                    self.restarts,
+                )
+                return
+        except GreenletExit:
+            log.warning("restart abandoned: tcplock is stopping")
+            raise
+
+    def _run_restart_hook(self, conn, reason: str) -> None:
+        hook = self.lock.restart
+        timeout = self.lock.hook_timeout
+        if hook is None:
+            return  # taken away while due: nothing to run
+        if isinstance(hook, CommandHook):
+            extra = {"TCPLOCK_RESTART_REASON": reason, "TCPLOCK_RESTARTS": str(self.restarts)}
+            call_hook("restart", lambda c: hook(c, extra), conn, timeout)
+        else:
+            call_hook("restart", hook, reason, timeout)
+
+    def wait_ready(self, timeout: Optional[float]) -> None:
+        """Block this greenlet until the backend accepts a connection (within ``timeout``; None
+        or 0: do not wait). Raises HookFailed if it does not."""
+        if not timeout:
+            return
+        result = AsyncResult()
+        attempt = Connect(self, time.monotonic() + timeout, lambda s, e: result.set((s, e)))
+        attempt.start()
+        try:
+            sock, error = result.get()
+        finally:
+            attempt.cancel()
+        if sock is None:
+            reason = getattr(error, "strerror", None) or error
+            raise HookFailed(
+                f"backend not accepting connections {timeout:g}s after the restart ({reason})"
+            )
+        sock.close()
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def addresses(self) -> Optional[list]:
+        """The addresses to try, if known without a lookup (a numeric host, or a name resolved
+        before); None if the name has to be looked up (:meth:`resolve`)."""
+        addrs = self._addrinfo
+        if addrs is None:
+            try:
+                addrs = self._addrinfo = _socket.getaddrinfo(
+                    self.address[0],
+                    self.address[1],
+                    0,
+                    _socket.SOCK_STREAM,
+                    _socket.IPPROTO_TCP,
+                    _socket.AI_NUMERICHOST,
+                )
+            except OSError:
+                return None
+        return addrs
+
+    def resolve(self) -> list:
+        """Look the name up (blocks this greenlet); kept until every address fails."""
+        addrs = socket.getaddrinfo(
+            self.address[0], self.address[1], 0, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )
+        self._addrinfo = addrs
+        return addrs
+
+    def answered(self, addrs: list, index: int) -> None:
+        """Address ``index`` of ``addrs`` accepted: try it first next time (a name whose first
+        address refuses, such as localhost's ::1 for a server on 127.0.0.1 only)."""
+        if index and self._addrinfo is addrs:
+            self._addrinfo = [addrs[index], *addrs[:index], *addrs[index + 1 :]]
+
+    def forget(self) -> None:
+        """Every address failed: look the name up again next time."""
+        self._addrinfo = None
+
+
+class Connect:
+    """Connecting to a backend, driven by the event loop: each of its addresses in turn, and
+    over again with a growing pause, until one accepts or ``deadline`` (a monotonic time)
+    passes. Then ``on_done(sock, error)``, once: a connected non-blocking socket and None, or
+    None and the last error. On loopback the backend accepts within the connect call, and
+    ``on_done`` is called before :meth:`start` returns. A name to look up is a step.
+    """
+
+    __slots__ = (
+        "backend", "deadline", "on_done", "loop", "addrs", "index", "sock", "watch", "timer",
+        "step", "delay", "error", "sockaddr",
+    )  # fmt: skip
+
+    def __init__(self, backend: Backend, deadline: float, on_done) -> None:
+        self.backend = backend
+        self.deadline = deadline
+        self.on_done = on_done
+        self.loop = gevent.get_hub().loop
+        self.addrs = None
+        self.index = 0
+        self.sock = None
+        self.watch = None
+        self.timer = None
+        self.step = None
+        self.delay = 0.01
+        self.error: Optional[BaseException] = None
+        #: The address that accepted, once one has.
+        self.sockaddr = None
+
+    def start(self) -> None:
+        addrs = self.backend.addresses()
+        if addrs is None:
+            self.step = Step(self.backend.resolve, (), self._resolved)
+            return
+        self.addrs, self.index = addrs, 0
+        self._try()
+
+    def _resolved(self, addrs, error) -> None:
+        self.step = None
+        if self.on_done is None:
+            return
+        if error is not None:
+            self.error = error
+            return self._later()
+        self.addrs, self.index = addrs, 0
+        self._try()
+
+    def _try(self) -> None:
+        addrs = self.addrs
+        while self.index < len(addrs):
+            family, type_, proto, _name, sockaddr = addrs[self.index]
+            try:
+                s = _socket.socket(family, type_ | _NONBLOCK, proto)
+            except OSError as e:
+                self.error = e  # out of descriptors, say: try again shortly
+                return self._later()
+            try:
+                if not _NONBLOCK:
+                    s.setblocking(False)
+                err = s.connect_ex(sockaddr)
+                if err in _IN_PROGRESS:
+                    if not _connected(s):
+                        self.sock = s
+                        self.watch = self.loop.io(s.fileno(), 2)
+                        self.watch.start(self._writable)
+                        self.timer = self.loop.timer(max(self.deadline - time.monotonic(), 0.001))
+                        self.timer.start(self._timed_out)
+                        return
+                    err = 0
+            except BaseException:
+                s.close()
+                raise
+            if not err:
+                return self._connected(s)
+            s.close()
+            self.error = OSError(err, os.strerror(err))
+            self.index += 1
+        self.backend.forget()
+        self._later()
+
+    def _writable(self) -> None:
+        s = self.sock
+        self._stop_waiting()
+        try:
+            err = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        except OSError as e:
+            err = e.errno or errno.EBADF
+        if not err:
+            return self._connected(s)
+        s.close()
+        self.error = OSError(err, os.strerror(err))
+        self.index += 1
+        self._try()
+
+    def _timed_out(self) -> None:
+        s = self.sock
+        self._stop_waiting()
+        s.close()
+        self.backend.forget()
+        self.error = OSError(errno.ETIMEDOUT, "timed out")
+        self._finish(None)
+
+    def _later(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return self._finish(None)
+        self.timer = self.loop.timer(max(min(self.delay, remaining), 0.001))
+        self.timer.start(self._again)
+        self.delay = min(self.delay * 2, 0.5)
+
+    def _again(self) -> None:
+        self.timer.close()
+        self.timer = None
+        self.start()
+
+    def _connected(self, s) -> None:
+        self.backend.answered(self.addrs, self.index)
+        sockaddr = self.sockaddr = self.addrs[self.index][4]
+        try:
+            s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            # (Not on loopback: the kernel answers the probes for a backend that hangs, and
+            # closes the connection of one that dies, so they could never tell anything.)
+            if not self.backend.peer_check.local(sockaddr):
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+        except OSError as e:
+            s.close()
+            self.error = e
+            self.index += 1
+            return self._try()
+        self._finish(s)
+
+    def _finish(self, sock) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(sock, None if sock is not None else self.error)
+        elif sock is not None:
+            sock.close()
+
+    def _stop_waiting(self) -> None:
+        self.sock = None
+        for w in (self.watch, self.timer):
+            if w is not None:
+                w.stop()
+                w.close()
+        self.watch = self.timer = None
+
+    def cancel(self) -> None:
+        """Give up: nothing more is called, and a socket under way is closed."""
+        self.on_done = None
+        s = self.sock
+        self._stop_waiting()
+        if s is not None:
+            s.close()
+        if self.step is not None:
+            self.step.kill()
+            self.step = None
+
+
+def _connected(sock) -> bool:
+    """Whether a non-blocking connect has completed already, as it usually has on loopback
+    (the handshake runs within the connect call): then there is nothing to wait for."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True

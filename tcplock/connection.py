@@ -1,0 +1,415 @@
+"""A client connection: its states, from the queue to its end.
+
+What it owns: the life of one connection as a state machine driven by the event loop::
+
+    queued -> granted -> [parked] -> [hook] -> connecting -> relaying -> ending -> ended
+
+Each state has at most one timer and one watcher (or one step: a blocking call in a greenlet of
+its own, see :mod:`tcplock.steps`), and leaving a state stops them. Every way out leads to
+:meth:`Connection.finish`, once. The rule it keeps: a slot is released exactly once, and only
+after tcplock has finished with the backend side (the TTL hook and a due restart run while the
+slot is still held), whatever ends the connection.
+
+A connection is handed what it needs (its lock's settings and counters, the gate through the
+lock, its backend); it never imports the server.
+"""
+
+from __future__ import annotations
+
+import _socket
+import logging
+import struct
+import time
+from typing import Dict, Optional
+
+from gevent import GreenletExit
+
+from .backend import Connect, format_address
+from .hooks import HookFailed, call_hook
+from .relay import Relay
+from .steps import Step
+
+__all__ = ["Connection", "END_REASONS", "STATES"]
+
+log = logging.getLogger("tcplock.server")
+
+#: Every way a connection can end, as written in the log line's ``end=`` field.
+END_REASONS = (
+    "closed",  # both sides finished normally
+    "client-reset",  # the client went away abruptly while active
+    "backend-reset",  # the backend went away abruptly while active
+    "ttl",  # the connection reached its maximum lifetime and was cut
+    "client-finish-timeout",  # the client kept sending after the backend closed; both were cut
+    "left-queue",  # the client went away while waiting in the queue
+    "queue-timeout",  # the client waited longer than queue_timeout
+    "queue-full",  # max_queue clients were already waiting
+    "not-allowed",  # the client's address is not in the allow list
+    "backend-refused",  # no backend connection could be made within connect_timeout
+    "hook-failed",  # the on_activate hook failed; the client never reached the backend
+    "shutdown",  # tcplock was stopping
+    "error",  # a bug in tcplock (logged with a traceback)
+)
+
+QUEUED = "queued"
+GRANTED = "granted"
+PARKED = "parked"  # granted, waiting for a restart of its backend to finish
+HOOK = "hook"
+CONNECTING = "connecting"
+RELAYING = "relaying"
+HOLDING = "holding"  # an in-process holder (TCPLock.slot) using its slot
+ENDING = "ending"  # ended; the TTL hook or a restart may still run with the slot held
+ENDED = "ended"
+STATES = (QUEUED, GRANTED, PARKED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
+
+# Ends after which the client's socket is closed with a reset rather than an orderly FIN: the
+# client must learn that the exchange did not complete.
+_ABORT_CLIENT = frozenset({"backend-reset", "ttl", "client-finish-timeout", "shutdown", "error"})
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def close_socket(sock, abort: bool) -> None:
+    """Close ``sock``; with ``abort``, with a reset instead of an orderly FIN."""
+    try:
+        if abort:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Connection:
+    """One client connection, as hooks and embedding code see it.
+
+    Times are ``time.monotonic()`` values; the ``*_seconds`` properties are what to read.
+    """
+
+    __slots__ = (
+        "lock", "id", "client", "sock", "upstream", "backend", "state", "held", "activation",
+        "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "outcome",
+        "ticket", "watch", "timer", "relay", "step", "connecting", "settled", "__weakref__",
+    )  # fmt: skip
+
+    def __init__(self, lock, sock, client, number: int) -> None:
+        self.lock = lock
+        #: A sequence number, in accept order, starting at 1.
+        self.id = number
+        #: The client's address tuple, as ``socket.getpeername()`` gives it (None for an
+        #: in-process holder, see :meth:`TCPLock.slot`).
+        self.client = client
+        #: The client socket, and the backend socket once connected (None before and after).
+        self.sock = sock
+        self.upstream = None
+        #: The backend it was given, once granted.
+        self.backend = None
+        #: One of :data:`STATES`.
+        self.state = QUEUED
+        #: Whether it holds a slot (from its grant until the slot is released).
+        self.held = False
+        #: Which activation this was (1 for the first client let through), or None if queued.
+        self.activation: Optional[int] = None
+        self.queued_at = time.monotonic()
+        self.activated_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        #: Bytes delivered from the client to the backend, and back.
+        self.bytes_up = 0
+        self.bytes_down = 0
+        #: How the connection ended (one of END_REASONS), once it has.
+        self.end: Optional[str] = None
+        #: The relay, once it has finished: how the exchange ended.
+        self.outcome: Optional[Relay] = None
+        self.ticket = None
+        self.watch = None
+        self.timer = None
+        self.relay: Optional[Relay] = None
+        self.step: Optional[Step] = None
+        self.connecting: Optional[Connect] = None
+        #: Whether its client side is closed and its line logged.
+        self.settled = False
+
+    # -- what hooks and embedding code read --------------------------------------------------
+
+    @property
+    def queued_seconds(self) -> float:
+        """Time spent waiting for a slot (so far, if still waiting)."""
+        until = self.activated_at or self.ended_at or time.monotonic()
+        return until - self.queued_at
+
+    @property
+    def active_seconds(self) -> float:
+        """Time since the slot was granted (0 if it never was)."""
+        if self.activated_at is None:
+            return 0.0
+        return (self.ended_at or time.monotonic()) - self.activated_at
+
+    @property
+    def label(self) -> str:
+        """The client as written in logs: ``host:port``, or ``in-process``."""
+        return format_address(self.client) if self.client is not None else "in-process"
+
+    def describe(self) -> str:
+        """What its log line says: client, time waited, time active, bytes each way, end."""
+        ended = self.ended_at or time.monotonic()
+        activated = self.activated_at
+        if activated is None:
+            queued, active = ended - self.queued_at, 0.0
+        else:
+            queued, active = activated - self.queued_at, ended - activated
+        line = "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (  # noqa: UP031
+            self.label,
+            queued,
+            active,
+            self.bytes_up,
+            self.bytes_down,
+            self.end,
+        )
+        return line
+
+    def fields(self) -> Dict[str, object]:
+        """The connection as plain data: what its JSON log line, its ``/status`` entry and a
+        command hook's environment are made from (one projection, so they cannot disagree)."""
+        backend = self.backend or self.lock.backends[0]
+        return {
+            "id": self.id,
+            "client": self.label,
+            "backend": backend.label,
+            "state": self.state,
+            "activation": self.activation,
+            "queued_seconds": round(self.queued_seconds, 3),
+            "active_seconds": round(self.active_seconds, 3),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "end": self.end,
+        }
+
+    def hook_env(self) -> Dict[str, str]:
+        """The context a command hook finds in its environment."""
+        f = self.fields()
+        lock = self.lock
+        client = self.client or ("", 0)
+        env = {
+            "TCPLOCK_CLIENT": f["client"],
+            "TCPLOCK_CLIENT_HOST": str(client[0]),
+            "TCPLOCK_CLIENT_PORT": str(client[1]),
+            "TCPLOCK_CONNECTION_ID": str(f["id"]),
+            "TCPLOCK_ACTIVATION": str(f["activation"] or 0),
+            "TCPLOCK_SERVED": str(lock.served),
+            "TCPLOCK_PREVIOUS_END": lock.last_end or "",
+            "TCPLOCK_QUEUED": str(lock.queued),
+            "TCPLOCK_SLOTS": str(lock.slots),
+            "TCPLOCK_BACKEND": f["backend"],
+            "TCPLOCK_ACTIVE_SECONDS": f"{f['active_seconds']:.3f}",
+            "TCPLOCK_BYTES_UP": str(f["bytes_up"]),
+            "TCPLOCK_BYTES_DOWN": str(f["bytes_down"]),
+        }
+        if f["end"]:
+            env["TCPLOCK_END"] = f["end"]
+        return env
+
+    def __repr__(self) -> str:
+        return f"<Connection #{self.id} {self.label} {self.state}>"
+
+    # -- granted: on to the backend ------------------------------------------------------------
+
+    def granted(self, backend) -> None:
+        """The gate gave it a slot of ``backend``."""
+        self.held = True
+        self.backend = backend
+        backend.held += 1
+        self.state = GRANTED
+        self.lock._activated(self)
+        self._proceed()
+
+    def _proceed(self) -> None:
+        lock = self.lock
+        if lock._stopping:
+            return self.finish("shutdown")
+        backend = self.backend
+        if backend.restart_reason is not None:
+            # Granted just before a restart was called for: the restart comes first. The last
+            # holder runs it; the others wait for it, slot in hand.
+            self.state = PARKED
+            if backend.last_holder():
+                self.step = backend.restart_now(self, self._unparked)
+            else:
+                backend.parked.append(self)
+            return None
+        if self.sock is None:
+            self.state = HOLDING
+            return lock._holding(self)
+        backend.used()
+        hook = lock.on_activate
+        if hook is not None:
+            self.state = HOOK
+            args = ("on-activate", hook, self, lock.hook_timeout)
+            self.step = Step(call_hook, args, self._hooked)
+            return None
+        return self._connect()
+
+    def unpark(self) -> None:
+        """The restart it waited for is over (or abandoned at shutdown)."""
+        if self.state is PARKED:
+            self._proceed()
+
+    def _unparked(self) -> None:
+        self.step = None
+        if self.state is PARKED:
+            self._proceed()
+
+    def _hooked(self, _result, error) -> None:
+        self.step = None
+        if self.state is not HOOK:
+            return None
+        if error is not None:
+            if isinstance(error, HookFailed):
+                self.lock.hook_failures += 1
+                log.error("%s: %s", self.label, error)
+                return self.finish("hook-failed")
+            if isinstance(error, GreenletExit):
+                return self.finish("shutdown")
+            log.error("%s: unexpected error", self.label, exc_info=error)
+            return self.finish("error")
+        if self.lock._stopping:
+            return self.finish("shutdown")
+        return self._connect()
+
+    def _connect(self) -> None:
+        self.state = CONNECTING
+        attempt = self.connecting = Connect(
+            self.backend, time.monotonic() + self.lock.connect_timeout, self._connected
+        )
+        attempt.start()
+
+    def _connected(self, sock, error) -> None:
+        attempt, self.connecting = self.connecting, None
+        if sock is None:
+            log.warning(
+                "%s: backend %s unavailable for %.1fs: %s",
+                self.label,
+                self.backend.label,
+                self.lock.connect_timeout,
+                getattr(error, "strerror", None) or error,
+            )
+            return self.finish("backend-refused")
+        self.upstream = sock
+        try:
+            self._relay(attempt.sockaddr)
+        except Exception:
+            log.exception("%s: unexpected error", self.label)
+            self.finish("error")
+        return None
+
+    def _relay(self, peer) -> None:
+        self.state = RELAYING
+        lock = self.lock
+        relay = self.relay = Relay(self.sock, self.upstream, self)
+        if lock.timeout:
+            self.timer = timer = relay.loop.timer(lock.timeout)
+            timer.start(self.finish, "ttl")
+        relay.start(self._relayed, lock.finish_timeout, lock.client_finish_timeout)
+        if relay.reason is None and lock.check_backend_close:
+            # Made ahead, while the backend works on the request: when its FIN comes, only the
+            # question itself is left to ask.
+            check = self.backend.peer_check
+            question = check.question(self.upstream, peer)
+            if question is not None:
+                relay.backend_closed = lambda: check.ask(question)
+
+    def _relayed(self) -> None:
+        self.outcome = self.relay
+        self.finish(self.relay.reason)
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def finish(self, reason: str) -> None:
+        """End the connection (the first call counts): stop what its state was waiting for,
+        close the backend side, and with a slot held, run what must run before the slot passes
+        on (the TTL hook, a due restart), release the slot, close the client's side."""
+        state = self.state
+        if state is ENDING or state is ENDED:
+            return
+        self.state = ENDING
+        self.end = reason
+        self.ended_at = time.monotonic()
+        relay = self.relay
+        if relay is not None:
+            self.relay = None
+            relay.stop()
+        self.stop_watching()
+        if state is PARKED and self in self.backend.parked:
+            self.backend.parked.remove(self)
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.step is not None:
+            self.step.kill()  # its callback sees ENDING and does nothing
+            self.step = None
+        outcome = self.outcome
+        if self.upstream is not None and not (
+            reason == "closed" and outcome is not None and outcome.backend_done
+        ):
+            # Closed now, before anyone else is let in; unless nothing more can reach the
+            # backend, when closing is nothing it can see: that waits until after the release.
+            graceful = outcome is not None and outcome.backend_finished and reason == "closed"
+            close_socket(self.upstream, not graceful)
+            self.upstream = None
+        if not self.held:
+            self.lock._settle(self)
+            return self.lock._forget(self)
+        lock = self.lock
+        if reason == "ttl":
+            lock._settle(self)  # its line comes before what the hook logs
+            hook = lock.on_timeout
+            if hook is not None and not lock._stopping:
+                self.step = Step(
+                    call_hook, ("on-timeout", hook, self, lock.hook_timeout), self._timeout_hooked
+                )
+                return None
+        return self._wind_up()
+
+    def _timeout_hooked(self, _result, error) -> None:
+        self.step = None
+        if isinstance(error, HookFailed):
+            self.lock.hook_failures += 1
+            log.error("%s: %s", self.label, error)
+        elif error is not None and not isinstance(error, GreenletExit):
+            log.error("%s: on-timeout hook: unexpected error", self.label, exc_info=error)
+        self._wind_up()
+
+    def _wind_up(self) -> None:
+        lock = self.lock
+        backend = self.backend
+        if self.end == "ttl" and lock.restart_on_timeout:
+            backend.request_restart("ttl")
+        if backend.restart_reason is not None and not lock._stopping and backend.last_holder():
+            lock._settle(self)  # its line comes before what the restart logs
+            self.step = backend.restart_now(self, self._release)
+            return
+        self._release()
+
+    def _release(self) -> None:
+        self.step = None
+        lock = self.lock
+        lock._release(self)
+        if not self.settled:
+            lock._settle(self)
+        lock._forget(self)
+
+    def abort(self) -> None:
+        """Cut it now (the drain time is over): a step it waits for is killed, and what
+        follows the step sees that tcplock is stopping."""
+        if self.step is not None:
+            self.step.kill()
+        elif self.state is not ENDING and self.state is not ENDED:
+            self.finish("shutdown")
+
+    def stop_watching(self) -> None:
+        """Stop its state's watcher and timer."""
+        watch, timer = self.watch, self.timer
+        if watch is not None:
+            self.watch = None
+            watch.stop()
+            watch.close()
+        if timer is not None:
+            self.timer = None
+            timer.stop()
+            timer.close()

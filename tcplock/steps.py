@@ -1,0 +1,68 @@
+"""Steps: the work in a connection's life that may block, run outside the event loop's path.
+
+What it owns: running one blocking call (a hook, a restart, a name lookup) in a fresh greenlet
+and handing its outcome back to the event loop as a callback. The rule it keeps: ``done`` is
+called exactly once, from the event loop, whatever happens to the step — it returns, raises, or
+is killed (even before it started) — so whoever waits on a step can never be stranded.
+
+A fresh greenlet per step keeps a step's leftovers (a ``gevent.Timeout`` a Python hook left
+running, say) from reaching anything else: they die with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import gevent
+from gevent import Greenlet, GreenletExit
+
+__all__ = ["Step"]
+
+# Caught and handed to ``done``: what a step's own code may raise. Anything else (SystemExit,
+# KeyboardInterrupt) goes on to gevent's hub after ``done`` has been scheduled.
+_HANDED_BACK = (Exception, GreenletExit, gevent.Timeout)
+
+
+class Step:
+    """``fn(*args)`` in a greenlet of its own; then, in the event loop, ``done(result, error)``
+    (``error`` is None, the exception it raised, or GreenletExit if it was killed)."""
+
+    __slots__ = ("greenlet", "done")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, done: Callable[[Any, Any], object]):
+        self.done: Optional[Callable[[Any, Any], object]] = done
+        self.greenlet = g = Greenlet(_run, fn, args)
+        g.rawlink(self._finished)
+        g.start()
+
+    def _finished(self, greenlet) -> None:
+        # Called by the hub once the greenlet is dead, however it died.
+        done, self.done = self.done, None
+        value = greenlet.value
+        if value.__class__ is tuple:
+            result, error = value
+        elif greenlet.exception is not None:
+            result, error = None, greenlet.exception
+        else:  # killed before it could run: value is the GreenletExit
+            result, error = None, GreenletExit()
+        self.greenlet = None
+        if done is not None:
+            done(result, error)
+
+    def kill(self) -> None:
+        """Raise GreenletExit in the step (at its next blocking point); ``done`` follows. A
+        command it runs is killed with its process group."""
+        g = self.greenlet
+        if g is not None:
+            g.kill(block=False)
+
+    @property
+    def running(self) -> bool:
+        return self.greenlet is not None
+
+
+def _run(fn, args):
+    try:
+        return fn(*args), None
+    except _HANDED_BACK as e:
+        return None, e
