@@ -194,9 +194,7 @@ def test_a_stopped_lock_cannot_be_started_again(make_backend):
 # -- faults found by attacking the core ------------------------------------------------------------
 
 
-def test_an_upload_cut_at_client_finish_timeout_resets_the_backend(
-    make_backend, make_lock, conn_log
-):
+def test_an_upload_cut_at_client_finish_time_resets_the_backend(make_backend, make_lock, conn_log):
     # The backend answers, half-closes and reads on; the client keeps uploading past its
     # finish time. What reached the backend is not the whole upload: it must not get a clean
     # EOF, and the log says why the connection was cut.
