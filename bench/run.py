@@ -13,7 +13,9 @@ tcplock from this checkout with pip), starts every server on 127.0.0.1 only, and
             tcplock (--slots 1), tcplock-quiet (--slots 1 --log-level warning), and
             tcplock-cft0 (--slots 1 --client-finish-timeout 0: the slot passes on as the
             backend closes without asking the kernel whether it closed for good; nginx does,
-            so this differs from tcplock only by the cost of that question).
+            so this differs from tcplock only by the cost of that question), and tcplock-hook
+            (--slots 1 --hooks FILE, FILE defining a no-op Python on_activate(conn): the cost
+            of a Python hook per hand-off; target >= 0.8x tcplock).
   bulk      one iperf3 TCP stream.  Gbit/s, higher is better.  Peers: direct, haproxy (default
             config: no maxconn), tcplock and tcplock-quiet with --slots 2 (iperf3 opens a control
             and a data connection).
@@ -31,7 +33,14 @@ tcplock from this checkout with pip), starts every server on 127.0.0.1 only, and
 Rounds are interleaved: every round measures every (figure, peer) once, in an order rotated by
 the round number, so slow drifts of a shared machine hit every peer alike.  The table gives the
 median over rounds, min-max, spread ((max-min)/median) and the ratios of medians to haproxy and
-to direct from the same run, then the issue's targets.
+to direct from the same run, then the issue's targets.  --figures and --peers limit a run.
+
+--compare REV measures another revision side by side in the same run: REV is checked out into a
+temporary git worktree (removed at exit) and tcplock runs from there (python -m tcplock, that
+tree first on PYTHONPATH, cwd there) as tcplock@SHORTREV in every figure (queue included) and
+tcplock-hook@SHORTREV in hand-off (skipped with a note if it does not start at REV).  The
+summary gives, per figure, the ratio of medians this checkout / REV and the median of the
+ratios paired round by round; tcplock's hand-off, bulk and queue memory must be within 5%.
 
 Every child runs in its own process group and is killed on exit, error or signal; every client
 command has a timeout and the whole run has --max-seconds.
@@ -78,6 +87,8 @@ SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 # The issue's targets: (figure, peer it is compared to, minimum ratio) and the queue ceiling.
 TARGETS = [("hand-off", "haproxy-mc1", 1.0), ("bulk", "haproxy", 1.3), ("bulk", "direct", 0.65)]
 QUEUE_TARGET_KIB = 8.0
+HOOK_TARGET = 0.8  # tcplock-hook (a no-op Python on_activate) over tcplock, hand-off
+COMPARE_TOLERANCE = 0.05  # --compare: this checkout may be this much worse than REV, no more
 
 
 def say(msg: str = "") -> None:
@@ -373,22 +384,26 @@ def apt_install(pkgs: list[str]) -> None:
             os.unlink(policy)
 
 
-def tcplock_env() -> dict:
-    """Run tcplock from this checkout (cwd and PYTHONPATH), whatever else is installed."""
+def tcplock_env(tree: str = REPO) -> dict:
+    """Run tcplock from `tree` (cwd and PYTHONPATH), whatever else is installed."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
-def ensure_tcplock() -> str:
+def ensure_tcplock(tree: str = REPO) -> str:
+    """Where tcplock is imported from when run from `tree`; for this checkout, installs it (and
+    its dependencies) with pip when it cannot be imported.  Another tree must import as it is."""
     probe = [
         sys.executable,
         "-c",
         "import gevent, configargparse, tcplock; print(tcplock.__version__, tcplock.__file__)",
     ]
     r = subprocess.run(
-        probe, capture_output=True, text=True, cwd=REPO, env=tcplock_env(), timeout=60
+        probe, capture_output=True, text=True, cwd=tree, env=tcplock_env(tree), timeout=60
     )
+    if r.returncode != 0 and tree != REPO:
+        raise RuntimeError(f"tcplock from {tree} is not importable:\n{r.stderr[-800:]}")
     if r.returncode != 0:
         say(
             f"[install] tcplock or its dependencies not importable -> "
@@ -405,7 +420,11 @@ def ensure_tcplock() -> str:
         )
         if r.returncode != 0:
             raise RuntimeError(f"tcplock still not importable:\n{r.stderr[-800:]}")
-    return r.stdout.strip()
+    where = r.stdout.strip()
+    imported = os.path.realpath(where.split()[-1])
+    if not imported.startswith(os.path.join(os.path.realpath(tree), "")):
+        raise RuntimeError(f"tcplock run from {tree} imports another copy: {where}")
+    return where
 
 
 def raise_nofile(need: int) -> int:
@@ -542,7 +561,13 @@ backend be
 
 
 def start_tcplock(
-    P: Procs, tag: str, backend: int, slots: int, extra: list[str], cpus: str | None
+    P: Procs,
+    tag: str,
+    backend: int,
+    slots: int,
+    extra: list[str],
+    cpus: str | None,
+    tree: str = REPO,
 ) -> tuple[int, subprocess.Popen]:
     port = free_port()
     argv = [
@@ -558,7 +583,7 @@ def start_tcplock(
         "--slots",
         str(slots),
     ]
-    return port, P.start(tag, argv + extra, cpus, cwd=REPO, env=tcplock_env())
+    return port, P.start(tag, argv + extra, cpus, cwd=tree, env=tcplock_env(tree))
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,15 +687,17 @@ def stable_rss(pid: int, limit: float = 5.0) -> int:
     return last
 
 
-def measure_queue(P: Procs, a, rnd: int) -> dict:
-    """One fresh tcplock --slots 1: a holder takes the slot, sizes[-1] clients queue behind it
-    (RSS read at each size), then the holder leaves and every client must be served in order."""
+def measure_queue(P: Procs, a, rnd: int, name: str = "tcplock", tree: str = REPO) -> dict:
+    """One fresh tcplock --slots 1 (run from `tree`): a holder takes the slot, sizes[-1] clients
+    queue behind it (RSS read at each size), then the holder leaves and every client must be
+    served in order."""
     sizes = a.queue_sizes
     total = sizes[-1]
-    order_file = os.path.join(P.workdir, f"queue-order-r{rnd}.txt")
+    tag = f"{name}-r{rnd}"
+    order_file = os.path.join(P.workdir, f"queue-order-{tag}.txt")
     bport = free_port()
     backend = P.start(
-        f"queue-backend-r{rnd}", [sys.executable, THIS, "--_qbackend", str(bport), order_file]
+        f"queue-backend-{tag}", [sys.executable, THIS, "--_qbackend", str(bport), order_file]
     )
     procs = [backend]
     sel = selectors.DefaultSelector()
@@ -678,7 +705,7 @@ def measure_queue(P: Procs, a, rnd: int) -> dict:
     holder = None
     try:
         wait_port(bport, backend, "queue backend", P.log_of(backend))
-        lport, tl = start_tcplock(P, f"tcplock-queue-r{rnd}", bport, 1, [], None)
+        lport, tl = start_tcplock(P, f"{name}-queue-r{rnd}", bport, 1, [], None, tree)
         procs.append(tl)
         wait_port(lport, tl, "tcplock (queue)", P.log_of(tl))
         pid = tl.pid
@@ -819,33 +846,135 @@ FIGURES = {
 QUEUE_FIGURES = ("queue", "queue-drain")
 
 
-def setup_peers(P: Procs, figures: list[str]) -> dict[str, list[tuple[str, int]]]:
-    """Start every backend and every peer (all at once, then wait for all of them)."""
+# every peer, by the name --peers knows it ("haproxy" is haproxy-mc1 where the figure uses
+# maxconn 1); the ones in COMPARED also run from the --compare tree, as NAME@REV
+PEER_NAMES = ("direct", "haproxy", "tcplock", "tcplock-quiet", "tcplock-cft0", "tcplock-hook")
+COMPARED = ("tcplock", "tcplock-hook")
+NOOP_HOOKS = "def on_activate(conn):\n    pass\n"  # tcplock-hook's --hooks file
+
+
+def peer_base(name: str) -> str:
+    """The --peers name of a peer: tcplock-hook@abc1234 -> tcplock-hook, haproxy-mc1 -> haproxy."""
+    base = name.split("@", 1)[0]
+    return "haproxy" if base == "haproxy-mc1" else base
+
+
+def tcplock_variants(fig: str, hook_file: str) -> list[tuple[str, list[str]]]:
+    variants = [("tcplock", []), ("tcplock-quiet", ["--log-level", "warning"])]
+    if fig == "hand-off":
+        variants.append(("tcplock-cft0", ["--client-finish-timeout", "0"]))
+        variants.append(("tcplock-hook", ["--hooks", hook_file]))
+    return variants
+
+
+def setup_peers(
+    P: Procs, figures: list[str], a, rev: tuple[str, str] | None
+) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """Start every backend and every peer (all at once, then wait for all of them).  `rev` is
+    (label, tree) of the --compare revision.  Returns the peers of each figure, and notes on
+    the peers skipped: a hook peer at the compared revision that does not start there."""
     peers_of: dict[str, list[tuple[str, int]]] = {}
-    waits = []
+    waits = []  # (figure, peer, port, process, skipped rather than fatal when it does not start)
+
+    def wanted(name: str) -> bool:
+        return a.peers is None or peer_base(name) in a.peers
+
     for fig in figures:
         start_backend, _, _, _, cpus = FIGURES[fig]
         bport, bp = start_backend(P, fig, cpus)
-        waits.append((bport, bp, f"{fig} backend"))
+        waits.append((fig, "backend", bport, bp, False))
         wait_port(bport, bp, f"{fig} backend", P.log_of(bp))  # peers probe it when they start
         bulk = fig == "bulk"
-        peers = [("direct", bport)]
-        hp, hproc = start_haproxy(P, fig, bport, not bulk, cpus)
-        peers.append(("haproxy" if bulk else "haproxy-mc1", hp))
-        waits.append((hp, hproc, f"{fig} haproxy"))
-        variants = [("tcplock", []), ("tcplock-quiet", ["--log-level", "warning"])]
-        if fig == "hand-off":
-            variants.append(("tcplock-cft0", ["--client-finish-timeout", "0"]))
-        for name, extra in variants:
-            tp, tproc = start_tcplock(P, f"{name}-{fig}", bport, 2 if bulk else 1, extra, cpus)
+        peers = [("direct", bport)] if wanted("direct") else []
+        hname = "haproxy" if bulk else "haproxy-mc1"
+        if wanted(hname):
+            hp, hproc = start_haproxy(P, fig, bport, not bulk, cpus)
+            peers.append((hname, hp))
+            waits.append((fig, hname, hp, hproc, False))
+        variants = tcplock_variants(fig, a.hook_file)
+        runs = [(name, extra, REPO, False) for name, extra in variants]
+        if rev is not None:
+            label, tree = rev
+            runs += [
+                (f"{name}@{label}", extra, tree, name == "tcplock-hook")
+                for name, extra in variants
+                if name in COMPARED
+            ]
+        for name, extra, tree, optional in runs:
+            if not wanted(name):
+                continue
+            tp, tproc = start_tcplock(
+                P, f"{name}-{fig}", bport, 2 if bulk else 1, extra, cpus, tree
+            )
             peers.append((name, tp))
-            waits.append((tp, tproc, f"{fig} {name}"))
+            waits.append((fig, name, tp, tproc, optional))
         peers_of[fig] = peers
-    for port, proc, name in waits:
-        wait_port(port, proc, name, P.log_of(proc))
+    skipped = []
+    for fig, name, port, proc, optional in waits:
+        try:
+            wait_port(port, proc, f"{fig} {name}", P.log_of(proc))
+        except RuntimeError as e:
+            if not optional:
+                raise
+            last = [ln for ln in str(e).splitlines()[1:] if ln.strip()]
+            P.stop(proc)
+            peers_of[fig] = [(n, p) for n, p in peers_of[fig] if n != name]
+            skipped.append(
+                f"{fig}/{name} skipped: it does not start at that revision "
+                f"({last[-1].strip() if last else str(e).splitlines()[0]})"
+            )
+            say(f"[setup] {skipped[-1]}")
     for fig in figures:
         say(f"[setup] {fig}: " + ", ".join(f"{n}@{p}" for n, p in peers_of[fig]))
-    return peers_of
+    return peers_of, skipped
+
+
+def add_worktree(rev: str) -> tuple[str, str, str, object]:
+    """Check `rev` out into a temporary detached git worktree of this checkout.  Returns its
+    label (the short commit), the tree, a one-line description and the function that removes it
+    (registered with atexit too; it runs once)."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(
+            ["git", "-C", REPO, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        if r.returncode != 0:
+            msg = (r.stderr.strip() or r.stdout.strip())[-800:]
+            raise RuntimeError(f"git {' '.join(args)}: {msg}")
+        return r.stdout.strip()
+
+    sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    label = git("rev-parse", "--short", sha)
+    about = git("log", "-1", "--format=%h %ad %s", "--date=short", sha)
+    holder = tempfile.mkdtemp(prefix="tcplock-bench-rev.")
+    tree = os.path.join(holder, "tree")
+    done = []
+
+    def remove() -> None:
+        if done:
+            return
+        done.append(True)
+        for args in (["worktree", "remove", "--force", tree], ["worktree", "prune"]):
+            try:
+                subprocess.run(
+                    ["git", "-C", REPO, *args],
+                    capture_output=True,
+                    timeout=60,
+                    stdin=subprocess.DEVNULL,
+                )
+            except (OSError, subprocess.SubprocessError):
+                pass
+            if args[1] == "remove":
+                shutil.rmtree(holder, ignore_errors=True)
+
+    atexit.register(remove)
+    say(f"[compare] git worktree add --detach {tree} {sha[:12]}  ({rev}: {about})")
+    git("worktree", "add", "--detach", tree, sha)
+    return label, tree, about, remove
 
 
 def main() -> int:
@@ -866,6 +995,20 @@ def main() -> int:
         "--figures",
         default="hand-off,bulk,latency,latency-unpinned,queue",
         help="comma-separated subset of: %(default)s",
+    )
+    ap.add_argument(
+        "--peers",
+        help="comma-separated subset of: " + ",".join(PEER_NAMES) + " (default: all; "
+        "haproxy is haproxy-mc1 where the figure uses maxconn 1; with --compare, tcplock and "
+        "tcplock-hook also run at REV; queue runs when tcplock is among them)",
+    )
+    ap.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run tcplock from git revision REV (checked out into a temporary worktree, "
+        "removed at exit) as peers NAME@REV: tcplock@REV in every figure, tcplock-hook@REV in "
+        "hand-off (skipped with a note if it does not start there); same rounds, and the "
+        "summary gives the ratio of medians, this checkout over REV",
     )
     ap.add_argument("--wrk-conns", type=int, default=20)
     ap.add_argument("--pingpong-n", type=int, help="round trips, default 10000 (smoke: 300)")
@@ -930,7 +1073,15 @@ def main() -> int:
         if f not in FIGURES and f != "queue":
             ap.error(f"unknown figure {f!r}")
     peer_figs = [f for f in figures if f in FIGURES]
-    do_queue = "queue" in figures and bool(a.queue_sizes)
+    a.peers = None if a.peers is None else {p.strip() for p in a.peers.split(",") if p.strip()}
+    for p in a.peers or ():
+        if p not in PEER_NAMES and p != "haproxy-mc1":
+            ap.error(f"unknown peer {p!r} (--peers takes {','.join(PEER_NAMES)})")
+    if a.peers is not None and "haproxy-mc1" in a.peers:
+        a.peers.add("haproxy")
+    do_queue = (
+        "queue" in figures and bool(a.queue_sizes) and (a.peers is None or "tcplock" in a.peers)
+    )
 
     # signals and the overall time bound end the run through the same cleanup path
     def on_signal(signum, _frame):
@@ -948,14 +1099,31 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="tcplock-bench.")
     P = Procs(workdir)
     atexit.register(P.cleanup)
+    a.hook_file = os.path.join(workdir, "noop_hooks.py")
+    with open(a.hook_file, "w") as f:
+        f.write(NOOP_HOOKS)
     results: dict[tuple[str, str], list[float]] = {}
+    by_round: dict[tuple[str, str], dict[int, float]] = {}  # for ratios paired round by round
     notes: dict[tuple[str, str], list[str]] = {}
     peers_of: dict[str, list[tuple[str, int]]] = {}
+    queue_peers: list[tuple[str, str]] = []  # (peer, tree it runs from)
+    skipped: list[str] = []
     failures: list[str] = []
+    rev: tuple[str, str] | None = None  # (label, tree) of --compare
+    remove_worktree = None
     rc = 0
+
+    def record(fig: str, name: str, rnd: int, val: float) -> None:
+        results.setdefault((fig, name), []).append(val)
+        by_round.setdefault((fig, name), {})[rnd] = val
+
     try:
         ensure_tools()  # apt-get and pip have timeouts of their own
         where = ensure_tcplock()
+        if a.compare:
+            label, tree, about, remove_worktree = add_worktree(a.compare)
+            rev = (label, tree)
+            rev_where = ensure_tcplock(tree)
         signal.alarm(int(a.max_seconds))  # the measuring part, bounded as a whole
         if do_queue:
             got = raise_nofile(a.queue_sizes[-1] + 1024)
@@ -965,27 +1133,36 @@ def main() -> int:
                     f"{a.queue_sizes[-1]} queued clients; run as root"
                 )
         say("# " + "\n# ".join(machine_info(where)))
+        if rev is not None:
+            say(f"# compared: tcplock@{rev[0]} = {a.compare} ({about}), tcplock {rev_where}")
         say(f"# command: {' '.join(sys.argv)}")
-        peers_of = setup_peers(P, peer_figs)
-        jobs: list[tuple[str, str, int]] = [(f, n, p) for f in peer_figs for n, p in peers_of[f]]
+        peers_of, skipped = setup_peers(P, peer_figs, a, rev)
         if do_queue:
-            jobs.append(("queue", "tcplock", 0))
+            queue_peers = [("tcplock", REPO)]
+            if rev is not None:
+                queue_peers.append((f"tcplock@{rev[0]}", rev[1]))
+        jobs: list[tuple[str, str, int]] = [(f, n, p) for f in peer_figs for n, p in peers_of[f]]
+        jobs += [("queue", name, 0) for name, _ in queue_peers]
+        if not jobs:
+            raise RuntimeError("nothing to measure: check --figures and --peers")
+        tree_of = dict(queue_peers)
+        width = max(13, *(len(n) for _, n, _ in jobs))
         for r in range(a.rounds):
             k = r % len(jobs)
             for fig, name, port in jobs[k:] + jobs[:k]:
                 P.check_alive()
-                tag = f"[r{r + 1}] {fig:16s} {name:13s}"
+                tag = f"[r{r + 1}] {fig:16s} {name:{width}s}"
                 try:
                     if fig == "queue":
-                        q = measure_queue(P, a, r + 1)
+                        q = measure_queue(P, a, r + 1, name, tree_of[name])
                         for size in a.queue_sizes:
                             kib = (q[size] - q["rss0_kib"]) / size
-                            results.setdefault((f"queue {size}", name), []).append(kib)
+                            record(f"queue {size}", name, r + 1, kib)
                             say(
                                 f"{tag} {kib:11.2f} KiB/client at {size} waiting "
                                 f"(VmRSS {q['rss0_kib']} -> {q[size]} KiB)"
                             )
-                        results.setdefault(("queue-drain", name), []).append(q["drain_rate"])
+                        record("queue-drain", name, r + 1, q["drain_rate"])
                         note = (
                             f"fifo={'ok' if q['fifo'] else 'BROKEN'} "
                             f"served={q['served']}/{a.queue_sizes[-1]} "
@@ -998,7 +1175,7 @@ def main() -> int:
                     else:
                         _, measure, unit, _, cpus = FIGURES[fig]
                         val, note = measure(port, a, cpus)
-                        results.setdefault((fig, name), []).append(val)
+                        record(fig, name, r + 1, val)
                         if note:
                             notes.setdefault((fig, name), []).append(f"r{r + 1}: {note}")
                         say(f"{tag} {val:11.2f} {unit}  {note}")
@@ -1024,21 +1201,28 @@ def main() -> int:
     finally:
         signal.alarm(0)
         P.cleanup()
+        if remove_worktree is not None:
+            remove_worktree()
         if a.keep_tmp:
             say(f"configs and logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
     elapsed = time.monotonic() - t_start
-    rows = table_rows(peer_figs, peers_of, results, a if do_queue else None)
-    print_table(rows, notes, a, elapsed)
-    missed = print_targets(rows)
+    rows = table_rows(peer_figs, peers_of, results, a.queue_sizes, [n for n, _ in queue_peers])
+    print_table(rows, notes, skipped, a, elapsed)
+    missed = print_targets(rows, by_round, rev[0] if rev else None)
+    if rev is not None:
+        missed += print_compare(rows, by_round, rev[0], a.compare, skipped)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(
                 {
                     "results": {f"{k[0]}|{k[1]}": v for k, v in results.items()},
+                    "by_round": {f"{k[0]}|{k[1]}": v for k, v in by_round.items()},
                     "notes": {f"{k[0]}|{k[1]}": v for k, v in notes.items()},
+                    "skipped": skipped,
+                    "compare": a.compare and {"rev": a.compare, "label": rev and rev[0]},
                     "failures": failures,
                     "elapsed_s": elapsed,
                 },
@@ -1062,26 +1246,17 @@ def main() -> int:
     return 0
 
 
-def table_rows(peer_figs, peers_of, results, qa) -> list[tuple]:
-    """(figure, peer, unit, higher_is_better) for every row of the table, in order."""
+def table_rows(peer_figs, peers_of, results, queue_sizes, queue_names) -> list[tuple]:
+    """(figure, peer, unit, higher_is_better, values) for every row of the table, in order."""
     rows = []
     for fig in peer_figs:
         for name, _ in peers_of.get(fig, []):
             rows.append((fig, name, FIGURES[fig][2], FIGURES[fig][3], results.get((fig, name))))
-    if qa is not None:
-        for size in qa.queue_sizes:
-            rows.append(
-                (
-                    f"queue {size}",
-                    "tcplock",
-                    "KiB/cl",
-                    False,
-                    results.get((f"queue {size}", "tcplock")),
-                )
-            )
-        rows.append(
-            ("queue-drain", "tcplock", "cl/s", True, results.get(("queue-drain", "tcplock")))
-        )
+    for fig, unit, hib in [(f"queue {n}", "KiB/cl", False) for n in queue_sizes] + [
+        ("queue-drain", "cl/s", True)
+    ]:
+        for name in queue_names:
+            rows.append((fig, name, unit, hib, results.get((fig, name))))
     return rows
 
 
@@ -1092,7 +1267,15 @@ def median_of(rows, fig: str, peer: str) -> float | None:
     return None
 
 
-def print_table(rows, notes, a, elapsed) -> None:
+def paired(by_round, fig: str, peer: str, ref: str) -> tuple[float, int] | None:
+    """Median over rounds of peer/ref, each round's pair from the same round, and how many."""
+    mine, theirs = by_round.get((fig, peer), {}), by_round.get((fig, ref), {})
+    ratios = [mine[r] / theirs[r] for r in mine if theirs.get(r)]
+    return (statistics.median(ratios), len(ratios)) if ratios else None
+
+
+def print_table(rows, notes, skipped, a, elapsed) -> None:
+    w = max([13] + [len(name) for _, name, *_ in rows])
     say()
     say(
         f"# rounds={a.rounds} duration={a.duration}s wrk=-t1 -c{a.wrk_conns} "
@@ -1105,14 +1288,14 @@ def print_table(rows, notes, a, elapsed) -> None:
     )
     say("# higher is better for req/s, Gbit/s, cl/s; lower is better for RTT us and KiB/cl")
     hdr = (
-        f"{'figure':16s} {'peer':13s} {'unit':7s} {'n':>2s} {'median':>10s} "
+        f"{'figure':16s} {'peer':{w}s} {'unit':7s} {'n':>2s} {'median':>10s} "
         f"{'min':>10s} {'max':>10s} {'spread':>7s} {'/haproxy':>9s} {'/direct':>8s}"
     )
     say(hdr)
     say("-" * len(hdr))
     for fig, name, unit, _, vals in rows:
         if not vals:
-            say(f"{fig:16s} {name:13s} {unit:7s} {0:2d} {'-':>10s}")
+            say(f"{fig:16s} {name:{w}s} {unit:7s} {0:2d} {'-':>10s}")
             continue
         med, lo, hi = statistics.median(vals), min(vals), max(vals)
         spread = (hi - lo) / med * 100 if med else 0.0
@@ -1121,21 +1304,23 @@ def print_table(rows, notes, a, elapsed) -> None:
         rh = f"{med / ref_h:9.3f}" if ref_h else f"{'-':>9s}"
         rd = f"{med / ref_d:8.3f}" if ref_d else f"{'-':>8s}"
         say(
-            f"{fig:16s} {name:13s} {unit:7s} {len(vals):2d} {med:10.2f} {lo:10.2f} {hi:10.2f} "
+            f"{fig:16s} {name:{w}s} {unit:7s} {len(vals):2d} {med:10.2f} {lo:10.2f} {hi:10.2f} "
             f"{spread:6.1f}% {rh} {rd}"
         )
-    if any(notes.values()):
+    if any(notes.values()) or skipped:
         say("\nnotes:")
         for (fig, n), v in notes.items():
             if v:
                 say(f"  {fig}/{n}: " + " | ".join(v))
+        for note in skipped:
+            say(f"  {note}")
 
 
-def print_targets(rows) -> int:
+def print_targets(rows, by_round, label: str | None) -> int:
     """The issue's targets, for tcplock as shipped (INFO logging) and with --log-level warning."""
     say(
         "\ntargets (tcplock = as shipped; tcplock-quiet = --log-level warning; tcplock-cft0 = "
-        "--client-finish-timeout 0):"
+        "--client-finish-timeout 0; tcplock-hook = a no-op Python on_activate hook):"
     )
     missed = 0
     for peer in ("tcplock", "tcplock-quiet", "tcplock-cft0"):
@@ -1149,14 +1334,28 @@ def print_targets(rows) -> int:
                 missed += 1
             verdict = "met" if ok else f"MISSED by {(1 - got / want) * 100:.0f}%"
             say(f"  {fig:11s} {peer:13s} / {ref:11s} >= {want:4.2f}x : {got:6.3f}x  {verdict}")
-    for fig, _, _, _, vals in rows:
+    for sfx in [""] + ([f"@{label}"] if label else []):
+        hook, plain = f"tcplock-hook{sfx}", f"tcplock{sfx}"
+        mine, theirs = median_of(rows, "hand-off", hook), median_of(rows, "hand-off", plain)
+        if mine is None or theirs is None:
+            continue
+        got = mine / theirs
+        ok = got >= HOOK_TARGET
+        missed += 0 if ok or sfx else 1
+        pr = paired(by_round, "hand-off", hook, plain)
+        say(
+            f"  hand-off    {hook} / {plain}: {got:.3f} (target >= {HOOK_TARGET}) "
+            f"{'met' if ok else f'MISSED by {(1 - got / HOOK_TARGET) * 100:.0f}%'}"
+            + (f"; paired median {pr[0]:.3f} over {pr[1]} round(s)" if pr else "")
+        )
+    for fig, peer, _, _, vals in rows:
         if fig.startswith("queue ") and vals:
             got = statistics.median(vals)
             ok = got <= QUEUE_TARGET_KIB
-            missed += 0 if ok else 1
+            missed += 0 if ok or peer != "tcplock" else 1
             verdict = "met" if ok else f"MISSED by {(got / QUEUE_TARGET_KIB - 1) * 100:.0f}%"
             say(
-                f"  {fig:11s} tcplock       KiB per waiting client <= {QUEUE_TARGET_KIB:.0f} : "
+                f"  {fig:11s} {peer:13s} KiB per waiting client <= {QUEUE_TARGET_KIB:.0f} : "
                 f"{got:6.2f}  {verdict}"
             )
     for fig in ("latency", "latency-unpinned"):
@@ -1172,6 +1371,43 @@ def print_targets(rows) -> int:
             f"  {fig}: added round-trip latency over direct ({d:.1f} us), no target: "
             + ", ".join(added)
         )
+    return missed
+
+
+def print_compare(rows, by_round, label: str, rev: str, skipped) -> int:
+    """This checkout against the --compare revision: ratio of medians (and the median of the
+    ratios paired round by round) for each figure; hand-off, bulk and queue memory of tcplock
+    must be within COMPARE_TOLERANCE, no worse."""
+    say(
+        f"\ncompare: this checkout / {rev} (tcplock@{label}), ratio of medians, same run; "
+        f"hand-off, bulk and queue memory within {COMPARE_TOLERANCE * 100:.0f}%:"
+    )
+    missed = 0
+    for fig, peer, unit, hib, _ in rows:
+        if not peer.endswith(f"@{label}"):
+            continue
+        base = peer.rsplit("@", 1)[0]
+        mine, theirs = median_of(rows, fig, base), median_of(rows, fig, peer)
+        if mine is None or theirs is None:
+            say(f"  {fig:16s} {base:13s} no numbers")
+            continue
+        got = mine / theirs
+        pr = paired(by_round, fig, base, peer)
+        line = f"  {fig:16s} {base:13s} {mine:10.2f} / {theirs:10.2f} {unit:7s} = {got:6.3f}" + (
+            f"  (paired {pr[0]:.3f}, {pr[1]} round(s))" if pr else ""
+        )
+        worse = (1 - got) if hib else (got - 1)
+        if base == "tcplock" and (fig in ("hand-off", "bulk") or fig.startswith("queue ")):
+            if worse > COMPARE_TOLERANCE:
+                missed += 1
+                line += f"  WORSE by {worse * 100:.1f}%"
+            elif -worse > COMPARE_TOLERANCE:
+                line += f"  better by {-worse * 100:.1f}%"
+            else:
+                line += f"  within {COMPARE_TOLERANCE * 100:.0f}%"
+        say(line)
+    for note in skipped:
+        say(f"  {note}")
     return missed
 
 
