@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["gevent>=22.10", "ConfigArgParse>=1.5", "prometheus_client>=0.16"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "gunicorn>=21"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "gunicorn>=21", "cffi>=1.12"],
     },
     entry_points={"console_scripts": ["tcplock = tcplock.cli:main"]},
     classifiers=[
