@@ -86,7 +86,7 @@ class Connection:
     __slots__ = (
         "lock", "id", "client", "sock", "upstream", "backend", "state", "held", "activation",
         "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "outcome",
-        "ticket", "watch", "timer", "relay", "step", "connecting", "settled", "__weakref__",
+        "ticket", "watch", "timer", "relay", "pending", "settled",
     )  # fmt: skip
 
     def __init__(self, lock, sock, client, number: int) -> None:
@@ -121,8 +121,8 @@ class Connection:
         self.watch = None
         self.timer = None
         self.relay: Optional[Relay] = None
-        self.step: Optional[Step] = None
-        self.connecting: Optional[Connect] = None
+        #: What its state waits for besides a watcher or timer: a Step, or a Connect.
+        self.pending = None
         #: Whether its client side is closed and its line logged.
         self.settled = False
 
@@ -229,7 +229,7 @@ class Connection:
             # holder runs it; the others wait for it, slot in hand.
             self.state = PARKED
             if backend.last_holder():
-                self.step = backend.restart_now(self, self._unparked)
+                self.pending = backend.restart_now(self, self._unparked)
             else:
                 backend.parked.append(self)
             return None
@@ -241,7 +241,7 @@ class Connection:
         if hook is not None:
             self.state = HOOK
             args = ("on-activate", hook, self, lock.hook_timeout)
-            self.step = Step(call_hook, args, self._hooked)
+            self.pending = Step(call_hook, args, self._hooked)
             return None
         return self._connect()
 
@@ -251,12 +251,12 @@ class Connection:
             self._proceed()
 
     def _unparked(self) -> None:
-        self.step = None
+        self.pending = None
         if self.state is PARKED:
             self._proceed()
 
     def _hooked(self, _result, error) -> None:
-        self.step = None
+        self.pending = None
         if self.state is not HOOK:
             return None
         if error is not None:
@@ -274,13 +274,13 @@ class Connection:
 
     def _connect(self) -> None:
         self.state = CONNECTING
-        attempt = self.connecting = Connect(
+        attempt = self.pending = Connect(
             self.backend, time.monotonic() + self.lock.connect_timeout, self._connected
         )
         attempt.start()
 
     def _connected(self, sock, error) -> None:
-        attempt, self.connecting = self.connecting, None
+        attempt, self.pending = self.pending, None
         if sock is None:
             log.warning(
                 "%s: backend %s unavailable for %.1fs: %s",
@@ -337,12 +337,11 @@ class Connection:
         self.stop_watching()
         if state is PARKED and self in self.backend.parked:
             self.backend.parked.remove(self)
-        if self.connecting is not None:
-            self.connecting.cancel()
-            self.connecting = None
-        if self.step is not None:
-            self.step.kill()  # its callback sees ENDING and does nothing
-            self.step = None
+        pending = self.pending
+        if pending is not None:
+            # A hook's step or a connect under way: its callback sees ENDING and does nothing.
+            self.pending = None
+            pending.cancel()
         outcome = self.outcome
         if self.upstream is not None and not (
             reason == "closed" and outcome is not None and outcome.backend_done
@@ -360,14 +359,14 @@ class Connection:
             lock._settle(self)  # its line comes before what the hook logs
             hook = lock.on_timeout
             if hook is not None and not lock._stopping:
-                self.step = Step(
+                self.pending = Step(
                     call_hook, ("on-timeout", hook, self, lock.hook_timeout), self._timeout_hooked
                 )
                 return None
         return self._wind_up()
 
     def _timeout_hooked(self, _result, error) -> None:
-        self.step = None
+        self.pending = None
         if isinstance(error, HookFailed):
             self.lock.hook_failures += 1
             log.error("%s: %s", self.label, error)
@@ -382,12 +381,12 @@ class Connection:
             backend.request_restart("ttl")
         if backend.restart_reason is not None and not lock._stopping and backend.last_holder():
             lock._settle(self)  # its line comes before what the restart logs
-            self.step = backend.restart_now(self, self._release)
+            self.pending = backend.restart_now(self, self._release)
             return
         self._release()
 
     def _release(self) -> None:
-        self.step = None
+        self.pending = None
         lock = self.lock
         lock._release(self)
         if not self.settled:
@@ -397,9 +396,10 @@ class Connection:
     def abort(self) -> None:
         """Cut it now (the drain time is over): a step it waits for is killed, and what
         follows the step sees that tcplock is stopping."""
-        if self.step is not None:
-            self.step.kill()
-        elif self.state is not ENDING and self.state is not ENDED:
+        state = self.state
+        if self.pending is not None and (state is ENDING or state is PARKED):
+            self.pending.cancel()
+        elif state is not ENDING and state is not ENDED:
             self.finish("shutdown")
 
     def stop_watching(self) -> None:

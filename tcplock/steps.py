@@ -24,45 +24,39 @@ _HANDED_BACK = (Exception, GreenletExit, gevent.Timeout)
 
 
 class Step:
-    """``fn(*args)`` in a greenlet of its own; then, in the event loop, ``done(result, error)``
-    (``error`` is None, the exception it raised, or GreenletExit if it was killed)."""
+    """``fn(*args)`` in a greenlet of its own; then ``done(result, error)`` (``error`` is None,
+    the exception it raised, or GreenletExit if it was killed). ``done`` runs as the step's
+    last act, in its greenlet, and must not block: it only arms what comes next."""
 
     __slots__ = ("greenlet", "done")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, done: Callable[[Any, Any], object]):
         self.done: Optional[Callable[[Any, Any], object]] = done
-        self.greenlet = g = Greenlet(_run, fn, args)
-        g.rawlink(self._finished)
-        g.start()
+        self.greenlet = Greenlet.spawn(self._run, fn, args)
 
-    def _finished(self, greenlet) -> None:
-        # Called by the hub once the greenlet is dead, however it died.
-        done, self.done = self.done, None
-        value = greenlet.value
-        if value.__class__ is tuple:
-            result, error = value
-        elif greenlet.exception is not None:
-            result, error = None, greenlet.exception
-        else:  # killed before it could run: value is the GreenletExit
-            result, error = None, GreenletExit()
+    def _run(self, fn, args) -> None:
+        try:
+            result, error = fn(*args), None
+        except _HANDED_BACK as e:
+            result, error = None, e
         self.greenlet = None
+        done, self.done = self.done, None
         if done is not None:
             done(result, error)
 
     def kill(self) -> None:
-        """Raise GreenletExit in the step (at its next blocking point); ``done`` follows. A
-        command it runs is killed with its process group."""
+        """Raise GreenletExit in the step (at its next blocking point); ``done`` follows, from
+        the event loop if the step never got to run. A command it runs is killed with its
+        process group."""
         g = self.greenlet
         if g is not None:
+            g.rawlink(self._killed)
             g.kill(block=False)
 
-    @property
-    def running(self) -> bool:
-        return self.greenlet is not None
+    def _killed(self, _greenlet) -> None:
+        self.greenlet = None
+        done, self.done = self.done, None
+        if done is not None:  # it never ran: nothing reported yet
+            done(None, GreenletExit())
 
-
-def _run(fn, args):
-    try:
-        return fn(*args), None
-    except _HANDED_BACK as e:
-        return None, e
+    cancel = kill
