@@ -242,10 +242,10 @@ class _Direction:
             pass  # a smaller pipe only means more calls
         self.pipe = (r, w)
         if _TCP_CONGESTION is not None and LOOPBACK_CONGESTION:
-            # On loopback there is no network to share and nothing to be fair to, but the
-            # system's congestion control still paces what is sent: BBR (a common default)
-            # cut bulk traffic through tcplock by a third here. Reno does not pace, and any
-            # process may choose it.
+            # On loopback there is no network to share and nothing to be fair to: bulk traffic
+            # to a local peer is sent with Reno, which does not pace (a pacing default such as
+            # BBR holds it back; BENCHMARKS.md has the figures), and which any process may
+            # choose. Elsewhere the system's choice stands.
             try:
                 if is_loopback(self.dst.getpeername()):
                     self.dst.setsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, LOOPBACK_CONGESTION)
