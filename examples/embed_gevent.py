@@ -45,18 +45,13 @@ def status(lock):
     return {
         "listen": f"{lock.address[0]}:{lock.server_port}",
         "backend": "{}:{}".format(*lock.backend),
+        "backend_state": lock.backends[0].state,  # "up" or "restarting"
         "slots": lock.slots,
         "queued": lock.queued,
-        "active": [
-            {
-                "client": "{}:{}".format(*conn.client[:2]),
-                "id": conn.id,
-                "active_seconds": round(conn.active_seconds, 3),
-                "bytes_up": conn.bytes_up,
-                "bytes_down": conn.bytes_down,
-            }
-            for conn in lock.active
-        ],
+        # conn.fields() is a connection as plain data (what /status shows of it): "client" is
+        # "host:port", or "in-process" for a greenlet of this program holding a slot with
+        # lock.slot().
+        "active": [conn.fields() for conn in lock.active],
         "activations": lock.activations,
         "served": lock.served,
         "last_end": lock.last_end,
@@ -66,6 +61,7 @@ def status(lock):
 PAGE = """<!doctype html>
 <title>tcplock status</title>
 <h1>tcplock on {listen}</h1>
+<p>backend {backend}: {backend_state}</p>
 <p>queued: <b id="queued">{queued}</b>, active: <b id="active">{n_active}</b>,
 served: {served}, last end: {last_end}</p>
 <table border=1><tr><th>id<th>client<th>active for<th>up<th>down</tr>
@@ -91,6 +87,8 @@ def make_app(lock):
             )
             body = PAGE.format(
                 listen=html.escape(s["listen"]),
+                backend=html.escape(s["backend"]),
+                backend_state=html.escape(s["backend_state"]),
                 queued=s["queued"],
                 n_active=len(s["active"]),
                 served=s["served"],
