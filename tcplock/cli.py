@@ -1,8 +1,8 @@
-"""The ``tcplock`` command: settings, logging, signals and exit codes.
+"""The ``tcplock`` command: options, hooks, signals and exit codes.
 
-What it owns: every setting is declared once, in :func:`build_parser`, and that declaration is
-the command-line option, the config-file key (the long option without its dashes) and the
-``TCPLOCK_*`` environment variable; the README's table is checked against it by a test. The
+What it owns: turning the settings table (:mod:`tcplock.settings`) into the command line, the
+config file and the ``TCPLOCK_*`` environment, and the parsed values into a running
+:class:`~tcplock.server.TCPLock`; signals, systemd notification and the descriptor limit. The
 rule it keeps: bad input is one line on standard error and exit status 2, never a traceback.
 
 Only :func:`main` monkey-patches gevent (so that Python hooks may block cooperatively); importing
@@ -15,119 +15,22 @@ import argparse
 import atexit
 import logging
 import os
-import re
 import signal
 import sys
-import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import configargparse
 
 from . import __version__
+from .settings import ENV_PREFIX, LIBRARY, SETTINGS, parse_address, parse_duration
 
-__all__ = ["main", "build_parser", "parse_duration", "parse_address"]
+__all__ = ["main", "build_parser", "parse_args", "parse_duration", "parse_address", "ENV_PREFIX"]
 
 log = logging.getLogger("tcplock")
 
-ENV_PREFIX = "TCPLOCK_"
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
-_OFF = ("off", "none", "never")
-
-
-def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = False):
-    """``500ms``, ``20s``, ``2m``, ``1h`` or a bare number of seconds; ``off`` where allowed."""
-    if allow_off and text.strip().lower() in _OFF:
-        return None
-    m = _DURATION.fullmatch(text)
-    if not m:
-        extra = " or 'off'" if allow_off else ""
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r} (use e.g. 500ms, 20s, 2m, 1h{extra})"
-        )
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
-    if value > 10**9:
-        raise argparse.ArgumentTypeError(f"duration {text!r} is too long")
-    if value == 0 and not allow_zero:
-        hint = " (use 'off' for no limit)" if allow_off else ""
-        raise argparse.ArgumentTypeError(f"duration must be more than zero{hint}")
-    return value
-
-
-def _duration(**kw):
-    def parse(text: str):
-        return parse_duration(text, **kw)
-
-    parse.__name__ = "duration"
-    return parse
-
-
-def parse_port(text: str, *, allow_zero: bool = False) -> int:
-    text = text.strip()
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
-    port = int(text)
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
-    return port
-
-
-def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
-    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``. A bare port binds loopback only: binding
-    every interface has to be asked for (``0.0.0.0:PORT`` or ``[::]:PORT``)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep or not host:
-            raise argparse.ArgumentTypeError(f"invalid address {text!r} (use [IPV6]:PORT)")
-    elif ":" in text:
-        host, _, port = text.rpartition(":")
-        if ":" in host:
-            raise argparse.ArgumentTypeError(
-                f"invalid address {text!r} (write IPv6 addresses as [IPV6]:PORT)"
-            )
-        if not host:
-            raise argparse.ArgumentTypeError(f"invalid address {text!r} (host is empty)")
-    else:
-        host, port = default_host, text
-    if any(c.isspace() for c in host):
-        raise argparse.ArgumentTypeError(f"invalid address {text!r} (space in the host)")
-    return host, parse_port(port, allow_zero=True)
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        text = text.strip()
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def _host(text: str) -> str:
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if not text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"invalid host {text!r}")
-    return text
-
-
-def _network(text: str):
-    import ipaddress
-
-    try:
-        return ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid network {text!r} (use e.g. 10.0.0.0/8, 192.168.1.5 or ::1/128)"
-        ) from None
+#: The settings whose value is a shell command run as a hook (on-activate, on-timeout,
+#: restart-cmd); a Python file given with --hooks may define the same hooks instead.
+_COMMANDS = tuple(s for s in SETTINGS if s.kind == "command")
 
 
 def _one_line(text: str) -> str:
@@ -154,7 +57,21 @@ class _Parser(configargparse.ArgumentParser):
         return super().convert_item_to_command_line_arg(action, key, value)
 
 
+def _add_setting(parser: configargparse.ArgumentParser, setting) -> None:
+    kwargs = dict(
+        help=setting.help_text.replace("%", "%%"), default=setting.default, env_var=setting.env
+    )
+    if setting.action is not None:
+        kwargs["action"] = setting.action
+    if setting.action != "store_true":  # a flag takes no value
+        kwargs.update(metavar=setting.metavar, type=setting.parse, choices=setting.choices)
+    parser.add_argument(*setting.flags, **kwargs)
+
+
 def build_parser() -> configargparse.ArgumentParser:
+    """The parser of the command line, the config file and the environment: one option per
+    setting of :data:`~tcplock.settings.SETTINGS`, in its order."""
+    config = next(s for s in SETTINGS if s.name == "config")
     p = _Parser(
         prog="tcplock",
         description=(
@@ -170,192 +87,19 @@ def build_parser() -> configargparse.ArgumentParser:
         ),
         auto_env_var_prefix=ENV_PREFIX,
         allow_abbrev=False,
-        args_for_setting_config_path=["-c", "--config"],
-        config_arg_help_message="read settings from FILE (lines of 'name = value')",
+        args_for_setting_config_path=list(config.flags),
+        config_arg_help_message=config.help_text,
         config_arg_is_required=False,
         add_config_file_help=False,
     )
-    # configargparse adds -c/--config; give it a metavar and an env var of its own.
+    # configargparse adds the config option itself; give it its metavar and variable.
     for action in p._actions:
         if getattr(action, "is_config_file_arg", False):
-            action.metavar = "FILE"
-            action.env_var = ENV_PREFIX + "CONFIG"
-    add = p.add_argument
-    add(
-        "-l",
-        "--listen",
-        metavar="[HOST:]PORT",
-        type=parse_address,
-        help="where clients connect; a bare PORT listens on 127.0.0.1 only (required)",
-    )
-    add(
-        "--proxy-host",
-        metavar="HOST",
-        type=_host,
-        default="localhost",
-        help="host of the backend service (default: %(default)s)",
-    )
-    add(
-        "-p",
-        "--proxy-port",
-        metavar="PORT",
-        type=parse_port,
-        help="port of the backend service (required)",
-    )
-    add(
-        "-n",
-        "--slots",
-        metavar="N",
-        type=_count(1),
-        default=1,
-        help="how many clients may use the backend at once (default: %(default)s)",
-    )
-    add(
-        "-t",
-        "--timeout",
-        metavar="DURATION",
-        type=_duration(allow_off=True),
-        default=None,
-        help="maximum lifetime of a relayed connection; then both sides are cut (default: off)",
-    )
-    add(
-        "--queue-timeout",
-        metavar="DURATION",
-        type=_duration(allow_off=True),
-        default=None,
-        help="close a client that has waited this long for a slot (default: off)",
-    )
-    add(
-        "--max-queue",
-        metavar="N",
-        type=_count(0),
-        default=None,
-        help="close at once a client arriving when N are already waiting (default: as many as "
-        "the descriptor limit leaves room for)",
-    )
-    add(
-        "--allow",
-        metavar="CIDR",
-        type=_network,
-        action="append",
-        help="admit only clients from this network (repeatable, e.g. 10.0.0.0/8 or ::1/128); "
-        "others are closed at once (default: any client that reaches --listen)",
-    )
-    add(
-        "--connect-timeout",
-        metavar="DURATION",
-        type=_duration(),
-        default=5.0,
-        help="keep retrying the backend connection this long (default: 5s)",
-    )
-    add(
-        "--finish-timeout",
-        metavar="DURATION",
-        type=_duration(allow_zero=True),
-        default=10.0,
-        help="how long the backend may go on after the client reset; what it sends is "
-        "discarded (default: 10s)",
-    )
-    add(
-        "--client-finish-timeout",
-        metavar="DURATION",
-        type=_duration(allow_zero=True),
-        default=10.0,
-        help="how long the client may keep its side open after the backend closed (a backend "
-        "on loopback that closed for good passes the slot on at once); 0 passes the slot on "
-        "as soon as the backend closes, for backends that never half-close to go on reading "
-        "(default: 10s)",
-    )
-    add(
-        "--on-activate",
-        metavar="CMD",
-        help="shell command run before each client is let through; it waits for the command",
-    )
-    add(
-        "--on-timeout",
-        metavar="CMD",
-        help="shell command run after a connection was cut at its timeout, before the next "
-        "client is let through",
-    )
-    add(
-        "--hook-timeout",
-        metavar="DURATION",
-        type=_duration(allow_off=True),
-        default=60.0,
-        help="a hook running longer than this is killed and counts as failed (default: 60s)",
-    )
-    add(
-        "--restart-cmd",
-        metavar="CMD",
-        help="shell command that restarts the backend; run while no client is relayed",
-    )
-    add(
-        "--restart-every",
-        metavar="K",
-        type=_count(1),
-        default=None,
-        help="restart the backend after every K clients, before the next (default: never)",
-    )
-    add(
-        "--restart-on-timeout",
-        action="store_true",
-        help="restart the backend after a connection was cut at its timeout",
-    )
-    add(
-        "--ready-timeout",
-        metavar="DURATION",
-        type=_duration(allow_off=True),
-        default=30.0,
-        help="after a restart, wait this long for the backend to accept connections before "
-        "letting the next client in; if it does not, the restart is retried (default: 30s)",
-    )
-    add(
-        "--hooks",
-        metavar="FILE.py",
-        help="Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason)",
-    )
-    add(
-        "--drain-timeout",
-        metavar="DURATION",
-        type=_duration(allow_zero=True),
-        default=10.0,
-        help="on SIGTERM/SIGINT/SIGHUP, how long active connections may finish (default: 10s)",
-    )
-    add(
-        "--status",
-        metavar="[HOST:]PORT",
-        type=parse_address,
-        help="serve GET /status (JSON), GET /metrics (Prometheus), POST /pause and "
-        "POST /resume over HTTP here; a bare PORT is on 127.0.0.1 (default: off)",
-    )
-    add(
-        "--agent-check",
-        metavar="[HOST:]PORT",
-        type=parse_address,
-        help="answer HAProxy's agent-check here: 'drain' while paused, restarting or "
-        "stopping, else 'up ready' with a weight that falls as the queue grows (default: off)",
-    )
-    add(
-        "--log-level",
-        metavar="LEVEL",
-        default="info",
-        type=str.lower,
-        choices=["debug", "info", "warning", "error"],
-        help="debug, info (one line per connection), warning or error (default: info)",
-    )
-    add(
-        "--log-format",
-        metavar="FORMAT",
-        default="text",
-        type=str.lower,
-        choices=["text", "json"],
-        help="text, or json for one JSON object per line with the same fields (default: text)",
-    )
-    add(
-        "--demo",
-        action="store_true",
-        help="start a bundled demo backend and relay to it (instead of --proxy-port)",
-    )
+            action.metavar = config.metavar
+            action.env_var = config.env
+    for setting in SETTINGS:
+        if setting is not config:
+            _add_setting(p, setting)
     p.add_argument("--version", action="version", version=f"tcplock {__version__}", env_var=None)
     return p
 
@@ -375,9 +119,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
             args.listen = ("127.0.0.1", 9000)
     else:
         missing = [
-            name
-            for name, value in (("-l/--listen", args.listen), ("-p/--proxy-port", args.proxy_port))
-            if value is None
+            "/".join(s.flags) for s in SETTINGS if s.required and getattr(args, s.dest) is None
         ]
         if missing:
             parser.error("the following arguments are required: " + ", ".join(missing))
@@ -397,11 +139,12 @@ def load_hooks(args) -> dict:
     """
     from .hooks import CommandHook
 
-    hooks = {
-        "on_activate": CommandHook(args.on_activate, "on-activate") if args.on_activate else None,
-        "on_timeout": CommandHook(args.on_timeout, "on-timeout") if args.on_timeout else None,
-        "restart": CommandHook(args.restart_cmd, "restart") if args.restart_cmd else None,
-    }
+    hooks = {}
+    for setting in _COMMANDS:  # labelled by the hook they are: on-activate, on-timeout, restart
+        command = getattr(args, setting.dest)
+        hooks[setting.attr] = (
+            CommandHook(command, setting.attr.replace("_", "-")) if command else None
+        )
     if not args.hooks:
         return hooks
     import runpy
@@ -415,11 +158,8 @@ def load_hooks(args) -> dict:
     except BaseException as e:  # the file's own code failed: report it, do not crash
         raise UsageError(f"--hooks: {args.hooks} failed to load: {type(e).__name__}: {e}") from None
     found = 0
-    for name, flag in (
-        ("on_activate", "--on-activate"),
-        ("on_timeout", "--on-timeout"),
-        ("restart", "--restart-cmd"),
-    ):
+    for setting in _COMMANDS:
+        name, flag = setting.attr, setting.flags[-1]
         fn = namespace.get(name)
         if fn is None:
             continue
@@ -430,7 +170,8 @@ def load_hooks(args) -> dict:
         hooks[name] = fn
         found += 1
     if not found:
-        raise UsageError(f"--hooks: {args.hooks} defines none of on_activate, on_timeout, restart")
+        names = ", ".join(s.attr for s in _COMMANDS)
+        raise UsageError(f"--hooks: {args.hooks} defines none of {names}")
     return hooks
 
 
@@ -488,245 +229,6 @@ class UsageError(Exception):
     """Bad settings, found after parsing: one line for the operator, exit status 2."""
 
 
-class TextFormatter(logging.Formatter):
-    """``time LEVEL message``; the date and time part is formatted once per second, not once
-    per line (there is a line for every connection)."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self._second = None
-        self._stamp = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:
-        return self.stamp(record.created, record.msecs)
-
-    def stamp(self, created: float, msecs: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
-        return f"{self._stamp},{int(msecs):03d}"
-
-    def connection_line(self, conn, created: float) -> str:
-        """A connection's INFO line, as :meth:`format` makes it from its record."""
-        return f"{self.stamp(created, _msecs(created))} INFO {conn.describe()}"
-
-    def format(self, record: logging.LogRecord) -> str:
-        # What logging.Formatter.format does for this fixed layout, without its generic steps.
-        record.message = record.getMessage()
-        line = f"{self.formatTime(record)} {record.levelname} {record.message}"
-        if record.exc_info or record.exc_text or record.stack_info:
-            record.asctime = self.formatTime(record)
-            return super().format(record)
-        return line
-
-
-class BatchedStream:
-    """The log's output: lines are gathered and written together, at most ``delay`` seconds
-    after the first of them, or at once when ``limit`` characters are waiting or on
-    :meth:`flush`. At thousands of connections a second, a write() per line cost more CPU than
-    all the rest of the logging; now it is one per batch. Written from the event loop (a
-    timer); needs gevent's hub.
-
-    A line may also be given as the function that makes it (:meth:`defer`): it is made when
-    the batch is written, with the others, in one loop. Made one at a time, each in the midst
-    of a hand-off, a connection's line cost several times as much.
-    """
-
-    #: What a deferred line counts for against ``limit``, before it is made.
-    deferred_size = 128
-
-    def __init__(self, stream, delay: float = 0.02, limit: int = 1 << 16) -> None:
-        self.stream = stream
-        self.delay = delay
-        self.limit = limit
-        self._parts: list = []  # text, or (make, a, b): the text is make(a, b)
-        self._size = 0
-        self._timer = None
-
-    def write(self, text: str) -> None:
-        self._parts.append(text)
-        self._added(len(text))
-
-    def defer(self, make: Callable[[Any, Any], str], a, b) -> None:
-        """Add the text ``make(a, b)``, to be made when the batch is written."""
-        self._parts.append((make, a, b))
-        self._added(self.deferred_size)
-
-    def _added(self, size: int) -> None:
-        self._size += size
-        if self._size >= self.limit:
-            self.flush()
-        elif self._timer is None:
-            import gevent
-
-            # A new timer per batch: a libev timer started again once it has fired would
-            # fire at once.
-            self._timer = gevent.get_hub().loop.timer(self.delay, ref=False)
-            self._timer.start(self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
-        if not self._parts:
-            return
-        parts, self._parts = self._parts, []
-        self._size = 0
-        for i, part in enumerate(parts):
-            if part.__class__ is tuple:
-                try:
-                    parts[i] = part[0](part[1], part[2])
-                except Exception as e:  # a line that cannot be made must not cost the others
-                    parts[i] = f"(a log line could not be made: {e!r})\n"
-        text = "".join(parts)
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # nowhere to log to: the proxy goes on
-
-    def close(self) -> None:
-        self.flush()
-
-
-class LineHandler(logging.StreamHandler):
-    """A StreamHandler without its lock, that flushes at once only what matters.
-
-    The CLI logs from one thread, the event loop's, and a line is written without yielding, so
-    lines cannot interleave. Under gevent's monkey-patching the handler's lock is a
-    Python-level RLock, and taking it twice per line (emit and flush) cost more than writing
-    the line. Over a :class:`BatchedStream`, a warning or an error is written out at once
-    (with the lines before it); an info line waits for its batch.
-    """
-
-    def createLock(self) -> None:
-        self.lock = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.stream.write(self.format(record) + self.terminator)
-            if record.levelno >= logging.WARNING or not isinstance(self.stream, BatchedStream):
-                self.flush()
-        except RecursionError:
-            raise
-        except Exception:
-            self.handleError(record)
-
-    def handle(self, record: logging.LogRecord):
-        rv = self.filter(record)
-        if isinstance(rv, logging.LogRecord):  # Python 3.12+: a filter may return a record
-            record = rv
-        if rv:
-            self.emit(record)
-        return rv
-
-    def flush(self) -> None:
-        stream = self.stream
-        if stream is not None and hasattr(stream, "flush"):
-            stream.flush()
-
-
-class JSONFormatter(logging.Formatter):
-    """One JSON object per line. A connection's line carries its fields as such
-    (``client``, ``queued_seconds``, ``active_seconds``, ``bytes_up``, ``bytes_down``,
-    ``end``); other lines carry ``message``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        data = {"time": self._time(record), "level": record.levelname}
-        conn = getattr(record, "connection", None)
-        if conn is not None:
-            self._add_connection(data, conn)
-        else:
-            data["message"] = record.getMessage()
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data)
-
-    def connection_line(self, conn, created: float) -> str:
-        """A connection's INFO line, as :meth:`format` makes it from its record."""
-        import json
-
-        record = logging.makeLogRecord({"created": created, "msecs": _msecs(created)})
-        data = {"time": self._time(record), "level": "INFO"}
-        self._add_connection(data, conn)
-        return json.dumps(data)
-
-    def _time(self, record: logging.LogRecord) -> str:
-        return (
-            self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-            + f".{int(record.msecs):03d}"
-            + time.strftime("%z", self.converter(record.created))
-        )
-
-    @staticmethod
-    def _add_connection(data: dict, conn) -> None:
-        from .server import format_address
-
-        data.update(
-            client=format_address(conn.client),
-            queued_seconds=round(conn.queued_seconds, 3),
-            active_seconds=round(conn.active_seconds, 3),
-            bytes_up=conn.bytes_up,
-            bytes_down=conn.bytes_down,
-            end=conn.end,
-        )
-
-
-def _msecs(created: float) -> float:
-    # As logging.LogRecord computes it.
-    return int((created - int(created)) * 1000) + 0.0
-
-
-def connection_writer(handler: logging.StreamHandler):
-    """A :attr:`TCPLock.connection_log` that writes each connection's line straight to the
-    handler's stream, the line the handler would write for its record (over a
-    :class:`BatchedStream`, made when the batch is written). A record through the logging
-    machinery cost more than everything else in a hand-off."""
-    line = handler.formatter.connection_line
-    stream = handler.stream
-    if isinstance(stream, BatchedStream):
-
-        def make(conn, created: float) -> str:
-            return line(conn, created) + "\n"
-
-        def defer(conn) -> None:
-            stream.defer(make, conn, time.time())
-
-        return defer
-
-    def write(conn) -> None:
-        try:
-            stream.write(line(conn, time.time()) + "\n")
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # as the handler would: a log that cannot be written does not stop the proxy
-
-    return write
-
-
-def _setup_logging(level: str, fmt: str = "text", batched: bool = False) -> logging.Handler:
-    # tcplock's log lines need none of the caller's file and line, thread, or process: skip
-    # computing them for every record (under gevent, naming the "thread" of each greenlet is
-    # costly). _srcfile = None is the logging module's own switch for the caller lookup.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None
-    handler = LineHandler(BatchedStream(sys.stderr) if batched else sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper()))
-    return handler
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv, env=os.environ)
 
@@ -739,6 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import gevent
     from gevent.event import Event
 
+    from .logs import connection_writer, setup_logging
     from .server import TCPLock, format_address
 
     try:
@@ -754,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         return 2
     # Batched: info lines reach the log within 0.02 s, a write() per batch (see BatchedStream).
-    handler = _setup_logging(args.log_level, args.log_format, batched=True)
+    handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
     demo = None
     backend = (args.proxy_host, args.proxy_port)
@@ -766,29 +269,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         backend = ("127.0.0.1", demo.server_port)
 
     capacity = raise_descriptor_limit()
-    max_queue = args.max_queue
-    if max_queue is None:
-        max_queue = default_max_queue(capacity, args.slots)
-    lock = TCPLock(
-        args.listen,
-        backend,
-        slots=args.slots,
-        timeout=args.timeout,
-        queue_timeout=args.queue_timeout,
-        max_queue=max_queue,
-        allow=args.allow,
-        connect_timeout=args.connect_timeout,
-        finish_timeout=args.finish_timeout,
-        client_finish_timeout=args.client_finish_timeout,
-        hook_timeout=args.hook_timeout,
-        drain_timeout=args.drain_timeout,
-        on_activate=hooks["on_activate"],
-        on_timeout=hooks["on_timeout"],
-        restart=hooks["restart"],
-        restart_every=args.restart_every,
-        restart_on_timeout=args.restart_on_timeout,
-        ready_timeout=args.ready_timeout,
-    )
+    # Every library setting by its own name; hooks as loaded, max-queue as the limit allows.
+    kwargs = {
+        attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
+        for attr, setting in LIBRARY.items()
+    }
+    if kwargs["max_queue"] is None:
+        kwargs["max_queue"] = default_max_queue(capacity, args.slots)
+    lock = TCPLock(args.listen, backend, **kwargs)
     lock.max_lingering = max_lingering(capacity)
     if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
         lock.connection_log = connection_writer(handler)
@@ -847,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
         default_max_queue(capacity, args.slots),
-        max_queue,
+        kwargs["max_queue"],
     )
     for name, address, server in extras:
         where = format_address((address[0], server.server_port))

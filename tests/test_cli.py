@@ -342,7 +342,7 @@ def test_text_log_lines_carry_date_time_and_milliseconds():
     import logging
     import re
 
-    from tcplock.cli import TextFormatter
+    from tcplock.logs import TextFormatter
 
     fmt = TextFormatter()
     lines = []
@@ -360,16 +360,17 @@ def test_connection_lines_written_directly_match_the_formatters_lines(kind):
     import io
     import logging
 
-    from tcplock.cli import (
+    from tcplock.logs import (
         BatchedStream,
         JSONFormatter,
         LineHandler,
         TextFormatter,
         connection_writer,
     )
-    from tcplock.server import Connection
+    from tcplock.server import Connection, TCPLock
 
-    conn = Connection(None, None, ("127.0.0.1", 4321), 1)
+    lock = TCPLock(("127.0.0.1", 0), ("127.0.0.1", 8100))  # never started
+    conn = Connection(lock, None, ("127.0.0.1", 4321), 1)
     conn.queued_at, conn.activated_at, conn.ended_at = 100.0, 100.25, 101.5
     conn.bytes_up, conn.bytes_down, conn.end = 60, 145, "closed"
     fmt = JSONFormatter() if kind == "json" else TextFormatter()
@@ -381,6 +382,20 @@ def test_connection_lines_written_directly_match_the_formatters_lines(kind):
         assert fmt.connection_line(conn, created) == fmt.format(record)
     line = fmt.connection_line(conn, 1_800_000_000.0)
     assert "127.0.0.1:4321" in line and "closed" in line and "145" in line, line
+    if kind == "json":  # the connection's fields, as /status and the hooks have them
+        import json
+
+        record = json.loads(line)
+        assert record.pop("level") == "INFO" and record.pop("time").startswith("20")
+        assert record == conn.fields()
+        assert {
+            "client",
+            "queued_seconds",
+            "active_seconds",
+            "bytes_up",
+            "bytes_down",
+            "end",
+        } <= set(record)
     out = io.StringIO()
     handler = LineHandler(out)
     handler.setFormatter(fmt)
@@ -416,7 +431,7 @@ def test_log_lines_are_written_in_batches_and_warnings_at_once():
 
     import gevent
 
-    from tcplock.cli import BatchedStream, LineHandler, TextFormatter
+    from tcplock.logs import BatchedStream, LineHandler, TextFormatter
 
     class Counting:
         def __init__(self):
@@ -472,7 +487,7 @@ def test_cli_log_handler_writes_plain_lines_tracebacks_and_honours_filters():
     import io
     import logging
 
-    from tcplock.cli import LineHandler, TextFormatter
+    from tcplock.logs import LineHandler, TextFormatter
 
     out = io.StringIO()
     handler = LineHandler(out)

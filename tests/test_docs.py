@@ -1,73 +1,99 @@
-"""The README's settings table and contrib/tcplock.conf are checked against the parser, so the
-documentation cannot drift from the code."""
+"""The README's settings table and contrib/tcplock.conf are printed from the settings table and
+checked here in full (every column, defaults and help included), and the parser is checked
+against the same table, so that the documentation cannot drift from the code."""
 
 import argparse
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-from tcplock.cli import ENV_PREFIX, build_parser, parse_args
+import pytest
+
+from tcplock.cli import build_parser, parse_args
+from tcplock.settings import SETTINGS, render_conf, render_markdown
+
+pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP = {"help", "version"}
+README = ROOT / "README.md"
+CONF = ROOT / "contrib" / "tcplock.conf"
 
 
-def settings():
-    for action in build_parser()._actions:
-        if action.dest in SKIP:
-            continue
-        yield action
+def readme_settings_section() -> str:
+    return README.read_text().split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
 
 
-def table_row(action) -> str:
-    flags = ", ".join(f"`{s}`" for s in action.option_strings)
-    key = action.option_strings[-1].lstrip("-")
-    env = ENV_PREFIX + key.upper().replace("-", "_")
-    return f"| {flags} | `{key}` | `{env}` |"
+def readme_table() -> str:
+    lines = [line for line in readme_settings_section().splitlines() if line.startswith("|")]
+    return "\n".join(lines) + "\n"
 
 
-def render_table() -> str:
-    """The table the README carries (its first three columns are checked)."""
-    lines = ["| Option | Config key | Environment | Meaning |", "|---|---|---|---|"]
-    for action in settings():
-        help_text = (action.help or "") % {"default": action.default}
-        lines.append(f"{table_row(action)} {help_text} |")
-    return "\n".join(lines)
-
-
-def test_readme_settings_table_matches_parser():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| `-")]
-    expected = [table_row(a) for a in settings()]
-    assert [r[: len(e)] for r, e in zip(rows, expected)] == expected, (
-        "README settings table is out of date; expected:\n" + render_table()
+def test_readme_settings_table_is_the_one_printed_from_the_settings():
+    assert readme_table() == render_markdown(), (
+        "README settings table is out of date; replace it with the output of "
+        "'python -m tcplock.settings --markdown'"
     )
-    assert len(rows) == len(expected)
+
+
+def test_sample_config_is_the_one_printed_from_the_settings():
+    assert CONF.read_text() == render_conf(), (
+        "contrib/tcplock.conf is out of date; regenerate it with "
+        "'python -m tcplock.settings --conf > contrib/tcplock.conf'"
+    )
+
+
+@pytest.mark.parametrize("what, path", [("--markdown", None), ("--conf", CONF)])
+def test_the_docs_are_printed_by_the_settings_module(what, path):
+    out = subprocess.run(
+        [sys.executable, "-m", "tcplock.settings", what],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert out == (readme_table() if path is None else path.read_text())
+
+
+def test_the_parser_has_one_option_per_setting_with_its_help_and_default():
+    actions = [a for a in build_parser()._actions if a.dest not in ("help", "version")]
+    assert [tuple(a.option_strings) for a in actions] == [s.flags for s in SETTINGS]
+    for action, setting in zip(actions, SETTINGS):
+        assert action.help.replace("%%", "%") == setting.help_text, setting.name
+        assert action.env_var == setting.env, setting.name
+        if setting.name != "config":
+            assert action.default == setting.default, setting.name
+            assert action.metavar == (None if setting.action == "store_true" else setting.metavar)
+
+
+def test_help_shows_every_setting_with_its_default():
+    out = subprocess.run(
+        [sys.executable, "-m", "tcplock", "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+    words = " ".join(out.split())
+    for setting in SETTINGS:
+        assert " ".join(setting.help_text.split()) in words, setting.name
+        assert setting.env in words or setting.name == "config"
 
 
 def test_every_environment_variable_the_parser_reads_is_documented():
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     for action in build_parser()._actions:
         env = getattr(action, "env_var", None)
         if env:
             assert env in readme, env
 
 
-def test_sample_config_names_every_setting_and_parses():
-    text = (ROOT / "contrib" / "tcplock.conf").read_text()
-    keys = re.findall(r"^#?\s*([a-z][a-z-]*)\s*=", text, re.M)
-    expected = [
-        a.option_strings[-1].lstrip("-")
-        for a in settings()
-        if a.dest != "demo" and not getattr(a, "is_config_file_arg", False)
-    ]
-    assert sorted(set(keys)) == sorted(expected)
+def test_sample_config_sets_the_required_settings_and_every_value_parses(tmp_path):
+    text = CONF.read_text()
+    set_keys = re.findall(r"^([a-z][a-z-]*)\s*=", text, re.M)
+    assert sorted(set_keys) == sorted(s.name for s in SETTINGS if s.required)
     # Uncommented, every sample value is accepted by the parser.
     uncommented = re.sub(r"^#\s*([a-z][a-z-]*\s*=)", r"\1", text, flags=re.M)
-    path = ROOT / "tests" / ".sample.conf"
-    try:
-        path.write_text(uncommented)
-        args = parse_args(["-c", str(path)], env={})
-    finally:
-        path.unlink()
+    path = tmp_path / "sample.conf"
+    path.write_text(uncommented)
+    args = parse_args(["-c", str(path)], env={})
     assert isinstance(args, argparse.Namespace)
+    for setting in SETTINGS:
+        if setting.example is not None and setting.name != "config":
+            assert getattr(args, setting.dest) not in (None, False), setting.name

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tcplock.cli import ENV_PREFIX, build_parser, parse_address, parse_args
+from tcplock.settings import LIBRARY, validate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,6 +249,12 @@ def check_namespace(args):
         value = getattr(args, action.dest, None)
         if action.type is None and action.nargs is None and value is not None:
             assert isinstance(value, str), (action.dest, value)  # commands, file names
+    # What the command line takes, the library takes as it is: the same rules.
+    for attr, setting in LIBRARY.items():
+        if setting.kind == "command":  # text here; the command makes a hook of it
+            continue
+        value = getattr(args, setting.dest)
+        assert validate(attr, value) == (tuple(value) if isinstance(value, list) else value)
 
 
 def check_outcome(result, names=None):

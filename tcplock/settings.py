@@ -1,0 +1,707 @@
+"""Every setting of tcplock, declared once.
+
+What it owns: the table :data:`SETTINGS`. Each :class:`Setting` there is at once the
+command-line option (flags, metavar, the parser of its text, its help), the config-file key
+(the long option without its dashes), the ``TCPLOCK_*`` environment variable, the library's
+keyword argument and its validation (:func:`validate`), its default (:func:`default`), and its
+row in the README's settings table and its entry in ``contrib/tcplock.conf``, both printed from
+here (``python -m tcplock.settings --markdown`` / ``--conf``) and checked in full by a test.
+
+The rule it keeps: the library takes what the command line takes. A duration the command line
+lets be ``off`` is ``None`` ("no limit") in the library; one it does not, the library refuses
+``None`` too. Anything else invalid (negative, NaN, infinite, a bool, a string, the wrong type)
+is a :class:`ValueError` whose message starts with the setting's name, never a TypeError.
+
+Importing this module loads no gevent module and starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import numbers
+import re
+import textwrap
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+__all__ = [
+    "Setting",
+    "SETTINGS",
+    "LIBRARY",
+    "ENV_PREFIX",
+    "validate",
+    "default",
+    "check_together",
+    "parse_duration",
+    "parse_address",
+    "parse_port",
+    "render_markdown",
+    "render_conf",
+]
+
+ENV_PREFIX = "TCPLOCK_"
+
+# -- parsers of text (command line, config file, environment) ----------------------------------
+# Each raises argparse.ArgumentTypeError with a one-line message; the parser names the option.
+
+#: The longest duration any setting takes, in seconds (about 31 years).
+MAX_SECONDS = 10**9
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
+_OFF = ("off", "none", "never")
+
+
+def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = False):
+    """``500ms``, ``20s``, ``2m``, ``1h`` or a bare number of seconds; ``off`` where allowed."""
+    if allow_off and text.strip().lower() in _OFF:
+        return None
+    m = _DURATION.fullmatch(text)
+    if not m:
+        extra = " or 'off'" if allow_off else ""
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r} (use e.g. 500ms, 20s, 2m, 1h{extra})"
+        )
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is too long")
+    if value == 0 and not allow_zero:
+        hint = " (use 'off' for no limit)" if allow_off else ""
+        raise argparse.ArgumentTypeError(f"duration must be more than zero{hint}")
+    return value
+
+
+def _duration(**kw):
+    def parse(text: str):
+        return parse_duration(text, **kw)
+
+    parse.__name__ = "duration"
+    return parse
+
+
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
+    port = int(text)
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``. A bare port binds loopback only: binding
+    every interface has to be asked for (``0.0.0.0:PORT`` or ``[::]:PORT``)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise argparse.ArgumentTypeError(f"invalid address {text!r} (use [IPV6]:PORT)")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"invalid address {text!r} (write IPv6 addresses as [IPV6]:PORT)"
+            )
+        if not host:
+            raise argparse.ArgumentTypeError(f"invalid address {text!r} (host is empty)")
+    else:
+        host, port = default_host, text
+    if any(c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"invalid address {text!r} (space in the host)")
+    return host, parse_port(port, allow_zero=True)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        text = text.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _host(text: str) -> str:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"invalid host {text!r}")
+    return text
+
+
+def _network(text: str):
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid network {text!r} (use e.g. 10.0.0.0/8, 192.168.1.5 or ::1/128)"
+        ) from None
+
+
+# -- checks of Python values (the library) ------------------------------------------------------
+# Each returns the value normalised, or raises ValueError with a message that follows the
+# setting's name ("must be ..."); validate() puts the name in front. They test types before
+# comparing, so that no input raises anything but ValueError.
+
+
+def _shown(value) -> str:
+    """``repr(value)``, short, and never failing (a huge int or a broken __repr__ would)."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_duration(off: bool, zero: bool) -> Callable[[Any], Optional[float]]:
+    what = "0 or a positive number of seconds" if zero else "a positive number of seconds"
+    if off:
+        what += ", or None for no limit"
+
+    def check(value):
+        if value is None and off:
+            return None
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            try:
+                seconds = float(value)
+            except Exception:  # a Real too large for a float, or one that refuses
+                seconds = math.inf
+            if math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0)):
+                if seconds <= MAX_SECONDS:
+                    return seconds
+                raise ValueError(f"must be at most {MAX_SECONDS} seconds, not {_shown(value)}")
+        raise ValueError(f"must be {what}, not {_shown(value)}")
+
+    return check
+
+
+def _check_count(minimum: int, none: Optional[str]) -> Callable[[Any], Optional[int]]:
+    what = f"a whole number of at least {minimum}"
+    if none:
+        what += f", or None for {none}"
+
+    def check(value):
+        if value is None and none:
+            return None
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if value >= minimum:
+                return int(value)
+        raise ValueError(f"must be {what}, not {_shown(value)}")
+
+    return check
+
+
+def _check_bool(value):
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"must be True or False, not {_shown(value)}")
+
+
+def _check_hook(value):
+    if value is None or callable(value):
+        return value
+    raise ValueError(f"must be a callable or None, not {_shown(value)}")
+
+
+_NETWORK_TYPES = (
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+)
+
+
+def _check_networks(value):
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"must be an iterable of networks (e.g. ['10.0.0.0/8']) or None, not {_shown(value)}"
+        )
+    try:
+        items = list(value)
+    except Exception:  # an iterable that fails to iterate
+        raise ValueError(f"must be an iterable of networks or None, not {_shown(value)}") from None
+    networks = []
+    for item in items:
+        try:
+            if isinstance(item, _NETWORK_TYPES):
+                networks.append(ipaddress.ip_network(item, strict=False))
+                continue
+            if isinstance(item, str):
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+                continue
+        except ValueError:
+            pass
+        raise ValueError(
+            f"has an invalid network {_shown(item)} (use e.g. 10.0.0.0/8, 192.168.1.5 or ::1/128)"
+        )
+    return tuple(networks)
+
+
+# -- how a value reads as text (help, README, sample config) -----------------------------------
+
+
+def _show_duration(value) -> str:
+    return "off" if value is None else f"{value:g}s"
+
+
+def _show_flag(value) -> str:
+    return "on" if value else "off"
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. ``name`` is the config-file key and the long option without its dashes."""
+
+    #: The long option without its dashes, e.g. ``"queue-timeout"``: the config-file key.
+    name: str
+    #: The option strings, e.g. ``("-t", "--timeout")``; the last is ``--`` + name.
+    flags: Tuple[str, ...]
+    #: What it does, in one line, without its default (:attr:`help_text` adds that).
+    help: str
+    #: What the value is: duration, count, address, port, host, networks, command, file,
+    #: choice or flag.
+    kind: str
+    #: The TCPLock keyword argument and attribute, or None for a setting of the command only.
+    attr: Optional[str] = None
+    metavar: Optional[str] = None
+    #: Text (command line, config file, environment) to value; None keeps the text as it is.
+    parse: Optional[Callable[[str], Any]] = None
+    #: A library value to its normalised form; raises ValueError (see :func:`validate`).
+    check: Optional[Callable[[Any], Any]] = None
+    #: The library's default (the command's too, unless ``shown`` says otherwise).
+    default: Any = None
+    #: How the default reads, in words, where it is not a value that could be written.
+    shown: Optional[str] = None
+    #: A value for the sample config, where the default is not one worth showing.
+    example: Optional[str] = None
+    #: The argparse action, for flags ("store_true") and repeatable options ("append").
+    action: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+    #: Needed by the command (unless --demo).
+    required: bool = False
+    #: Whether it may be changed on a running lock.
+    reload: bool = False
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores it under."""
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def default_text(self) -> Optional[str]:
+        """The default as the docs give it; None where there is none."""
+        if self.required:
+            return None
+        if self.shown is not None:
+            return self.shown
+        if self.kind == "duration":
+            return _show_duration(self.default)
+        if self.kind == "flag":
+            return _show_flag(self.default)
+        if self.kind == "address" and self.default is None:
+            return "off"  # an address not given is a server not started
+        return None if self.default is None else str(self.default)
+
+    @property
+    def help_text(self) -> str:
+        """The help with its default, as ``--help`` and the sample config give it."""
+        if self.required:
+            return f"{self.help} (required)"
+        shown = self.default_text
+        return self.help if shown is None else f"{self.help} (default: {shown})"
+
+    @property
+    def sample(self) -> str:
+        """The value the sample config shows."""
+        if self.example is not None:
+            return self.example
+        return self.default_text or ""
+
+
+def _duration_setting(name, flags, *, off=False, zero=False, **kw) -> Setting:
+    return Setting(
+        name,
+        flags,
+        kind="duration",
+        metavar="DURATION",
+        parse=_duration(allow_off=off, allow_zero=zero),
+        check=_check_duration(off, zero),
+        reload=True,
+        **kw,
+    )
+
+
+def _command_setting(name, attr, help, example) -> Setting:
+    return Setting(
+        name,
+        (f"--{name}",),
+        help,
+        kind="command",
+        attr=attr,
+        metavar="CMD",
+        check=_check_hook,
+        example=example,
+        reload=True,
+    )
+
+
+_ADDRESS = dict(kind="address", metavar="[HOST:]PORT", parse=parse_address)
+
+#: Every setting, in the order of ``--help`` and the README.
+SETTINGS: Tuple[Setting, ...] = (
+    Setting(
+        "config",
+        ("-c", "--config"),
+        "read settings from FILE (lines of 'name = value')",
+        kind="file",
+        metavar="FILE",
+    ),
+    Setting(
+        "listen",
+        ("-l", "--listen"),
+        "where clients connect; a bare PORT listens on 127.0.0.1 only",
+        required=True,
+        example="9000",
+        **_ADDRESS,
+    ),
+    Setting(
+        "proxy-host",
+        ("--proxy-host",),
+        "host of the backend service",
+        kind="host",
+        metavar="HOST",
+        parse=_host,
+        default="localhost",
+    ),
+    Setting(
+        "proxy-port",
+        ("-p", "--proxy-port"),
+        "port of the backend service",
+        kind="port",
+        metavar="PORT",
+        parse=parse_port,
+        required=True,
+        example="2003",
+    ),
+    Setting(
+        "slots",
+        ("-n", "--slots"),
+        "how many clients may use the backend at once",
+        kind="count",
+        attr="slots",
+        metavar="N",
+        parse=_count(1),
+        check=_check_count(1, None),
+        default=1,
+    ),
+    _duration_setting(
+        "timeout",
+        ("-t", "--timeout"),
+        help="maximum lifetime of a relayed connection; then both sides are cut",
+        attr="timeout",
+        off=True,
+    ),
+    _duration_setting(
+        "queue-timeout",
+        ("--queue-timeout",),
+        help="close a client that has waited this long for a slot",
+        attr="queue_timeout",
+        off=True,
+    ),
+    Setting(
+        "max-queue",
+        ("--max-queue",),
+        "close at once a client arriving when N are already waiting",
+        kind="count",
+        attr="max_queue",
+        metavar="N",
+        parse=_count(0),
+        check=_check_count(0, "no limit"),
+        shown="as many as the descriptor limit leaves room for",
+        example="1000",
+        reload=True,
+    ),
+    Setting(
+        "allow",
+        ("--allow",),
+        "admit only clients from this network (repeatable, e.g. 10.0.0.0/8 or ::1/128); "
+        "others are closed at once",
+        kind="networks",
+        attr="allow",
+        metavar="CIDR",
+        parse=_network,
+        check=_check_networks,
+        action="append",
+        shown="any client that reaches --listen",
+        example="[127.0.0.0/8, ::1/128, 10.1.2.0/24]",
+        reload=True,
+    ),
+    _duration_setting(
+        "connect-timeout",
+        ("--connect-timeout",),
+        help="keep retrying the backend connection this long",
+        attr="connect_timeout",
+        default=5.0,
+    ),
+    _duration_setting(
+        "finish-timeout",
+        ("--finish-timeout",),
+        help="how long the backend may go on after the client reset; what it sends is discarded",
+        attr="finish_timeout",
+        zero=True,
+        default=10.0,
+    ),
+    _duration_setting(
+        "client-finish-timeout",
+        ("--client-finish-timeout",),
+        help="how long the client may keep its side open after the backend closed (a backend "
+        "on loopback that closed for good passes the slot on at once); 0 passes the slot on "
+        "as soon as the backend closes, for backends that never half-close to go on reading",
+        attr="client_finish_timeout",
+        zero=True,
+        default=10.0,
+    ),
+    _command_setting(
+        "on-activate",
+        "on_activate",
+        "shell command run before each client is let through; it waits for the command",
+        "/usr/local/bin/check-backend",
+    ),
+    _command_setting(
+        "on-timeout",
+        "on_timeout",
+        "shell command run after a connection was cut at its timeout, before the next "
+        "client is let through",
+        "systemctl restart unoserver",
+    ),
+    _duration_setting(
+        "hook-timeout",
+        ("--hook-timeout",),
+        help="a hook running longer than this is killed and counts as failed",
+        attr="hook_timeout",
+        off=True,
+        default=60.0,
+    ),
+    _command_setting(
+        "restart-cmd",
+        "restart",
+        "shell command that restarts the backend; run while no client is relayed",
+        "systemctl restart unoserver",
+    ),
+    Setting(
+        "restart-every",
+        ("--restart-every",),
+        "restart the backend after every K clients, before the next",
+        kind="count",
+        attr="restart_every",
+        metavar="K",
+        parse=_count(1),
+        check=_check_count(1, "never"),
+        shown="never",
+        example="50",
+        reload=True,
+    ),
+    Setting(
+        "restart-on-timeout",
+        ("--restart-on-timeout",),
+        "restart the backend after a connection was cut at its timeout",
+        kind="flag",
+        attr="restart_on_timeout",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        example="on",
+        reload=True,
+    ),
+    _duration_setting(
+        "ready-timeout",
+        ("--ready-timeout",),
+        help="after a restart, wait this long for the backend to accept connections before "
+        "letting the next client in; if it does not, the restart is retried",
+        attr="ready_timeout",
+        off=True,
+        default=30.0,
+    ),
+    Setting(
+        "hooks",
+        ("--hooks",),
+        "Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason)",
+        kind="file",
+        metavar="FILE.py",
+        example="/etc/tcplock/hooks.py",
+        reload=True,
+    ),
+    _duration_setting(
+        "drain-timeout",
+        ("--drain-timeout",),
+        help="on SIGTERM/SIGINT/SIGHUP, how long active connections may finish",
+        attr="drain_timeout",
+        zero=True,
+        default=10.0,
+    ),
+    Setting(
+        "status",
+        ("--status",),
+        "serve GET /status (JSON), GET /metrics (Prometheus), POST /pause and "
+        "POST /resume over HTTP here; a bare PORT is on 127.0.0.1",
+        example="9100",
+        **_ADDRESS,
+    ),
+    Setting(
+        "agent-check",
+        ("--agent-check",),
+        "answer HAProxy's agent-check here: 'drain' while paused, restarting or "
+        "stopping, else 'up ready' with a weight that falls as the queue grows",
+        example="9101",
+        **_ADDRESS,
+    ),
+    Setting(
+        "log-level",
+        ("--log-level",),
+        "debug, info (one line per connection), warning or error",
+        kind="choice",
+        metavar="LEVEL",
+        parse=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        reload=True,
+    ),
+    Setting(
+        "log-format",
+        ("--log-format",),
+        "text, or json for one JSON object per line with the same fields",
+        kind="choice",
+        metavar="FORMAT",
+        parse=str.lower,
+        choices=("text", "json"),
+        default="text",
+        reload=True,
+    ),
+    Setting(
+        "demo",
+        ("--demo",),
+        "start a bundled demo backend and relay to it, instead of --proxy-port",
+        kind="flag",
+        default=False,
+        action="store_true",
+    ),
+)
+
+#: The settings of the library, by TCPLock keyword argument.
+LIBRARY: Dict[str, Setting] = {s.attr: s for s in SETTINGS if s.attr is not None}
+
+
+def default(attr: str):
+    """The library's default for the keyword argument ``attr`` (KeyError for no such one)."""
+    return LIBRARY[attr].default
+
+
+def validate(attr: str, value):
+    """``value`` for the library setting ``attr``, normalised (a duration as a float, ``allow``
+    as a tuple of networks); ValueError, naming the setting, if the command line would not
+    take it either."""
+    setting = LIBRARY.get(attr) if isinstance(attr, str) else None
+    if setting is None:
+        raise ValueError(f"{_shown(attr)} is not a setting of TCPLock")
+    try:
+        return setting.check(value)
+    except ValueError as e:
+        raise ValueError(f"{attr} {e}") from None
+
+
+def check_together(values: Dict[str, Any]) -> None:
+    """The rules between settings: restarting after a count or a timeout needs a restart."""
+    wants = values.get("restart_every") or values.get("restart_on_timeout")
+    if wants and values.get("restart") is None:
+        raise ValueError("restart_every and restart_on_timeout need a restart callable")
+
+
+# -- the docs, printed from the table ----------------------------------------------------------
+
+CONF_HEADER = """\
+# tcplock configuration: one "name = value" per line; the names are the long command-line
+# options without their dashes. The command line and TCPLOCK_* environment variables override
+# this file. Use it with: tcplock -c /etc/tcplock.conf
+#
+# Durations take 500ms, 20s, 2m or 1h (a bare number is seconds); "off" removes a limit. Give
+# several networks as a list: allow = [10.0.0.0/8, ::1/128].
+#
+# Printed by 'python -m tcplock.settings --conf' from the settings table; every setting is here,
+# the required ones set, the others commented out at their default or at an example value.
+"""
+
+
+def render_markdown() -> str:
+    """The README's settings table."""
+    lines = [
+        "| Option | Config key | Environment | Default | Reloads | Meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        flags = ", ".join(f"`{f}`" for f in s.flags)
+        if s.required:
+            shown = "required"
+        elif s.default_text is None:
+            shown = "none"
+        elif s.shown is not None:
+            shown = s.shown  # prose, not a value to write
+        else:
+            shown = f"`{s.default_text}`"
+        reloads = "yes" if s.reload else "no"
+        help_text = s.help.replace("|", "\\|")
+        lines.append(f"| {flags} | `{s.name}` | `{s.env}` | {shown} | {reloads} | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_conf() -> str:
+    """``contrib/tcplock.conf``: every setting a config file can hold, with its help."""
+    parts = [CONF_HEADER]
+    for s in SETTINGS:
+        if s.name == "config":  # a config file does not name another
+            continue
+        comment = textwrap.fill(
+            s.help_text,
+            width=100,
+            initial_indent="# ",
+            subsequent_indent="# ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+        line = f"{s.name} = {s.sample}"
+        parts.append(f"\n{comment}\n{line if s.required else '# ' + line}\n")
+    return "".join(parts)
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tcplock.settings",
+        description="Print the documentation made from the settings table.",
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--markdown", action="store_true", help="the README's settings table")
+    what.add_argument("--conf", action="store_true", help="the sample contrib/tcplock.conf")
+    args = parser.parse_args(argv)
+    print(render_markdown() if args.markdown else render_conf(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
