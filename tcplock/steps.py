@@ -1,9 +1,9 @@
 """Steps: the work in a connection's life that may block, run outside the event loop's path.
 
 What it owns: running one blocking call (a hook, a restart, a name lookup) in a fresh greenlet
-and handing its outcome back to the event loop as a callback. The rule it keeps: ``done`` is
-called exactly once, from the event loop, whatever happens to the step — it returns, raises, or
-is killed (even before it started) — so whoever waits on a step can never be stranded.
+and handing its outcome back by a callback that arms what comes next. The rule it keeps:
+``done`` is called exactly once, whatever happens to the step — it returns, raises, or is
+killed (even before it started) — so whoever waits on a step can never be stranded.
 
 A fresh greenlet per step keeps a step's leftovers (a ``gevent.Timeout`` a Python hook left
 running, say) from reaching anything else: they die with it.
