@@ -62,13 +62,12 @@ class TextFormatter(logging.Formatter):
 class BatchedStream:
     """The log's output: lines are gathered and written together, at most ``delay`` seconds
     after the first of them, or at once when ``limit`` characters are waiting or on
-    :meth:`flush`. At thousands of connections a second, a write() per line cost more CPU than
-    all the rest of the logging; now it is one per batch. Written from the event loop (a
+    :meth:`flush`: one write() per batch, never one per line. Written from the event loop (a
     timer); needs gevent's hub.
 
     A line may also be given as the function that makes it (:meth:`defer`): it is made when
-    the batch is written, with the others, in one loop. Made one at a time, each in the midst
-    of a hand-off, a connection's line cost several times as much.
+    the batch is written, with the others, in one loop, off the hand-off's path. (BENCHMARKS.md
+    has what each of these saved.)
     """
 
     #: What a deferred line counts for against ``limit``, before it is made.
@@ -133,9 +132,9 @@ class LineHandler(logging.StreamHandler):
     """A StreamHandler without its lock, that flushes at once only what matters.
 
     The CLI logs from one thread, the event loop's, and a line is written without yielding, so
-    lines cannot interleave. Under gevent's monkey-patching the handler's lock is a
-    Python-level RLock, and taking it twice per line (emit and flush) cost more than writing
-    the line. Over a :class:`BatchedStream`, a warning or an error is written out at once
+    lines cannot interleave, and no lock is needed (under gevent's monkey-patching the
+    handler's lock would be a Python-level RLock, taken twice per line). Over a
+    :class:`BatchedStream`, a warning or an error is written out at once
     (with the lines before it); an info line waits for its batch.
     """
 
@@ -206,8 +205,8 @@ def _msecs(created: float) -> float:
 def connection_writer(handler: logging.StreamHandler):
     """A :attr:`TCPLock.connection_log` that writes each connection's line straight to the
     handler's stream, the line the handler would write for its record (over a
-    :class:`BatchedStream`, made when the batch is written). A record through the logging
-    machinery cost more than everything else in a hand-off."""
+    :class:`BatchedStream`, made when the batch is written), without a log record: the logging
+    machinery is kept for the lines that are not per connection."""
     line = handler.formatter.connection_line
     stream = handler.stream
     if isinstance(stream, BatchedStream):
