@@ -20,7 +20,7 @@ import _socket
 import logging
 import struct
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from gevent import GreenletExit
 
@@ -248,12 +248,21 @@ class Connection:
     def unpark(self) -> None:
         """The restart it waited for is over (or abandoned at shutdown)."""
         if self.state is PARKED:
-            self._proceed()
+            self._guarded(self._proceed)
 
     def _unparked(self) -> None:
         self.pending = None
         if self.state is PARKED:
-            self._proceed()
+            self._guarded(self._proceed)
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        # What a callback arms next must not strand the slot if it fails: a bug ends only
+        # this connection, with a traceback.
+        try:
+            step()
+        except Exception:
+            log.exception("%s: unexpected error", self.label)
+            self.finish("error")
 
     def _hooked(self, _result, error) -> None:
         self.pending = None
@@ -270,7 +279,7 @@ class Connection:
             return self.finish("error")
         if self.lock._stopping:
             return self.finish("shutdown")
-        return self._connect()
+        return self._guarded(self._connect)
 
     def _connect(self) -> None:
         self.state = CONNECTING
