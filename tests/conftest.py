@@ -7,6 +7,8 @@ in-process TCPLock, its backends and its clients share one event loop and synchr
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import signal
@@ -21,6 +23,7 @@ from gevent import socket, subprocess
 from gevent.event import Event
 from gevent.queue import Queue
 from gevent.server import StreamServer
+from greenlet import greenlet
 
 from tcplock import TCPLock
 
@@ -208,6 +211,7 @@ class LogCapture:
 
     def __init__(self):
         self.lines = []
+        self.records = []  # the logging records themselves (with exc_info, level, ...)
         self.ends = Queue()
 
     def feed(self, message):
@@ -228,6 +232,7 @@ def conn_log():
 
     class H(logging.Handler):
         def emit(self, record):
+            cap.records.append(record)
             cap.feed(record.getMessage())
 
     handler = H(level=logging.DEBUG)
@@ -451,3 +456,189 @@ def require_command(command: str, package: str) -> str:
             pytest.fail(problem)
         pytest.skip(problem)
     return path
+
+
+# -- what the kernel and the interpreter say about this process -------------------------------
+#
+# Tests look at tcplock from outside: its sockets as the kernel holds them, the system calls it
+# makes, the descriptors and greenlets it leaves behind. None of this depends on how the lock is
+# built inside.
+
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+}
+
+
+def tcp_state(sock):
+    """The kernel's TCP state of a socket (its ``TCP_INFO``), as a name such as ``CLOSE_WAIT``."""
+    info = sock.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_INFO, 8)
+    return TCP_STATES.get(info[0], str(info[0]))
+
+
+def kernel_tcp(remote_port):
+    """The states of every TCP socket on this host whose peer is ``remote_port``, from
+    /proc/net/tcp (sockets of any process, with or without a descriptor)."""
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[2].rsplit(":", 1)[1], 16) == remote_port:
+                        states.append(TCP_STATES.get(int(fields[3], 16), fields[3]))
+        except FileNotFoundError:
+            pass
+    return states
+
+
+def tcp_connections(port, families=(_stdsocket.AF_INET, _stdsocket.AF_INET6)):
+    """Every TCP connection on this host with ``port`` at one end (TIME_WAIT aside), from the
+    kernel's socket table (sock_diag): ``(local_port, remote_port, state, held)`` where
+    ``held`` says whether a process still has the socket (False once it was closed and only
+    the kernel finishes it). One netlink request per address family: a few milliseconds."""
+    sock_diag_by_family, nlmsg_done, nlmsg_error = 20, 3, 2
+    states = 0xFFF & ~(1 << 6) & ~(1 << 10)  # not TIME_WAIT, not LISTEN
+    found = []
+    nl = _stdsocket.socket(_stdsocket.AF_NETLINK, _stdsocket.SOCK_DGRAM, 4)  # NETLINK_SOCK_DIAG
+    try:
+        for family in families:
+            request = struct.pack("=BBBBI48x", family, _stdsocket.IPPROTO_TCP, 0, 0, states)
+            header = struct.pack("=IHHII", 16 + len(request), sock_diag_by_family, 0x301, 1, 0)
+            nl.send(header + request)
+            done = False
+            while not done:
+                data = nl.recv(1 << 16)
+                offset = 0
+                while offset < len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if kind == nlmsg_done:
+                        done = True
+                        break
+                    if kind == nlmsg_error:
+                        raise OSError("sock_diag request failed")
+                    body = offset + 16
+                    state = data[body + 1]
+                    sport, dport = struct.unpack_from(">HH", data, body + 4)
+                    inode = struct.unpack_from("=I", data, body + 68)[0]
+                    if port in (sport, dport):
+                        found.append((sport, dport, TCP_STATES.get(state, str(state)), inode != 0))
+                    offset += (length + 3) & ~3
+    finally:
+        nl.close()
+    return found
+
+
+def conversations(port):
+    """How many TCP connections over IPv4 to ``port`` (a server's listening port) are still held
+    open by the processes at both ends: neither side has closed its socket, nor has it been
+    reset."""
+    ends = {}
+    for local, remote, state, held in tcp_connections(port, (_stdsocket.AF_INET,)):
+        if state != "CLOSE":
+            ends.setdefault(remote if local == port else local, []).append(held)
+    return sum(1 for held in ends.values() if len(held) == 2 and all(held))
+
+
+def open_fds():
+    """How many descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def pipes():
+    """The pipes this process holds a descriptor of, by inode."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+def live_greenlets():
+    """How many greenlets exist in this process that have not finished."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
+
+
+@contextlib.contextmanager
+def process_socket(local=None, peer=None):
+    """A duplicate of the TCP socket this process holds with these addresses (as the kernel
+    reports them), or None; the duplicate is closed on leaving, so the original's life is not
+    prolonged beyond the ``with`` block. Socket options read through it are the original's."""
+    found = None
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            s = _stdsocket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        try:
+            if (
+                s.type == _stdsocket.SOCK_STREAM
+                and (local is None or s.getsockname()[:2] == tuple(local)[:2])
+                and (peer is None or s.getpeername()[:2] == tuple(peer)[:2])
+            ):
+                found = s
+                break
+        except OSError:
+            pass
+        s.close()
+    try:
+        yield found
+    finally:
+        if found is not None:
+            found.close()
+
+
+def holds_socket(local=None, peer=None):
+    """Whether this process still has a descriptor for a TCP socket with these addresses."""
+    with process_socket(local, peer) as s:
+        return s is not None
+
+
+_connect_watchers = []
+_audit_installed = []
+
+
+def _audit(event, args):
+    # Called by the interpreter for every audited operation; socket.connect is raised by both
+    # connect() and connect_ex(), before the system call, with (socket, address).
+    if event == "socket.connect" and _connect_watchers:
+        for watcher in list(_connect_watchers):
+            watcher(args[1])
+
+
+@pytest.fixture
+def on_connect():
+    """``on_connect(fn)`` has ``fn(address)`` called each time this process is about to open a
+    TCP connection (any connect() system call), before the call is made. An exception ``fn``
+    raises is raised by that connect() call instead, as if the system call had failed so."""
+    if not _audit_installed:
+        sys.addaudithook(_audit)  # an audit hook stays for the life of the process
+        _audit_installed.append(_audit)
+
+    def add(fn):
+        _connect_watchers.append(fn)
+
+    yield add
+    _connect_watchers.clear()

@@ -15,7 +15,21 @@ import pytest
 from gevent import socket
 from gevent.event import Event
 
-from conftest import LOOPBACK, connect, recv_all, recv_exactly, reset, wait_until
+from conftest import (
+    LOOPBACK,
+    connect,
+    holds_socket,
+    kernel_tcp,
+    live_greenlets,
+    open_fds,
+    pipes,
+    process_socket,
+    recv_all,
+    recv_exactly,
+    reset,
+    tcp_state,
+    wait_until,
+)
 from tcplock import TCPLock
 from tcplock.hooks import CommandHook
 
@@ -391,13 +405,12 @@ def test_client_finish_timeout_decides_whether_a_lingering_client_keeps_the_slot
 
 
 def test_a_half_closed_backend_has_the_clients_eof_before_the_next_client_connects(
-    make_backend, make_lock, conn_log
+    make_backend, make_lock, conn_log, on_connect
 ):
     # The backend answers, half-closes and reads on; the client sends more and its EOF. That
     # EOF reaches the backend with the close of its socket, which must come before the next
-    # client's connect, as the backend sees it (found by a second reader, with this test).
-    states = {1: "ESTABLISHED", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 7: "CLOSE", 8: "CLOSE_WAIT"}
-
+    # client's connect, as the backend sees it: the kernel's state of the backend's earlier
+    # sockets is read at the moment tcplock calls connect() toward the backend.
     def answer_half_close_read_to_eof(conn):
         conn.sock.recv(100)
         conn.sock.sendall(b"answer %d" % conn.number)
@@ -413,18 +426,12 @@ def test_a_half_closed_backend_has_the_clients_eof_before_the_next_client_connec
     backend = make_backend(answer_half_close_read_to_eof)
     lock = make_lock(backend, finish_timeout=10, client_finish_timeout=10)
     seen = []  # the state of the backend's side of earlier connections, at each connect
-    connect_now = lock._connect_now
 
-    def recording():
-        seen.append(
-            [
-                states.get(c.sock.getsockopt(socket.IPPROTO_TCP, _stdsocket.TCP_INFO, 8)[0])
-                for c in backend.conns
-            ]
-        )
-        return connect_now()
+    def recording(address):
+        if address[1] == backend.server_port:
+            seen.append([tcp_state(c.sock) for c in backend.conns])
 
-    lock._connect_now = recording
+    on_connect(recording)
     a = connect(lock.server_port)
     a.sendall(b"req a\n")
     backend.next_conn()
@@ -437,7 +444,7 @@ def test_a_half_closed_backend_has_the_clients_eof_before_the_next_client_connec
     b.sendall(b"req b\n")
     assert recv_exactly(b, 8) == b"answer 2"
     assert bytes(backend.conns[0].received) == b"late words from a"
-    assert seen[1] == ["CLOSE"], seen  # a's EOF had reached the backend
+    assert seen[0] == [] and seen[1] == ["CLOSE"], seen  # a's EOF had reached the backend
     a.close()
     b.close()
 
@@ -596,38 +603,63 @@ def _lock_before_a_full_backend(make_lock, conn_log, connect_timeout):
     return lock, listener, filler
 
 
-def test_connections_without_hooks_are_served_without_a_greenlet(make_backend, make_lock):
-    backend = make_backend("echo")
-    lock = make_lock(backend)
-    for i in range(3):
+def test_connections_without_hooks_cost_no_greenlet_each(make_lock):
+    # Connections without hooks run in the event loop itself, with no greenlet of their own
+    # (README): twenty relaying at once, and a hundred waiting, add no greenlet per connection,
+    # and once they have ended nothing of theirs is left running. The backend is a plain
+    # listener worked by this test's own greenlet, so that it adds none either.
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(128)
+    listener.settimeout(5)
+    lock = make_lock(listener.getsockname()[1], slots=20)
+    _warm(lock, listener)
+    wait_until(lambda: not lock.connections, what="the warm-up connection ended")
+    before = live_greenlets()
+    pairs = []
+    for i in range(20):
         c = connect(lock.server_port)
-        c.sendall(b"ping %d" % i)
-        assert recv_exactly(c, 6) == b"ping %d" % i
-        conn = lock.active[0]
-        assert conn.running and conn.greenlet is None and conn.relay is not None
+        c.sendall(b"ping %02d" % i)
+        b, _ = listener.accept()
+        assert recv_exactly(b, 7) == b"ping %02d" % i
+        b.sendall(b"pong %02d" % i)
+        assert recv_exactly(c, 7) == b"pong %02d" % i
+        pairs.append((c, b))
+    waiting = [connect(lock.server_port) for _ in range(100)]
+    queued(lock, 100)
+    assert len(lock.active) == 20
+    assert live_greenlets() - before < 5
+    for c in waiting:
         c.close()
-        wait_until(lambda: not lock.active, what="slot released")
-    assert lock._workers == []
+    queued(lock, 0)
+    for c, b in pairs:
+        c.close()
+        b.close()
+    wait_until(lambda: not lock.connections, what="every connection ended")
+    assert live_greenlets() <= before
+    listener.close()
 
 
-def test_a_backend_slow_to_accept_is_waited_for_by_the_event_loop(make_lock, conn_log):
+def test_a_backend_slow_to_accept_is_waited_for(make_lock, conn_log):
     lock, listener, filler = _lock_before_a_full_backend(make_lock, conn_log, 10.0)
+    port = listener.getsockname()[1]
     c = connect(lock.server_port)
     c.sendall(b"ping")
-    active(lock, 1)
-    gevent.sleep(0.1)
-    conn = lock.active[0]
-    # The backend's queue is full, so its SYN was dropped: the connection is under way, watched
-    # by the event loop.
-    assert conn.upstream is not None and conn.relay is None and conn.greenlet is None
+    # The backend's queue is full, so tcplock's SYN was dropped: its connection is under way
+    # (the kernel shows it), and the client holds the slot meanwhile.
+    wait_until(lambda: "SYN_SENT" in kernel_tcp(port), what="a connection under way")
+    assert len(lock.active) == 1 and lock.queued == 0
     listener.accept()[0].close()  # room again: the retransmitted SYN gets in (after ~1 s)
     listener.settimeout(5)
     b, _ = listener.accept()
     assert recv_exactly(b, 4) == b"ping"
     b.sendall(b"pong")
     assert recv_exactly(c, 4) == b"pong"
-    assert conn.relay is not None and conn.greenlet is None
-    for s in (b, c, filler, listener):
+    c.close()
+    assert recv_all(b) == b""
+    b.close()
+    assert conn_log.next_end()["end"] == "closed"
+    for s in (filler, listener):
         s.close()
 
 
@@ -636,25 +668,31 @@ def test_a_backend_that_never_accepts_is_given_up_after_connect_timeout(make_loc
     c = connect(lock.server_port)
     line = conn_log.next_end()
     assert line["end"] == "backend-refused"
-    # The time spent connecting from the event loop counts: not a second connect_timeout on top.
+    # The time spent connecting counts: not a second connect_timeout on top.
     assert 0.5 <= float(line["active"]) < 0.9
     assert recv_all(c) == b""
+    assert "SYN_SENT" not in kernel_tcp(listener.getsockname()[1])  # the attempt was given up
     for s in (c, filler, listener):
         s.close()
 
 
-def test_stop_cuts_a_connection_still_connecting_in_the_event_loop(make_lock, conn_log):
+def test_stop_cuts_a_connection_still_connecting(make_lock, conn_log):
     lock, listener, filler = _lock_before_a_full_backend(make_lock, conn_log, 10.0)
+    port = listener.getsockname()[1]
     c = connect(lock.server_port)
-    active(lock, 1)
-    conn = lock.active[0]
-    wait_until(lambda: conn.upstream is not None and conn.watch is not None, what="connecting")
+    wait_until(lambda: "SYN_SENT" in kernel_tcp(port), what="a connection under way")
     lock.stop(timeout=0.2)
     assert conn_log.next_end()["end"] == "shutdown"
-    assert lock.gate.held == 0 and conn.watch is None and conn.timer is None
+    assert lock.gate.held == 0 and not lock.connections
+    # Nothing of the connection is left behind: the half-made backend connection is closed
+    # (a socket kept open would go on sending its SYN), and the client is cut.
+    assert "SYN_SENT" not in kernel_tcp(port)
     with pytest.raises((ConnectionResetError, EOFError)):
         if not c.recv(1):
             raise EOFError
+    listener.accept()[0].close()  # room in the backend's queue: nobody takes it
+    gevent.sleep(0)
+    assert "SYN_SENT" not in kernel_tcp(port)
     for s in (c, filler, listener):
         s.close()
 
@@ -683,23 +721,23 @@ def test_backend_refusing_at_once_is_retried_until_it_comes_up(make_lock, conn_l
         backend.stop(timeout=0)
 
 
-def test_an_unexpected_error_in_the_event_loop_path_ends_only_that_connection(
-    make_backend, make_lock, conn_log, monkeypatch
+def test_an_unexpected_error_in_a_connection_ends_only_that_connection(
+    make_backend, make_lock, conn_log, on_connect
 ):
-    from tcplock.relay import Relay
-
+    # The fault: the second connection's connect() toward the backend raises an exception no
+    # system call raises, in place of a bug in tcplock (which cannot be caused for real). It
+    # ends that connection alone, as an error; the lock keeps serving.
     backend = make_backend("echo")
     lock = make_lock(backend)
-    real = Relay.start
     calls = []
 
-    def start(self, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected")
-        return real(self, *args)
+    def fail_the_second(address):
+        if address[1] == backend.server_port:
+            calls.append(address)
+            if len(calls) == 2:
+                raise RuntimeError("injected")
 
-    monkeypatch.setattr(Relay, "start", start)
+    on_connect(fail_the_second)
     for expected in ("closed", "error", "closed"):
         c = connect(lock.server_port)
         c.sendall(b"x")
@@ -710,7 +748,11 @@ def test_an_unexpected_error_in_the_event_loop_path_ends_only_that_connection(
                 recv_all(c)
         c.close()
         assert conn_log.next_end()["end"] == expected
-    assert lock.gate.held == 0
+    # Logged with its traceback.
+    assert any(r.exc_info and str(r.exc_info[1]) == "injected" for r in conn_log.records), (
+        conn_log.lines
+    )
+    assert lock.gate.held == 0 and backend.count == 2
 
 
 # -- 7. queue limits -------------------------------------------------------------------------
@@ -981,16 +1023,18 @@ def test_both_sockets_have_nodelay_and_the_client_keepalive(make_backend, make_l
     backend = make_backend("hold")
     lock = make_lock(backend)
     c = connect(lock.server_port)
-    backend.next_conn()
-    active(lock, 1)
-    conn = lock.active[0]
-    wait_until(lambda: conn.upstream is not None)
-    for s in (conn.sock, conn.upstream):
-        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
-    # A backend on loopback gets no keepalive: the kernel answers its probes for a hung
-    # backend and closes a dead one's connections. Any other backend does.
-    assert not conn.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    there = backend.next_conn()
+    # tcplock's two sockets of this connection, found by their addresses.
+    toward_client = process_socket((LOOPBACK, lock.server_port), c.getsockname())
+    toward_backend = process_socket(there.sock.getpeername(), (LOOPBACK, backend.server_port))
+    with toward_client as client_side, toward_backend as backend_side:
+        assert client_side is not None and backend_side is not None
+        for s in (client_side, backend_side):
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert client_side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        # A backend on loopback gets no keepalive: the kernel answers its probes for a hung
+        # backend and closes a dead one's connections. Any other backend does.
+        assert not backend_side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
     check = PeerCheck()
     assert check.local(("127.0.0.1", 1)) and check.local(("::1", 1, 0, 0))
     assert not check.local(("192.0.2.1", 1)) and not check.local(("2001:db8::1", 1, 0, 0))
@@ -1034,28 +1078,36 @@ def test_backend_that_stops_reading_stalls_the_client_without_buffering(make_bac
 
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_large_payload_is_relayed_intact_both_ways(make_backend, make_lock, monkeypatch, zero_copy):
+    # Both ways at once in bulk, through splice() and a pipe per direction where the platform
+    # has it (the pipes show among the process's descriptors while the data moves), else
+    # through Python; intact either way, and no pipe is left behind.
     from tcplock import relay
 
     if zero_copy and not relay.SPLICE:
         pytest.skip("no splice() here")
-    spliced = []
-    real = relay._Direction._open_pipe
     monkeypatch.setattr(relay, "SPLICE", zero_copy)
-
-    def open_pipe(d):
-        spliced.append("up" if d.up else "down")
-        return real(d)
-
-    monkeypatch.setattr(relay._Direction, "_open_pipe", open_pipe)
     backend = make_backend("echo")
     lock = make_lock(backend)
+    before = pipes()
+    most = [0]
+
+    def sample():
+        while True:
+            most[0] = max(most[0], len(pipes() - before))
+            gevent.sleep(0.002)
+
+    sampler = gevent.spawn(sample)
     payload = os.urandom(8 << 20)
     c = connect(lock.server_port, timeout=30)
     sender = gevent.spawn(lambda: (c.sendall(payload), c.shutdown(socket.SHUT_WR)))
     got = recv_all(c, timeout=30)
     sender.join()
+    sampler.kill()
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-    assert sorted(spliced) == (["down", "up"] if zero_copy else [])
+    assert most[0] == (2 if zero_copy else 0)
+    c.close()
+    wait_until(lambda: not lock.connections, what="the connection ended")
+    assert not pipes() - before
 
 
 def test_bulk_traffic_to_a_peer_on_loopback_is_not_paced(make_backend, make_lock):
@@ -1079,41 +1131,61 @@ def test_bulk_traffic_to_a_peer_on_loopback_is_not_paced(make_backend, make_lock
     sender = gevent.spawn(c.sendall, payload)
     assert recv_exactly(c, len(payload)) == payload  # both ways in bulk; the client still open
     sender.join()
-    conn = lock.active[0]
+    there = backend.next_conn()
 
     def congestion(sock):
+        assert sock is not None
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
 
-    assert congestion(conn.upstream) == b"reno"  # client to backend
-    assert congestion(conn.sock) == b"reno"  # backend to client
+    with process_socket(there.sock.getpeername(), (LOOPBACK, backend.server_port)) as s:
+        assert congestion(s) == b"reno"  # client to backend
+    with process_socket((LOOPBACK, lock.server_port), c.getsockname()) as s:
+        assert congestion(s) == b"reno"  # backend to client
     c.close()
 
 
-def test_an_idle_watcher_is_reused_only_on_its_own_loop():
+def test_locks_in_two_threads_each_with_its_own_hub_serve_side_by_side():
+    # A program may run gevent in several threads, each with its own hub and event loop, and a
+    # lock in each. Whatever tcplock keeps for reuse across connections, a connection in one
+    # thread is driven by its own thread's loop only: both relay every byte, at the same time.
     import threading
 
-    from tcplock.relay import _READERS, read_watcher, recycle
+    from conftest import Backend
 
-    a, b = _stdsocket.socketpair()
-    loop = gevent.get_hub().loop
-    mine = read_watcher(loop, a.fileno())
-    recycle(mine)
-    assert read_watcher(loop, b.fileno()) is mine  # reused, with the new descriptor
-    assert mine.fd == b.fileno()
-    recycle(mine)
-    got = []
+    results = {}
+    start = threading.Barrier(2, timeout=10)
 
-    def other_thread():  # a hub and loop of its own
-        got.append(read_watcher(gevent.get_hub().loop, a.fileno()))
+    def run(name):
+        try:
+            backend = Backend("echo")
+            backend.start()
+            lock = TCPLock((LOOPBACK, 0), (LOOPBACK, backend.server_port), finish_timeout=0.05)
+            lock.start()
+            start.wait()
+            try:
+                for i in range(200):
+                    payload = b"%s %d" % (name.encode(), i)
+                    c = connect(lock.server_port)
+                    c.sendall(payload)
+                    assert recv_exactly(c, len(payload)) == payload
+                    c.close()
+                    if i % 10 == 0:
+                        time.sleep(0.001)  # let the other thread run (and release the GIL)
+                wait_until(lambda: not lock.connections, what="the last connection ended")
+                results[name] = lock.served
+            finally:
+                lock.stop(timeout=0)
+                backend.stop(timeout=0)
+                gevent.get_hub().destroy(destroy_loop=True)
+        except BaseException as e:  # reported by the main thread
+            results[name] = e
 
-    t = threading.Thread(target=other_thread)
-    t.start()
-    t.join(5)
-    assert got and got[0] is not mine and mine in _READERS  # left for its own loop
-    assert read_watcher(loop, a.fileno()) is mine
-    mine.close()
-    a.close()
-    b.close()
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(25)
+    assert results == {"one": 200, "two": 200}
 
 
 # -- embedding -------------------------------------------------------------------------------
@@ -1158,14 +1230,6 @@ def test_invalid_library_arguments_are_rejected():
 
 
 def test_waiting_clients_cost_no_greenlet_each(make_backend, make_lock):
-    import gc
-
-    from greenlet import greenlet
-
-    def live_greenlets():
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
-
     backend = make_backend("hold")
     lock = make_lock(backend)
     first = connect(lock.server_port)
@@ -1200,28 +1264,28 @@ def test_waiting_client_that_sent_data_then_resets_leaves_the_queue(
     assert activations == [1] and backend.count == 1
 
 
-def test_finished_greenlets_serve_the_next_connections_and_stop_ends_them(
+def test_connections_served_with_a_hook_leave_nothing_running_after_stop(
     make_backend, make_lock, conn_log
 ):
+    # Whatever runs the hooks does not pile up with the clients served, and nothing of it is
+    # left running, nor any descriptor open, once stop() has returned.
     backend = make_backend("echo")
-    # A hook to run: each connection is served by a greenlet.
+    before = live_greenlets()
+    fds = open_fds()
     lock = make_lock(backend, slots=2, on_activate=lambda conn: None)
-    servers = []
+    alive = []
     for _ in range(6):
         c = connect(lock.server_port)
         c.sendall(b"x")
         assert recv_exactly(c, 1) == b"x"
-        servers.append(next(iter(lock.active)).greenlet)
         c.close()
         assert conn_log.next_end()["end"] == "closed"
-        wait_until(lambda: not lock.active, what="slot released")
-    # A hand-off reuses a finished greenlet: at most one per slot waits, never one per client.
-    assert len(set(servers)) <= 2
-    assert 1 <= len(lock._workers) <= 2
-    idle = list(lock._workers)
+        wait_until(lambda: not lock.active and backend.all_closed.is_set(), what="slot released")
+        alive.append(live_greenlets() - before)
+    assert max(alive) <= lock.slots + 2, alive  # not one per client served
     lock.stop(timeout=1)
-    assert lock._workers == []
-    wait_until(lambda: all(w.dead for w in idle), what="idle greenlets ended")
+    wait_until(lambda: live_greenlets() <= before, what="nothing left running after stop()")
+    wait_until(lambda: open_fds() <= fds, what="no descriptor left open after stop()")
 
 
 def test_finished_connections_are_freed_without_the_cycle_collector(make_backend, make_lock):
@@ -1238,7 +1302,7 @@ def test_finished_connections_are_freed_without_the_cycle_collector(make_backend
         wait_until(lambda: lock.served == served + 1, what="connection finished")
 
     served = lock.served
-    one()  # warm up: buffers, the reused greenlet
+    one()  # warm up: buffers and whatever else is kept for reuse
     gc.collect()
     gc.disable()
     try:
@@ -1255,8 +1319,10 @@ def test_finished_connections_are_freed_without_the_cycle_collector(make_backend
 def test_an_exception_escaping_a_connection_does_not_strand_the_next_client(
     make_backend, make_lock, conn_log
 ):
-    # A Python hook that leaves a gevent.Timeout running: it fires later in the greenlet that
-    # serves the connection, and escapes tcplock's handling (it is a BaseException).
+    # A Python hook that leaves a gevent.Timeout running (a BaseException, beyond the handling
+    # of a hook's errors). Whether it cuts its connection (end=error) or fires into a greenlet
+    # that has nothing left to cut, the next client must be served once that connection is
+    # over, and no slot may be lost or doubled.
     leaked = []
 
     def sloppy_hook(conn):
@@ -1267,17 +1333,30 @@ def test_an_exception_escaping_a_connection_does_not_strand_the_next_client(
     backend = make_backend("hold")
     lock = make_lock(backend, on_activate=sloppy_hook)
     a = connect(lock.server_port)
-    backend.next_conn()
+    first = backend.next_conn()
     b = connect(lock.server_port)
     b.sendall(b"b")
     queued(lock, 1)
-    assert conn_log.next_end()["end"] == "error"  # a was cut by the stray timeout
-    nxt = backend.next_conn()  # and b, let in by a's release, is served
+    wait_until(lambda: not leaked[0].pending, what="the stray timeout to fire")
+    gevent.sleep(0.05)  # what it set off has happened
+    if conn_log.ends.empty():  # it cut nothing: a is still being relayed
+        assert len(lock.active) == 1 and lock.queued == 1 and backend.count == 1
+        a.close()
+        first.release.set()
+    assert conn_log.next_end()["end"] in ("error", "closed")
+    nxt = backend.next_conn()  # b, let in by a's release, is served
+    if not first.release.is_set():
+        # a was cut: its backend connection was over before b's, as the backend's kernel saw.
+        assert tcp_state(first.sock) in ("CLOSE_WAIT", "CLOSE")
+        first.release.set()
     wait_until(lambda: nxt.received)
     assert bytes(nxt.received) == b"b"
-    assert lock.gate.held == 1
-    a.close()
+    assert len(lock.active) == 1 and lock.gate.held == 1
+    nxt.release.set()
     b.close()
+    wait_until(lambda: not lock.connections, what="b ended")
+    assert lock.gate.held == 0
+    a.close()
 
 
 def test_clients_that_end_without_waiting_do_not_stall_the_event_loop(
@@ -1321,22 +1400,17 @@ def test_clients_that_end_without_waiting_do_not_stall_the_event_loop(
         c.close()
 
 
-def test_a_hand_off_is_taken_only_by_the_greenlet_it_was_made_for(
-    make_backend, make_lock, conn_log
-):
-    # Two slots and a hook, so greenlets serve every connection. P and B end in the same
-    # turn; one releaser's greenlet is handed A, whose hook fails at once, and A's release
-    # hands C to that same greenlet, which lets the loop turn before taking it. The other
-    # releaser's greenlet finishes meanwhile: it must not take C, or C would name a
-    # greenlet that does not serve it, and stop() would cut the wrong one and leave C open.
-    served_by = {}
-
+def test_stop_cuts_every_client_let_in_by_releases_in_one_turn(make_backend, make_lock, conn_log):
+    # Two slots and a hook. P and B end in the same turn of the loop; their releases let in
+    # A, whose hook fails at once, and then C and D. stop() must then cut C and D both, at
+    # once: each backend connection is closed, each client is cut, no slot is left held, and
+    # nothing of the lock is left running.
     def on_activate(conn):
-        served_by[conn.id] = gevent.getcurrent()
         if conn.id == 3:
             raise RuntimeError("A fails at once")
 
     backend = make_backend("hold")
+    before = live_greenlets()
     lock = make_lock(backend, slots=2, on_activate=on_activate)
     p = connect(lock.server_port)
     held_p = backend.next_conn()
@@ -1347,33 +1421,67 @@ def test_a_hand_off_is_taken_only_by_the_greenlet_it_was_made_for(
     held_p.release.set()  # both backend connections close in the same turn
     held_b.release.set()
     wait_until(lambda: {c.id for c in lock.active} == {4, 5}, what="C and D active")
-    c_conn = next(c for c in lock.active if c.id == 4)
-    assert c_conn.greenlet is served_by[4]
+    c_d = [backend.next_conn(), backend.next_conn()]
     started = time.monotonic()
     lock.stop(timeout=0)
-    assert lock.connections == [] and lock.gate.held == 0
     assert time.monotonic() - started < 2
+    assert lock.connections == [] and lock.gate.held == 0
+    for there in c_d:  # the backend saw both connections end
+        wait_until(lambda there=there: there.eof.is_set() or there.error, what="backend EOF")
+    for c in waiting[1:]:  # and both clients were cut
+        with pytest.raises((ConnectionResetError, EOFError)):
+            if not c.recv(1):
+                raise EOFError
+    backend.release_all()
+    wait_until(lambda: backend.all_closed.is_set(), what="the backend's side closed")
+    wait_until(lambda: live_greenlets() <= before, what="nothing left running after stop()")
     for c in (p, b, *waiting):
         c.close()
 
 
-def test_a_finished_connection_no_longer_points_at_a_greenlet(make_backend, make_lock, conn_log):
+def test_a_finished_connection_is_a_record_that_holds_nothing(make_backend, make_lock, conn_log):
+    # An embedding program may keep a finished connection (an end observer here). It is a
+    # record: its fields no longer change, it is no longer among the lock's connections, it
+    # holds no socket open, and keeping it keeps nothing of the lock running after stop().
     backend = make_backend("hold")
-    lock = make_lock(backend, on_activate=lambda conn: None)  # served by greenlets
+    before = live_greenlets()
+    lock = make_lock(backend, on_activate=lambda conn: None)
     finished = []
     lock.end_observers.append(finished.append)
     a = connect(lock.server_port)
+    a.sendall(b"a")
     backend.next_conn()
     b = connect(lock.server_port)
     b.sendall(b"b")
     queued(lock, 1)
+    a_address = a.getsockname()
     a.close()
     backend.conns[0].release.set()
     assert conn_log.next_end()["end"] == "closed"
-    backend.next_conn()
-    wait_until(lambda: finished and finished[0].greenlet is None, what="a's greenlet cleared")
-    assert lock.active[0].greenlet is not None  # b, served by what may be the same greenlet
+    nxt = backend.next_conn()
+    wait_until(lambda: finished, what="the end observer")
+    (record,) = finished
+
+    def fields():
+        return (
+            record.end,
+            record.active_seconds,
+            record.queued_seconds,
+            record.bytes_up,
+            record.bytes_down,
+        )
+
+    then = fields()
+    wait_until(lambda: nxt.received)  # b is being served meanwhile
+    gevent.sleep(0.05)
+    assert fields() == then and then[0] == "closed" and then[3] == 1
+    assert record not in lock.connections and [c.id for c in lock.active] == [2]
+    assert not holds_socket((LOOPBACK, lock.server_port), a_address)
     b.close()
+    nxt.release.set()
+    lock.stop(timeout=1)
+    wait_until(lambda: live_greenlets() <= before, what="nothing left running after stop()")
+    assert finished[0] is record
 
 
 def test_a_lingering_client_is_closed_in_time_while_stop_drains(
@@ -1395,12 +1503,18 @@ def test_a_lingering_client_is_closed_in_time_while_stop_drains(
     first = backend.next_conn()
     b = connect(lock.server_port)
     second = backend.next_conn()
+    port = lock.server_port
     stopper = gevent.spawn(lock.stop, 10)
-    wait_until(lambda: lock.closed, what="stop() under way")
+    wait_until(lambda: lock.draining, what="stop() under way")
     second.release.set()
     assert conn_log.next_end()["end"] == "closed"
     assert recv_exactly(b, 6) == b"answer"  # b lingers: it has not closed
-    wait_until(lambda: not lock._lingering, timeout=3, what="b closed while a still drains")
+    assert holds_socket((LOOPBACK, port), b.getsockname())  # tcplock still holds its socket
+    wait_until(
+        lambda: not holds_socket((LOOPBACK, port), b.getsockname()),
+        timeout=3,
+        what="b's socket closed while a still drains",
+    )
     assert not stopper.ready()
     first.release.set()
     stopper.join(5)
@@ -1449,12 +1563,13 @@ def test_a_client_that_never_closes_is_closed_after_the_linger_time(
     backend = make_backend(answer_and_close)
     lock = make_lock(backend, client_finish_timeout=0)
     c = connect(lock.server_port)
+    ours = ((LOOPBACK, lock.server_port), c.getsockname())  # tcplock's socket for c
     assert conn_log.next_end()["end"] == "closed"
-    assert len(lock._lingering) == 1  # part of the answer is not acknowledged yet
+    assert holds_socket(*ours)  # part of the answer is not acknowledged yet
     c.sendall(b"ignored")  # read and dropped
     started = time.monotonic()
     assert recv_all(c) == payload  # and then EOF...
-    wait_until(lambda: not lock._lingering, what="the lingering socket closed")
+    wait_until(lambda: not holds_socket(*ours), what="the lingering socket closed")
     assert time.monotonic() - started < 3
     with pytest.raises(OSError):  # ...and the socket is closed: more data is refused
         for _ in range(20):

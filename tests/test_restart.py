@@ -34,7 +34,7 @@ def test_restart_every_k_runs_before_the_next_activation(make_backend, make_lock
     for i in range(7):
         echo_once(lock.server_port)
         wait_until(lambda i=i: lock.served == i + 1)
-    wait_until(lambda: not lock.gate.paused)
+    wait_until(lambda: not lock.restarting)
     assert events == [
         "a1",
         "a2",
@@ -417,7 +417,10 @@ def test_stop_wakes_a_connection_parked_for_a_restart(make_backend, make_lock, c
         s.setblocking(False)
         s.connect_ex((LOOPBACK, lock.server_port))
         clients.append(s)
-    wait_until(lambda: lock._parked == 1, what="a connection to park")
+    wait_until(
+        lambda: lock.restarting and len(lock.connections) == 3 and backend.count == 2,
+        what="two clients relayed and a third waiting for the restart",
+    )
     stopper = gevent.spawn(lock.stop)
     gevent.sleep(0.1)
     for s in clients:
@@ -428,5 +431,6 @@ def test_stop_wakes_a_connection_parked_for_a_restart(make_backend, make_lock, c
     stopper.join(timeout=3)
     assert stopper.ready(), "stop() waited out the drain time for a parked connection"
     assert calls == [] and lock.gate.held == 0 and not lock.connections
+    assert backend.count == 2  # the third never reached the backend: its restart never ran
     for s in clients:
         s.close()

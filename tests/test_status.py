@@ -171,8 +171,20 @@ def test_agent_reply_drains_while_restarting_and_stopping(make_backend, make_loc
     c.close()
     wait_until(lambda: replies)
     assert replies == ["drain\n"]
-    lock._stopping = True
+    wait_until(lambda: not lock.restarting, what="the restart done")
+    assert agent_reply(lock).startswith("up ready")
+    # While stop() drains an active connection, the agent says drain.
+    lock = make_lock(backend)
+    c = connect(lock.server_port)
+    c.sendall(b"y")
+    recv_exactly(c, 1)
+    assert agent_reply(lock).startswith("up ready")
+    stopper = gevent.spawn(lock.stop, 5)
+    wait_until(lambda: lock.draining, what="stop() under way")
     assert agent_reply(lock) == "drain\n"
+    c.close()
+    stopper.join(5)
+    assert stopper.ready()
 
 
 def test_cli_status_agent_check_and_json_log(cli, make_backend):
