@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import inspect
 import logging
 import os
 import time
@@ -27,12 +28,14 @@ from .hooks import CommandHook, HookFailed, call_hook
 from .peer import PeerCheck
 from .steps import Step
 
-__all__ = ["Backend", "Connect", "format_address", "UP", "RESTARTING"]
+__all__ = ["Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "DRAINING"]
 
 log = logging.getLogger("tcplock.server")
 
 UP = "up"
+DOWN = "down"
 RESTARTING = "restarting"
+DRAINING = "draining"
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 # Where the platform has it, a backend socket is made non-blocking by socket() itself.
@@ -50,21 +53,33 @@ def format_address(addr) -> str:
 
 
 class Backend:
-    """One backend service, as ``(host, port)``.
+    """One backend service, as ``(host, port)``, and a unit of the lock's gate (its slots).
 
-    ``lock`` is what the backend needs of the lock that uses it: its settings (``restart``,
-    ``hook_timeout``, ``ready_timeout``, ``restart_retry_delay``), ``draining``, and
-    ``_sync_gate()`` to stop or start the queue around a restart.
+    ``lock`` is what the backend needs of the lock that uses it: its settings (``slots``,
+    ``restart``, ``hook_timeout``, ``ready_timeout``, ``restart_retry_delay``,
+    ``check_interval``, ``connect_timeout``), ``draining``, and ``_sync_gate()`` to open or
+    close the backend to the queue as its state changes.
     """
 
-    def __init__(self, address: Tuple[str, int], lock) -> None:
+    def __init__(self, address: Tuple[str, int], lock, index: int = 1) -> None:
         #: Where it listens, as (host, port).
         self.address = (address[0], int(address[1]))
+        #: Its place in the order given, from 1.
+        self.index = index
         self.lock = lock
-        #: Why a restart is due or running (``"count"``, ``"ttl"``), None when up.
-        self.restart_reason: Optional[str] = None
-        #: Slots of this backend held right now (by connections and in-process holders).
+        #: How many clients it takes at once, how many hold one of its slots now (kept by the
+        #: gate), whether it takes new clients now (kept by the lock), and when a slot of it
+        #: was last taken or given back (the gate prefers the one idle longest).
+        self.slots = lock.slots
         self.held = 0
+        self.open = True
+        self.last_used = 0.0
+        #: False once connecting to it failed, until a check finds it answering again.
+        self.up = True
+        #: Set by the operator: it finishes its clients and takes no new ones.
+        self.draining = False
+        #: Why a restart is due or running (``"count"``, ``"ttl"``), None otherwise.
+        self.restart_reason: Optional[str] = None
         #: Connections granted a slot while a restart was due: they wait for it, in order.
         self.parked: List = []
         #: Clients let through since the last restart.
@@ -77,6 +92,8 @@ class Backend:
         self.last_end: Optional[str] = None
         self.peer_check = PeerCheck()
         self._addrinfo: Optional[list] = None
+        self._checks = None  # the timer of the down-backend check
+        self._check: Optional[Connect] = None
 
     @property
     def label(self) -> str:
@@ -84,21 +101,85 @@ class Backend:
 
     @property
     def state(self) -> str:
-        return UP if self.restart_reason is None else RESTARTING
+        """``draining``, ``restarting``, ``down`` or ``up``, the first that holds."""
+        if self.draining:
+            return DRAINING
+        if self.restart_reason is not None:
+            return RESTARTING
+        return UP if self.up else DOWN
 
     def status(self) -> dict:
         return {
             "address": self.label,
-            "state": self.state,
+            "slots": self.slots,
             "active": self.held,
+            "state": self.state,
             "activations": self.activations,
             "restarts": self.restarts,
             "restart_failures": self.restart_failures,
             "last_end": self.last_end,
         }
 
+    def env(self) -> dict:
+        """What a command run for this backend finds in its environment."""
+        return {
+            "TCPLOCK_BACKEND": self.label,
+            "TCPLOCK_BACKEND_HOST": str(self.address[0]),
+            "TCPLOCK_BACKEND_PORT": str(self.address[1]),
+            "TCPLOCK_BACKEND_INDEX": str(self.index),
+        }
+
     def close(self) -> None:
+        self._stop_checks()
         self.peer_check.close()
+
+    # -- up and down -------------------------------------------------------------------------
+
+    def mark_down(self, error) -> None:
+        """Connecting failed: take no clients while another backend is up, and check it every
+        ``check_interval`` until it answers."""
+        if not self.up:
+            return
+        self.up = False
+        log.warning(
+            "backend %s is down (%s); checking it every %gs",
+            self.label,
+            getattr(error, "strerror", None) or error,
+            self.lock.check_interval,
+        )
+        interval = self.lock.check_interval
+        self._checks = gevent.get_hub().loop.timer(interval, interval)
+        self._checks.start(self._check_now)
+
+    def mark_up(self) -> None:
+        if self.up:
+            return
+        self.up = True
+        self._stop_checks()
+        log.warning("backend %s is up again", self.label)
+        self.lock._sync_gate()
+
+    def _check_now(self) -> None:
+        if self._check is not None:
+            return  # the last one has yet to answer
+        limit = min(self.lock.check_interval, self.lock.connect_timeout)
+        self._check = Connect(self, time.monotonic() + limit, self._checked)
+        self._check.start()
+
+    def _checked(self, sock, _error) -> None:
+        self._check = None
+        if sock is not None:
+            sock.close()
+            self.mark_up()
+
+    def _stop_checks(self) -> None:
+        if self._checks is not None:
+            self._checks.stop()
+            self._checks.close()
+            self._checks = None
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
 
     # -- use and restart policy ------------------------------------------------------------------
 
@@ -189,7 +270,10 @@ class Backend:
             return  # taken away while due: nothing to run
         if isinstance(hook, CommandHook):
             extra = {"TCPLOCK_RESTART_REASON": reason, "TCPLOCK_RESTARTS": str(self.restarts)}
+            extra.update(self.env())
             call_hook("restart", lambda c: hook(c, extra), conn, timeout)
+        elif _takes_backend(hook):
+            call_hook("restart", lambda r: hook(r, self), reason, timeout)
         else:
             call_hook("restart", hook, reason, timeout)
 
@@ -261,11 +345,15 @@ class Connect:
 
     __slots__ = (
         "backend", "deadline", "on_done", "loop", "addrs", "index", "sock", "watch", "timer",
-        "step", "delay", "error", "sockaddr",
+        "step", "delay", "error", "sockaddr", "give_up", "gave_up",
     )  # fmt: skip
 
-    def __init__(self, backend: Backend, deadline: float, on_done) -> None:
+    def __init__(self, backend: Backend, deadline: float, on_done, give_up=None) -> None:
         self.backend = backend
+        #: Asked after each round of addresses has failed, with the error: True ends the
+        #: attempt at once (another backend can take the client), with ``gave_up`` set.
+        self.give_up = give_up
+        self.gave_up = False
         self.deadline = deadline
         self.on_done = on_done
         self.loop = gevent.get_hub().loop
@@ -294,7 +382,7 @@ class Connect:
             return
         if error is not None:
             self.error = error
-            return self._later()
+            return self._failed_round()
         self.addrs, self.index = addrs, 0
         self._try()
 
@@ -329,6 +417,12 @@ class Connect:
             self.error = OSError(err, os.strerror(err))
             self.index += 1
         self.backend.forget()
+        self._failed_round()
+
+    def _failed_round(self) -> None:
+        if self.give_up is not None and self.give_up(self.error):
+            self.gave_up = True
+            return self._finish(None)
         self._later()
 
     def _writable(self) -> None:
@@ -407,6 +501,16 @@ class Connect:
         if self.step is not None:
             self.step.kill()
             self.step = None
+
+
+def _takes_backend(hook) -> bool:
+    """Whether a Python restart hook takes ``(reason, backend)`` rather than ``(reason)``."""
+    try:
+        signature = inspect.signature(hook)
+        signature.bind(None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _connected(sock) -> bool:

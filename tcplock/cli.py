@@ -112,6 +112,18 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
         parser.error(str(e))
     except UnicodeDecodeError as e:
         parser.error(f"the config file is not valid UTF-8 text ({e.reason} at byte {e.start})")
+    if args.backend:
+        given = [
+            flag
+            for flag, value in (
+                ("--proxy-host", args.proxy_host),
+                ("-p/--proxy-port", args.proxy_port),
+                ("--demo", args.demo or None),
+            )
+            if value is not None
+        ]
+        if given:
+            parser.error(f"--backend names the backends: leave out {', '.join(given)}")
     if args.demo:
         if args.proxy_port is not None:
             parser.error("--demo relays to its own backend: leave out -p/--proxy-port")
@@ -119,7 +131,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
             args.listen = ("127.0.0.1", 9000)
     else:
         missing = [
-            "/".join(s.flags) for s in SETTINGS if s.required and getattr(args, s.dest) is None
+            "/".join(s.flags)
+            for s in SETTINGS
+            if s.required
+            and getattr(args, s.dest) is None
+            and not (s.name == "proxy-port" and args.backend)
         ]
         if missing:
             parser.error("the following arguments are required: " + ", ".join(missing))
@@ -260,13 +276,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
     demo = None
-    backend = (args.proxy_host, args.proxy_port)
+    backends = args.backend or [(args.proxy_host or "localhost", args.proxy_port)]
     if args.demo:
         from .demo import DemoBackend
 
         demo = DemoBackend(("127.0.0.1", 0))
         demo.start()
-        backend = ("127.0.0.1", demo.server_port)
+        backends = [("127.0.0.1", demo.server_port)]
 
     capacity = raise_descriptor_limit()
     # Every library setting by its own name; hooks as loaded, max-queue as the limit allows.
@@ -275,8 +291,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for attr, setting in LIBRARY.items()
     }
     if kwargs["max_queue"] is None:
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots)
-    lock = TCPLock(args.listen, backend, **kwargs)
+        kwargs["max_queue"] = default_max_queue(capacity, args.slots * len(backends))
+    lock = TCPLock(args.listen, backends=backends, **kwargs)
     lock.max_lingering = max_lingering(capacity)
     if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
         lock.connection_log = connection_writer(handler)
@@ -325,16 +341,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     listen = format_address((args.listen[0], lock.server_port))
     log.info(
-        "tcplock %s listening on %s, relaying to %s, %d slot(s)",
+        "tcplock %s listening on %s, relaying to %s, %d slot(s)%s",
         __version__,
         listen,
-        format_address(backend),
+        ", ".join(b.label for b in lock.backends),
         args.slots,
+        " each" if len(lock.backends) > 1 else "",
     )
     log.info(
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
-        default_max_queue(capacity, args.slots),
+        default_max_queue(capacity, args.slots * len(lock.backends)),
         kwargs["max_queue"],
     )
     for name, address, server in extras:

@@ -162,6 +162,8 @@ class Connection:
             self.bytes_down,
             self.end,
         )
+        if self.backend is not None and len(self.lock.backends) > 1:
+            line += " backend=" + self.backend.label
         return line
 
     def fields(self) -> Dict[str, object]:
@@ -196,11 +198,11 @@ class Connection:
             "TCPLOCK_PREVIOUS_END": lock.last_end or "",
             "TCPLOCK_QUEUED": str(lock.queued),
             "TCPLOCK_SLOTS": str(lock.slots),
-            "TCPLOCK_BACKEND": f["backend"],
             "TCPLOCK_ACTIVE_SECONDS": f"{f['active_seconds']:.3f}",
             "TCPLOCK_BYTES_UP": str(f["bytes_up"]),
             "TCPLOCK_BYTES_DOWN": str(f["bytes_down"]),
         }
+        env.update((self.backend or lock.backends[0]).env())
         if f["end"]:
             env["TCPLOCK_END"] = f["end"]
         return env
@@ -214,7 +216,6 @@ class Connection:
         """The gate gave it a slot of ``backend``."""
         self.held = True
         self.backend = backend
-        backend.held += 1
         self.state = GRANTED
         self.lock._activated(self)
         self._proceed()
@@ -284,12 +285,18 @@ class Connection:
     def _connect(self) -> None:
         self.state = CONNECTING
         attempt = self.pending = Connect(
-            self.backend, time.monotonic() + self.lock.connect_timeout, self._connected
+            self.backend,
+            time.monotonic() + self.lock.connect_timeout,
+            self._connected,
+            self.lock._backend_failed,
         )
         attempt.start()
 
     def _connected(self, sock, error) -> None:
         attempt, self.pending = self.pending, None
+        if sock is None and attempt.gave_up:
+            # The backend is down and another is up: back to the head of the queue.
+            return self.lock._requeue(self)
         if sock is None:
             log.warning(
                 "%s: backend %s unavailable for %.1fs: %s",
@@ -300,6 +307,8 @@ class Connection:
             )
             return self.finish("backend-refused")
         self.upstream = sock
+        if not self.backend.up:
+            self.backend.mark_up()  # it answered: no need to wait for its check
         try:
             self._relay(attempt.sockaddr)
         except Exception:

@@ -1,9 +1,15 @@
-"""The FIFO gate: N slots, a queue of waiters, and the hand-off between them.
+"""The FIFO gate: slots across one or more places, a queue of waiters, and the hand-off.
 
 The rule this module keeps: a freed slot goes to the head of the queue. A newcomer takes a free
 slot only when nobody is waiting and the gate is not paused. A released slot is handed straight
 to the head of the queue (the ticket is marked granted before its owner even hears of it), so
 there is no moment in which a newcomer could slip in ahead of it.
+
+Slots belong to *units* (the lock's backends; a gate made with ``Gate(slots)`` has one unit of
+its own). A unit has ``slots``, ``held`` (kept by the gate), ``open`` (whether it takes new
+holders now: its owner sets it, then calls :meth:`Gate.refill`) and ``last_used``. The head of
+the queue goes to the open unit with a free slot that has fewest holders, then the one used
+least recently, then the first in order.
 
 The gate knows nothing of sockets or greenlets: a waiter is a :class:`Ticket` with a ``wake``
 callback, which something outside (a departure watch, a queue timeout, shutdown) may cancel.
@@ -11,24 +17,26 @@ callback, which something outside (a departure watch, a queue timeout, shutdown)
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
-__all__ = ["Gate", "Ticket"]
+__all__ = ["Gate", "Ticket", "Unit"]
 
 
 class Ticket:
     """One place in the queue.
 
-    ``granted`` becomes true when the gate hands this ticket a slot; from then on whoever holds
-    the ticket owns the slot and must :meth:`Gate.release` it once. ``cancelled`` holds the reason
-    given to :meth:`cancel` (a short word such as ``"left-queue"``) when the wait was abandoned.
+    ``granted`` becomes true when the gate hands this ticket a slot (of ``unit``); from then on
+    whoever holds the ticket owns the slot and must :meth:`Gate.release` it once. ``cancelled``
+    holds the reason given to :meth:`cancel` (a short word such as ``"left-queue"``) when the
+    wait was abandoned.
 
     ``wake`` is called (with no arguments, possibly from an event-loop callback) when the ticket
     is granted or cancelled. It must not block.
     """
 
-    __slots__ = ("wake", "granted", "cancelled", "dead")
+    __slots__ = ("wake", "granted", "cancelled", "dead", "unit")
 
     def __init__(self, wake: Optional[Callable[[], object]] = None) -> None:
         self.wake = wake
@@ -37,6 +45,8 @@ class Ticket:
         #: Set once the ticket has left the queue (granted, or discarded); the gate skips dead
         #: tickets.
         self.dead = False
+        #: The unit whose slot it was granted.
+        self.unit = None
 
     def cancel(self, reason: str) -> None:
         """Abandon the wait (safe to call from an event-loop callback). Ignored once granted."""
@@ -46,14 +56,29 @@ class Ticket:
                 self.wake()
 
 
-class Gate:
-    """At most ``slots`` holders at once, admitted in strict arrival order."""
+class Unit:
+    """A place with slots, for a gate of its own (``Gate(slots)``); a backend is another."""
 
-    def __init__(self, slots: int = 1) -> None:
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
-        self._slots = slots
-        self._free = slots
+    __slots__ = ("slots", "held", "open", "last_used")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.held = 0
+        self.open = True
+        self.last_used = 0.0
+
+
+class Gate:
+    """At most ``slots`` holders at once per unit, admitted in strict arrival order."""
+
+    def __init__(self, slots: int = 1, units: Optional[Sequence] = None) -> None:
+        if units is None:
+            if slots < 1:
+                raise ValueError("slots must be at least 1")
+            units = [Unit(slots)]
+        elif not units:
+            raise ValueError("a gate needs at least one unit")
+        self._units: List = list(units)
         self._queue: deque[Ticket] = deque()
         self._waiting = 0
         self._paused = False
@@ -61,29 +86,33 @@ class Gate:
     # -- introspection -------------------------------------------------------------------------
 
     @property
+    def units(self) -> List:
+        return list(self._units)
+
+    @property
     def slots(self) -> int:
-        """Number of slots. It may be changed while the gate is in use: more slots are handed to
-        the queue at once; with fewer, holders keep theirs and the excess is taken back as
-        they release them."""
-        return self._slots
+        """Slots of all units. Set, it gives every unit that many: more slots are handed to the
+        queue at once; with fewer, holders keep theirs and no one new is let in until they are
+        within the number."""
+        return sum(u.slots for u in self._units)
 
     @slots.setter
     def slots(self, slots: int) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        self._free += slots - self._slots
-        self._slots = slots
+        for u in self._units:
+            u.slots = slots
         self._fill()
 
     @property
     def waiting(self) -> int:
-        """How many tickets are queued (cancelled ones excluded)."""
+        """How many tickets are queued and not yet discarded or skipped."""
         return self._waiting
 
     @property
     def held(self) -> int:
         """How many slots are held right now."""
-        return self._slots - self._free
+        return sum(u.held for u in self._units)
 
     @property
     def paused(self) -> bool:
@@ -91,28 +120,62 @@ class Gate:
 
     def would_wait(self) -> bool:
         """Whether a newcomer would have to queue right now."""
-        return self._paused or self._waiting > 0 or self._free <= 0
+        return self._paused or self._waiting > 0 or self._pick() is None
 
     def tickets(self) -> Iterator[Ticket]:
         """The live tickets in queue order."""
         return (t for t in self._queue if not t.dead)
 
+    # -- units ---------------------------------------------------------------------------------
+
+    def add_unit(self, unit) -> None:
+        self._units.append(unit)
+        self._fill()
+
+    def remove_unit(self, unit) -> None:
+        """Take a unit out; its holders must already have released (or it keeps none)."""
+        self._units.remove(unit)
+
+    def _pick(self):
+        units = self._units
+        if len(units) == 1:
+            u = units[0]
+            return u if u.open and u.held < u.slots else None
+        best = None
+        for u in units:
+            if u.open and u.held < u.slots:
+                if best is None or (u.held, u.last_used) < (best.held, best.last_used):
+                    best = u
+        return best
+
     # -- acquiring and releasing ---------------------------------------------------------------
 
     def enqueue(self, ticket: Ticket) -> bool:
-        """Take a free slot at once (True), or queue the ticket (False) without waiting: the
-        gate calls ``ticket.wake()`` when it is granted. Whoever cancels a queued ticket must
-        then :meth:`discard` it."""
+        """Take a free slot at once (True: ``ticket.unit`` says whose), or queue the ticket
+        (False) without waiting: the gate calls ``ticket.wake()`` when it is granted. Whoever
+        cancels a queued ticket must then :meth:`discard` it."""
         if ticket.cancelled is not None:
             ticket.dead = True
             return False
-        if not self._paused and not self._waiting and self._free > 0:
-            self._free -= 1
-            ticket.granted = True
-            return True
+        if not self._paused and not self._waiting:
+            u = self._pick()
+            if u is not None:
+                u.held += 1
+                u.last_used = time.monotonic()
+                ticket.unit = u
+                ticket.granted = True
+                return True
         self._queue.append(ticket)
         self._waiting += 1
         return False
+
+    def requeue(self, ticket: Ticket) -> None:
+        """Put a granted ticket back at the head of the queue, its slot still held: the caller
+        then releases that slot (to whoever is at the head: this ticket, if a unit is open)."""
+        ticket.granted = False
+        ticket.dead = False
+        self._queue.appendleft(ticket)
+        self._waiting += 1
 
     def discard(self, ticket: Ticket) -> None:
         """Take a cancelled (or abandoned) ticket out of the queue; no-op once granted."""
@@ -145,23 +208,17 @@ class Gate:
             return t
         return None
 
-    def _grant(self, ticket: Ticket) -> None:
-        ticket.granted = True
-        ticket.dead = True  # out of the queue
-        self._waiting -= 1
-        ticket.wake()
-
-    def release(self) -> None:
-        """Give a held slot back: to the head of the queue if anyone waits, else to the pool.
-        Releasing more slots than are held is a bug in the caller: ValueError."""
-        if self._free >= self._slots:
+    def release(self, unit=None) -> None:
+        """Give a slot of ``unit`` back (the gate's only unit if None): to the head of the
+        queue if anyone waits, else to the pool. Releasing more slots than are held is a bug
+        in the caller: ValueError."""
+        if unit is None:
+            unit = self._units[0]
+        if unit.held <= 0:
             raise ValueError("Gate released too many times")
-        if not self._paused and self._free >= 0:
-            t = self._next_ticket()
-            if t is not None:
-                self._grant(t)
-                return
-        self._free += 1
+        unit.held -= 1
+        unit.last_used = time.monotonic()
+        self._fill()
 
     # -- steering ------------------------------------------------------------------------------
 
@@ -174,13 +231,25 @@ class Gate:
         self._paused = False
         self._fill()
 
+    def refill(self) -> None:
+        """A unit opened or gained slots: hand what is free to the head of the queue."""
+        self._fill()
+
     def _fill(self) -> None:
-        while not self._paused and self._waiting and self._free > 0:
+        while not self._paused and self._waiting:
+            u = self._pick()
+            if u is None:
+                break
             t = self._next_ticket()
             if t is None:  # pragma: no cover - _waiting counts live tickets
                 break
-            self._free -= 1
-            self._grant(t)
+            u.held += 1
+            u.last_used = time.monotonic()
+            t.unit = u
+            t.granted = True
+            t.dead = True  # out of the queue
+            self._waiting -= 1
+            t.wake()
 
     def cancel_all(self, reason: str) -> None:
         """Cancel every queued ticket (for shutdown)."""

@@ -67,6 +67,34 @@ class _RateLimit:
         return n
 
 
+def _check_backends(addresses) -> list:
+    """The backends' addresses, as a list of (host, port); ValueError naming backends."""
+    try:
+        items = list(addresses)
+    except TypeError:
+        raise ValueError(f"backends must be a list of (host, port), not {addresses!r}") from None
+    if not items:
+        raise ValueError("backends must name at least one (host, port)")
+    checked = []
+    for item in items:
+        try:
+            host, port = item
+        except (TypeError, ValueError):
+            raise ValueError(f"backends: {item!r} is not a (host, port) pair") from None
+        if not isinstance(host, str) or not host or isinstance(port, bool):
+            raise ValueError(f"backends: {item!r} is not a (host, port) pair")
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ValueError(f"backends: {item!r} has no valid port") from None
+        if not 1 <= port <= 65535:
+            raise ValueError(f"backends: port {port} is out of range (1-65535)")
+        if (host, port) in checked:
+            raise ValueError(f"backends: {host}:{port} is given twice")
+        checked.append((host, port))
+    return checked
+
+
 class _Setting:
     """A setting of the lock as an attribute: checked by the settings table's rules whenever it
     is set, at construction or on a running lock. Reading it is a plain attribute read (this
@@ -124,7 +152,9 @@ class TCPLock(StreamServer):
         locals()[_name].__set_name__(None, _name)
     del _name
 
-    def __init__(self, listen=("127.0.0.1", 9000), backend=("localhost", 8100), **options):
+    def __init__(
+        self, listen=("127.0.0.1", 9000), backend=("localhost", 8100), *, backends=None, **options
+    ):
         unknown = sorted(set(options) - set(_settings.LIBRARY))
         if unknown:
             raise TypeError(f"TCPLock() got an unexpected keyword argument {unknown[0]!r}")
@@ -136,9 +166,12 @@ class TCPLock(StreamServer):
         _settings.check_together(values)
         super().__init__(tuple(listen))
         self.__dict__.update(values)
-        self.gate = Gate(values["slots"])
-        #: The backends clients are relayed to (one, for now).
-        self.backends: List[Backend] = [Backend(backend, self)]
+        addresses = _check_backends([backend] if backends is None else backends)
+        #: The backends clients are relayed to, in the order given: a pool behind one queue.
+        self.backends: List[Backend] = [
+            Backend(address, self, i) for i, address in enumerate(addresses, 1)
+        ]
+        self.gate = Gate(units=self.backends)
         #: accept() calls that failed for lack of descriptors or memory.
         self.accept_failures = 0
         self._accept_delay = self.min_delay
@@ -235,10 +268,67 @@ class TCPLock(StreamServer):
             self._sync_gate()
 
     def _sync_gate(self) -> None:
-        if self._operator_paused or self.restarting:
+        """Open or close each backend to the queue by its state, and move the queue."""
+        self._update_open()
+        if self._operator_paused:
             self.gate.pause()
         else:
             self.gate.resume()
+
+    def _update_open(self) -> None:
+        # A backend takes new clients unless it drains or restarts, or it is down while another
+        # is up (with none up, every backend is tried, so that a client fails as it would
+        # with one).
+        backends = self.backends
+        any_up = any(b.up and not b.draining for b in backends)
+        for b in backends:
+            b.open = not b.draining and b.restart_reason is None and (b.up or not any_up)
+
+    def _backend_failed(self, backend: Backend, error) -> bool:
+        """Connecting to ``backend`` failed: it is down. True if another backend is up to take
+        the client instead (the connection goes back to the head of the queue)."""
+        backend.mark_down(error)
+        self._update_open()
+        return any(b.open and b.up for b in self.backends if b is not backend)
+
+    def _requeue(self, conn: Connection) -> None:
+        """A granted client whose backend turned out to be down: back to the head of the
+        queue, keeping its place, and its slot of that backend given back."""
+        backend = conn.backend
+        backend.activations -= 1
+        backend.since_restart -= 1
+        self._active.pop(conn, None)
+        conn.held = False
+        conn.backend = None
+        conn.activation = conn.activated_at = None
+        conn.state = QUEUED
+        self.gate.requeue(conn.ticket)
+        self.gate.release(backend)
+
+    def backend_named(self, address) -> Backend:
+        """The backend at ``address`` (``"host:port"`` or a tuple); KeyError if none."""
+        for b in self.backends:
+            if address == b.label or tuple(address) == b.address:
+                return b
+        raise KeyError(address)
+
+    def drain_backend(self, address) -> Backend:
+        """Let one backend finish its clients and take no new ones (state ``draining``)."""
+        b = self.backend_named(address)
+        if not b.draining:
+            b.draining = True
+            log.warning("backend %s drains: no new clients until enabled", b.label)
+            self._sync_gate()
+        return b
+
+    def enable_backend(self, address) -> Backend:
+        """Undo :meth:`drain_backend`."""
+        b = self.backend_named(address)
+        if b.draining:
+            b.draining = False
+            log.warning("backend %s enabled", b.label)
+            self._sync_gate()
+        return b
 
     def status(self) -> dict:
         """A snapshot of the lock, as plain data (what ``GET /status`` returns)."""
@@ -251,11 +341,7 @@ class TCPLock(StreamServer):
             entry = c.fields()
             entry["seconds"] = entry["active_seconds"]
             active.append(entry)
-        backends = []
-        for b in self.backends:
-            entry = b.status()
-            entry["slots"] = self.slots
-            backends.append(entry)
+        backends = [b.status() for b in self.backends]
         return {
             "version": __version__,
             "listen": format_address((self.server_host, self.server_port))
@@ -404,7 +490,7 @@ class TCPLock(StreamServer):
     def _grant(self, conn: Connection) -> None:
         self._activating = True
         try:
-            conn.granted(self.backends[0])
+            conn.granted(conn.ticket.unit)
         except Exception:
             log.exception("%s: unexpected error", conn.label)
             conn.finish("error")
@@ -433,9 +519,8 @@ class TCPLock(StreamServer):
         if not conn.held:
             return
         conn.held = False
-        conn.backend.held -= 1
         self._active.pop(conn, None)
-        self.gate.release()
+        self.gate.release(conn.backend)
 
     def _settle(self, conn: Connection) -> None:
         """Close the client's side (and the backend's, if the connection left it), and account

@@ -114,6 +114,16 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]
     return host, parse_port(port, allow_zero=True)
 
 
+def parse_backend(text: str) -> Tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT``: a backend's address, with its host."""
+    host, port = parse_address(text, default_host="")
+    if not host:
+        raise argparse.ArgumentTypeError(f"invalid backend {text.strip()!r} (use HOST:PORT)")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"invalid backend {text.strip()!r} (port 0)")
+    return host, port
+
+
 def _count(minimum: int):
     def parse(text: str) -> int:
         text = text.strip()
@@ -389,7 +399,7 @@ SETTINGS: Tuple[Setting, ...] = (
         kind="host",
         metavar="HOST",
         parse=_host,
-        default="localhost",
+        shown="localhost",
     ),
     Setting(
         "proxy-port",
@@ -402,9 +412,21 @@ SETTINGS: Tuple[Setting, ...] = (
         example="2003",
     ),
     Setting(
+        "backend",
+        ("--backend",),
+        "a backend of the pool, as HOST:PORT ([IPV6]:PORT); repeatable: one queue in front of "
+        "them all (instead of --proxy-host and --proxy-port)",
+        kind="addresses",
+        metavar="HOST:PORT",
+        parse=parse_backend,
+        action="append",
+        shown="--proxy-host and --proxy-port",
+        example="[127.0.0.1:2003, 127.0.0.1:2004]",
+    ),
+    Setting(
         "slots",
         ("-n", "--slots"),
-        "how many clients may use the backend at once",
+        "how many clients each backend takes at once",
         kind="count",
         attr="slots",
         metavar="N",
@@ -460,6 +482,14 @@ SETTINGS: Tuple[Setting, ...] = (
         help="keep retrying the backend connection this long",
         attr="connect_timeout",
         default=5.0,
+    ),
+    _duration_setting(
+        "check-interval",
+        ("--check-interval",),
+        help="how often a backend that is down is checked with a TCP connect; it rejoins the "
+        "pool when it answers",
+        attr="check_interval",
+        default=2.0,
     ),
     _duration_setting(
         "finish-timeout",

@@ -99,6 +99,48 @@ class _LockCollector:
         yield CounterMetricFamily(
             "tcplock_hook_failures", "Hook calls that failed.", value=lock.hook_failures
         )
+        by_backend = [
+            (
+                GaugeMetricFamily(
+                    "tcplock_backend_up",
+                    "1 while the backend answers (0: down, checked every check_interval).",
+                    labels=["backend"],
+                ),
+                lambda b: int(b.up),
+            ),
+            (
+                GaugeMetricFamily(
+                    "tcplock_backend_active_connections",
+                    "Connections holding a slot of the backend.",
+                    labels=["backend"],
+                ),
+                lambda b: b.held,
+            ),
+            (
+                GaugeMetricFamily(
+                    "tcplock_backend_slots", "Slots of the backend.", labels=["backend"]
+                ),
+                lambda b: b.slots,
+            ),
+            (
+                CounterMetricFamily(
+                    "tcplock_backend_connections",
+                    "Clients let through to the backend.",
+                    labels=["backend"],
+                ),
+                lambda b: b.activations,
+            ),
+            (
+                CounterMetricFamily(
+                    "tcplock_backend_restarts", "Restarts of the backend done.", labels=["backend"]
+                ),
+                lambda b: b.restarts,
+            ),
+        ]
+        for family, value in by_backend:
+            for b in lock.backends:
+                family.add_metric([b.label], value(b))
+            yield family
         relayed = CounterMetricFamily(
             "tcplock_bytes",
             "Bytes relayed, by direction (up: client to backend).",
@@ -114,7 +156,8 @@ class _LockCollector:
 
 class StatusServer(WSGIServer):
     """``GET /status`` (JSON), ``GET /metrics`` (Prometheus), ``POST /pause``,
-    ``POST /resume``; on its own address, in the lock's process and event loop."""
+    ``POST /resume``, ``POST /backends/HOST:PORT/drain`` and ``.../enable``; on its own
+    address, in the lock's process and event loop."""
 
     def __init__(self, listener, lock: TCPLock) -> None:
         self.lock = lock
@@ -131,6 +174,8 @@ class StatusServer(WSGIServer):
             ("POST", "/resume"): self._resume,
         }
         handler = routes.get((method, path))
+        if handler is None and path.startswith("/backends/"):
+            return self._backend(method, path, start_response)
         if handler is None:
             allowed = [m for (m, p) in routes if p == path]
             if allowed:
@@ -146,6 +191,34 @@ class StatusServer(WSGIServer):
                 {"error": "not found", "paths": sorted({p for _, p in routes})},
             )
         return handler(start_response)
+
+    def _backend(self, method, path, start_response):
+        # POST /backends/HOST:PORT/drain or /enable
+        address, _, action = path[len("/backends/") :].rpartition("/")
+        actions = {"drain": self.lock.drain_backend, "enable": self.lock.enable_backend}
+        if action not in actions:
+            return _reply(
+                start_response,
+                "404 Not Found",
+                {"error": "use POST /backends/HOST:PORT/drain or /backends/HOST:PORT/enable"},
+            )
+        if method != "POST":
+            return _reply(
+                start_response,
+                "405 Method Not Allowed",
+                {"error": "use POST"},
+                [("Allow", "POST")],
+            )
+        try:
+            backend = actions[action](address)
+        except KeyError:
+            known = [b.label for b in self.lock.backends]
+            return _reply(
+                start_response,
+                "404 Not Found",
+                {"error": f"no backend {address}", "backends": known},
+            )
+        return _reply(start_response, "200 OK", backend.status())
 
     def _status(self, start_response):
         return _reply(start_response, "200 OK", self.lock.status())
@@ -175,14 +248,25 @@ def _reply(start_response, status: str, data, headers=()):
 
 
 def agent_reply(lock: TCPLock) -> str:
-    """The line HAProxy's agent-check reads: ``drain`` while the lock lets nobody in (paused,
-    restarting, stopping), else ``up ready`` with a weight that falls as the queue grows:
-    100% with a slot free, then slots/(slots + queued + 1)."""
-    if lock.paused or lock.restarting or lock.draining:
+    """The line HAProxy's agent-check reads: ``down`` (with the reason after ``#``) when no
+    backend is up; ``drain`` while the lock lets nobody in (paused, stopping, or every backend
+    that is up restarting or drained); else ``up ready`` with a weight: the share of free slots
+    of the backends that take clients, or, once none is free, slots/(slots + queued + 1)."""
+    if lock.paused or lock.draining:
         return "drain\n"
-    if not lock.gate.would_wait():
-        return "up ready 100%\n"
-    weight = max(1, 100 * lock.slots // (lock.slots + lock.queued + 1))
+    up = [b for b in lock.backends if b.up]
+    if not up:
+        return "down#no backend is up\n"
+    serving = [b for b in up if b.open]
+    if not serving:
+        return "drain\n"
+    slots = sum(b.slots for b in serving)
+    free = sum(max(0, b.slots - b.held) for b in serving)
+    queued = lock.queued
+    if free and not queued:
+        weight = max(1, 100 * free // slots)
+    else:
+        weight = max(1, 100 * slots // (slots + queued + 1))
     return f"up ready {weight}%\n"
 
 
