@@ -230,8 +230,8 @@ class Backend:
                 attempt += 1
                 reason = self.restart_reason
                 log.warning(
-                    "restarting backend %s (%s)%s",
-                    self.label,
+                    "restarting backend%s (%s)%s",
+                    " " + self.label if len(lock.backends) > 1 else "",
                     _RESTART_WHY.get(reason, reason),
                     f", attempt {attempt}" if attempt > 1 else "",
                 )

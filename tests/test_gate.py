@@ -1,11 +1,13 @@
-"""The FIFO gate on its own: hand-off order, cancellation, kills, pause and resume; through the
-greenlet API (``acquire``) and through the callback API the server uses (``enqueue`` with a
-``wake`` callback, ``discard``, ``release``), by examples and against a model."""
+"""The FIFO gate on its own: hand-off order, cancellation, kills, pause and resume; through
+greenlets that wait on it (``acquire`` below, as TCPLock.slot() does) and through its callback
+API directly (``enqueue`` with a ``wake`` callback, ``discard``, ``release``), by examples and
+against a model."""
 
 import tracemalloc
 
 import gevent
 import pytest
+from gevent.event import Event
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -13,10 +15,34 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tcplock.gate import Gate, Ticket
 
 
+def acquire(gate, ticket, timeout=None):
+    """Wait in this greenlet for a slot, with the gate's callback API: True when held; False
+    when the wait ended without one (``ticket.cancelled`` says why, or None on timeout). A
+    greenlet killed while waiting leaves the queue, and passes on a slot granted meanwhile."""
+    event = Event()
+    ticket.wake = event.set
+    if gate.enqueue(ticket):
+        return True
+    if ticket.dead:
+        return False
+    try:
+        event.wait(timeout)
+    except BaseException:
+        if ticket.granted:
+            gate.release()
+        else:
+            gate.discard(ticket)
+        raise
+    if ticket.granted:
+        return True
+    gate.discard(ticket)
+    return False
+
+
 def spawn_waiter(gate, name, log, timeout=None):
     def run():
         t = Ticket()
-        got = gate.acquire(t, timeout)
+        got = acquire(gate, t, timeout)
         log.append((name, got, t.cancelled))
         return t
 
@@ -25,13 +51,13 @@ def spawn_waiter(gate, name, log, timeout=None):
 
 def test_newcomer_takes_free_slot_when_nobody_waits():
     gate = Gate(2)
-    assert gate.acquire(Ticket()) and gate.acquire(Ticket())
+    assert acquire(gate, Ticket()) and acquire(gate, Ticket())
     assert gate.held == 2 and gate.would_wait()
 
 
 def test_client_arriving_at_release_queues_behind_waiters():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     waiters = [spawn_waiter(gate, n, log) for n in ("b", "c")]
     gevent.sleep(0)  # both are queued now
@@ -51,7 +77,7 @@ def test_client_arriving_at_release_queues_behind_waiters():
 
 def test_fifo_order_holds_for_many_waiters():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     waiters = [spawn_waiter(gate, i, log) for i in range(50)]
     gevent.sleep(0)
@@ -64,13 +90,13 @@ def test_fifo_order_holds_for_many_waiters():
 
 def test_cancelled_ticket_leaves_queue_and_is_skipped():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     tickets = {}
 
     def waiter(name):
         t = tickets[name] = Ticket()
-        log.append((name, gate.acquire(t), t.cancelled))
+        log.append((name, acquire(gate, t), t.cancelled))
 
     gs = [gevent.spawn(waiter, n) for n in ("a", "b", "c")]
     gevent.sleep(0)
@@ -87,9 +113,9 @@ def test_cancelled_ticket_leaves_queue_and_is_skipped():
 
 def test_queue_timeout_returns_false_and_frees_place():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     t = Ticket()
-    assert gate.acquire(t, timeout=0.05) is False
+    assert acquire(gate, t, timeout=0.05) is False
     assert t.cancelled is None and gate.waiting == 0
     gate.release()
     assert gate.held == 0
@@ -97,7 +123,7 @@ def test_queue_timeout_returns_false_and_frees_place():
 
 def test_killed_waiter_that_was_granted_passes_slot_on():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     first = spawn_waiter(gate, "first", log)
     second = spawn_waiter(gate, "second", log)
@@ -134,7 +160,7 @@ def test_pause_holds_queue_and_newcomers_resume_in_order():
 
 def test_release_while_paused_returns_slot_to_pool():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     w = spawn_waiter(gate, "w", log)
     gevent.sleep(0)
@@ -149,7 +175,7 @@ def test_release_while_paused_returns_slot_to_pool():
 
 def test_cancel_all_empties_queue():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     ws = [spawn_waiter(gate, n, log) for n in range(5)]
     gevent.sleep(0)
@@ -161,13 +187,13 @@ def test_cancel_all_empties_queue():
 
 def test_ticket_cancelled_before_its_owner_runs_is_not_granted():
     gate = Gate(1)
-    assert gate.acquire(Ticket())
+    assert acquire(gate, Ticket())
     log = []
     tickets = {}
 
     def waiter(name):
         t = tickets[name] = Ticket()
-        log.append((name, gate.acquire(t), t.cancelled))
+        log.append((name, acquire(gate, t), t.cancelled))
 
     gs = [gevent.spawn(waiter, n) for n in ("a", "b")]
     gevent.sleep(0)
