@@ -115,12 +115,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
     if args.backend:
         given = [
             flag
-            for flag, value in (
-                ("--proxy-host", args.proxy_host),
-                ("-p/--proxy-port", args.proxy_port),
-                ("--demo", args.demo or None),
+            for flag, given in (
+                ("--proxy-host", _given(parser, "proxy_host", "--proxy-host")),
+                ("-p/--proxy-port", args.proxy_port is not None),
+                ("--demo", args.demo),
             )
-            if value is not None
+            if given
         ]
         if given:
             parser.error(f"--backend names the backends: leave out {', '.join(given)}")
@@ -145,6 +145,21 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
             "(or a restart() in --hooks)"
         )
     return args
+
+
+def _given(parser, dest: str, flag: str) -> bool:
+    """Whether a setting with a default was set at all: on the command line, in the
+    environment or in a config file."""
+    for source, entries in parser.get_source_to_settings_dict().items():
+        if source == "defaults":
+            continue
+        for _key, (action, value) in entries.items():
+            if source == "command_line":
+                if any(arg == flag or arg.startswith(flag + "=") for arg in value):
+                    return True
+            elif action is not None and action.dest == dest:
+                return True
+    return False
 
 
 def load_hooks(args) -> dict:
@@ -276,7 +291,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
     demo = None
-    backends = args.backend or [(args.proxy_host or "localhost", args.proxy_port)]
+    backends = args.backend or [(args.proxy_host, args.proxy_port)]
     if args.demo:
         from .demo import DemoBackend
 

@@ -288,9 +288,13 @@ class Connection:
             self.backend,
             time.monotonic() + self.lock.connect_timeout,
             self._connected,
-            self.lock._backend_failed,
+            self._backend_down,
         )
         attempt.start()
+
+    def _backend_down(self, error) -> bool:
+        # Asked by the connect after each failed round: True sends the client elsewhere.
+        return self.lock._backend_failed(self.backend, error)
 
     def _connected(self, sock, error) -> None:
         attempt, self.pending = self.pending, None

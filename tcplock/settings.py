@@ -399,7 +399,7 @@ SETTINGS: Tuple[Setting, ...] = (
         kind="host",
         metavar="HOST",
         parse=_host,
-        shown="localhost",
+        default="localhost",
     ),
     Setting(
         "proxy-port",
@@ -433,6 +433,7 @@ SETTINGS: Tuple[Setting, ...] = (
         parse=_count(1),
         check=_check_count(1, None),
         default=1,
+        reload=True,
     ),
     _duration_setting(
         "timeout",

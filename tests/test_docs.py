@@ -88,12 +88,17 @@ def test_sample_config_sets_the_required_settings_and_every_value_parses(tmp_pat
     text = CONF.read_text()
     set_keys = re.findall(r"^([a-z][a-z-]*)\s*=", text, re.M)
     assert sorted(set_keys) == sorted(s.name for s in SETTINGS if s.required)
-    # Uncommented, every sample value is accepted by the parser.
-    uncommented = re.sub(r"^#\s*([a-z][a-z-]*\s*=)", r"\1", text, flags=re.M)
-    path = tmp_path / "sample.conf"
-    path.write_text(uncommented)
-    args = parse_args(["-c", str(path)], env={})
-    assert isinstance(args, argparse.Namespace)
-    for setting in SETTINGS:
-        if setting.example is not None and setting.name != "config":
-            assert getattr(args, setting.dest) not in (None, False), setting.name
+    # Uncommented, every sample value is accepted by the parser: the pool's backends in place
+    # of the single backend's host and port, which cannot be given with them.
+    single = re.sub(r"^#\s*((?!backend\b)[a-z][a-z-]*\s*=)", r"\1", text, flags=re.M)
+    pool = re.sub(r"^(proxy-host|proxy-port)\s*=.*$", "", single, flags=re.M)
+    pool = re.sub(r"^#\s*(backend\s*=)", r"\1", pool, flags=re.M)
+    for variant in (single, pool):
+        path = tmp_path / "sample.conf"
+        path.write_text(variant)
+        args = parse_args(["-c", str(path)], env={})
+        assert isinstance(args, argparse.Namespace)
+        for setting in SETTINGS:
+            if setting.example is not None and setting.name not in ("config", "backend"):
+                assert getattr(args, setting.dest) not in (None, False), setting.name
+    assert args.backend == [("127.0.0.1", 2003), ("127.0.0.1", 2004)]
