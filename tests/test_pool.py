@@ -1,0 +1,311 @@
+"""A pool of backends behind one FIFO queue: slots per backend, strict arrival order across the
+pool, a dead backend losing no client, a backend that comes back, restarts that hold only their
+own backend, draining one backend, and how the pool shows in status, metrics, the agent-check,
+the log, hooks and the command line."""
+
+import json
+import socket as _stdsocket
+
+import gevent
+import pytest
+from gevent.event import Event
+from gevent.server import StreamServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import LOOPBACK, connect, http, recv_all, recv_exactly, run_cli, wait_until
+from tcplock import TCPLock
+from tcplock.status import AgentCheck, StatusServer, agent_reply
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def dead_port():
+    """A loopback port nothing listens on (connecting to it is refused)."""
+    s = _stdsocket.socket()
+    s.bind((LOOPBACK, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def make_pool():
+    locks = []
+
+    def make(ports, **kw):
+        kw.setdefault("connect_timeout", 5.0)
+        kw.setdefault("finish_timeout", 0.05)
+        kw.setdefault("client_finish_timeout", kw["finish_timeout"])
+        lock = TCPLock((LOOPBACK, 0), backends=[(LOOPBACK, p) for p in ports], **kw)
+        lock.start()
+        locks.append(lock)
+        return lock
+
+    yield make
+    for lock in locks:
+        lock.stop(timeout=0)
+
+
+def grant_order(lock):
+    """(accept order, grant order) of every connection that ends, as it ends."""
+    seen = []
+    lock.end_observers.append(lambda c: seen.append((c.id, c.activation, c.backend)))
+    return seen
+
+
+def test_one_queue_over_three_backends_admits_in_arrival_order(make_backend, make_pool):
+    backends = [make_backend("echo") for _ in range(3)]
+    lock = make_pool([b.server_port for b in backends])
+    ended = grant_order(lock)
+
+    # The first three clients hold every slot, so the other 33 queue in arrival order.
+    clients = []
+    for i in range(36):
+        c = connect(lock.server_port)
+        c.sendall(b"%02d" % i)
+        clients.append(c)
+        wait_until(lambda n=i + 1: len(lock.connections) == n, what="the client accepted")
+    assert lock.queued == 33 and all(b.current == 1 for b in backends)
+
+    def finish(c, i):
+        assert recv_exactly(c, 2, timeout=10) == b"%02d" % i
+        c.close()
+
+    jobs = [gevent.spawn(finish, c, i) for i, c in enumerate(clients)]
+    gevent.joinall(jobs, timeout=20, raise_error=True)
+    wait_until(lambda: len(ended) == 36, what="every connection to end")
+    assert all(b.most == 1 for b in backends)  # one slot each
+    assert sum(b.count for b in backends) == 36 and all(b.count >= 6 for b in backends)
+    by_arrival = [activation for _id, activation, _b in sorted(ended, key=lambda e: e[0])]
+    assert by_arrival == sorted(by_arrival)  # nobody let in ahead of an earlier client
+
+
+def test_a_dead_backend_loses_no_client(make_backend, make_pool, conn_log):
+    live = [make_backend("echo") for _ in range(2)]
+    # connect_timeout is long: a client kept on the dead backend for it would time this test
+    # out; each is sent on after one refused attempt instead.
+    lock = make_pool([dead_port(), *(b.server_port for b in live)], connect_timeout=60)
+    clients = [connect(lock.server_port) for _ in range(12)]
+    for i, c in enumerate(clients):
+        c.sendall(b"%02d" % i)
+
+    def finish(c, i):
+        assert recv_exactly(c, 2, timeout=10) == b"%02d" % i
+        c.close()
+
+    gevent.joinall([gevent.spawn(finish, c, i) for i, c in enumerate(clients)], raise_error=True)
+    ends = [conn_log.next_end()["end"] for _ in clients]
+    assert ends == ["closed"] * 12
+    states = [b["state"] for b in lock.status()["backends"]]
+    assert states == ["down", "up", "up"]
+    assert sum(b.count for b in live) == 12
+    assert any("is down" in line for line in conn_log.lines)
+
+
+def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, conn_log):
+    port = dead_port()
+    other = make_backend("hold")
+    lock = make_pool([port, other.server_port], check_interval=0.05)
+    a = connect(lock.server_port)
+    other.next_conn()  # the dead one was tried first, then this one took the client
+    wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
+    revived = StreamServer((LOOPBACK, port), lambda s, _a: s.sendall(b"back") or s.close())
+    revived.start()
+    try:
+        wait_until(lambda: lock.status()["backends"][0]["state"] == "up", what="it rejoins")
+        b = connect(lock.server_port)  # the other backend is busy: this goes to the revived one
+        assert recv_all(b) == b"back"
+        b.close()
+        assert any("is up again" in line for line in conn_log.lines)
+    finally:
+        revived.stop(timeout=0)
+        other.release_all()
+        a.close()
+
+
+def test_with_every_backend_down_a_client_ends_backend_refused(make_pool, conn_log):
+    lock = make_pool([dead_port(), dead_port()], connect_timeout=0.3)
+    c = connect(lock.server_port)
+    assert recv_all(c) == b""
+    c.close()
+    assert conn_log.next_end()["end"] == "backend-refused"
+    assert [b["state"] for b in lock.status()["backends"]] == ["down", "down"]
+    assert agent_reply(lock).startswith("down#")
+
+
+def test_a_restart_holds_only_its_own_backend(make_backend, make_pool, conn_log):
+    first, second = make_backend("echo"), make_backend("echo")
+    restarting, done = Event(), Event()
+    restarted = []
+
+    def restart(reason, backend):
+        restarted.append(backend.address)
+        if backend.index == 1:
+            restarting.set()
+            done.wait()
+
+    lock = make_pool(
+        [first.server_port, second.server_port],
+        restart=restart,
+        restart_every=1,
+        ready_timeout=None,  # no readiness probe: the backends count only clients
+    )
+    c = connect(lock.server_port)
+    c.sendall(b"a")
+    assert recv_exactly(c, 1) == b"a"
+    c.close()
+    assert restarting.wait(5)  # the first backend restarts, its slot still held
+    assert lock.status()["backends"][0]["state"] == "restarting"
+    for i in range(3):  # meanwhile the second serves the queue (restarting after each client)
+        d = connect(lock.server_port)
+        d.sendall(b"%d" % i)
+        assert recv_exactly(d, 1) == b"%d" % i
+        d.close()
+        wait_until(lambda n=i: len(restarted) == n + 2, what="the second backend's restart")
+    assert first.count == 1 and second.count == 3
+    done.set()
+    wait_until(lambda: lock.status()["backends"][0]["state"] == "up")
+
+
+def test_slots_are_per_backend(make_backend, make_pool):
+    backends = [make_backend("hold") for _ in range(2)]
+    lock = make_pool([b.server_port for b in backends], slots=2)
+    clients = [connect(lock.server_port) for _ in range(5)]
+    wait_until(lambda: sum(b.current for b in backends) == 4, what="four clients in")
+    wait_until(lambda: lock.queued == 1, what="the fifth to queue")
+    assert [b.current for b in backends] == [2, 2] and lock.queued == 1
+    assert lock.status()["slots"] == 2
+    backends[1].conns[0].release.set()
+    wait_until(lambda: lock.queued == 0)
+    assert [b.current for b in backends] == [2, 2] and [b.most for b in backends] == [2, 2]
+    for c in clients:
+        c.close()
+
+
+def test_drain_and_enable_one_backend_over_http(make_backend, make_pool):
+    first, second = make_backend("hold"), make_backend("hold")
+    lock = make_pool([first.server_port, second.server_port])
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    try:
+        a = connect(lock.server_port)
+        first.next_conn()
+        label = f"{LOOPBACK}:{first.server_port}"
+        code, _, body = http(status.server_port, "POST", f"/backends/{label}/drain")
+        assert code == 200 and json.loads(body)["state"] == "draining"
+        assert http(status.server_port, "POST", "/backends/10.9.9.9:1/drain")[0] == 404
+        assert http(status.server_port, "GET", f"/backends/{label}/drain")[0] == 405
+        first.release_all()
+        a.close()
+        wait_until(lambda: first.current == 0)
+        b, c = connect(lock.server_port), connect(lock.server_port)
+        second.next_conn()
+        wait_until(lambda: lock.queued == 1)
+        assert first.count == 1  # drained: it takes no new client though it is free
+        code, _, body = http(status.server_port, "POST", f"/backends/{label}/enable")
+        assert code == 200 and json.loads(body)["state"] == "up"
+        first.next_conn()  # the waiting client goes to it at once
+        assert lock.queued == 0
+        for s in (b, c):
+            s.close()
+    finally:
+        status.stop(timeout=0)
+
+
+def test_status_metrics_agent_check_and_log_per_backend(make_backend, make_pool, conn_log):
+    backends = [make_backend("echo") for _ in range(2)]
+    lock = make_pool([b.server_port for b in backends])
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    agent = AgentCheck((LOOPBACK, 0), lock)
+    agent.start()
+    try:
+        c = connect(lock.server_port)
+        c.sendall(b"x")
+        assert recv_exactly(c, 1) == b"x"
+        c.close()
+        line = conn_log.next_end()
+        assert any(f"backend={LOOPBACK}:{backends[0].server_port}" in x for x in conn_log.lines)
+        assert line["end"] == "closed"
+        st = json.loads(http(status.server_port)[2])
+        assert [b["address"] for b in st["backends"]] == [
+            f"{LOOPBACK}:{b.server_port}" for b in backends
+        ]
+        first = st["backends"][0]
+        assert first["slots"] == 1 and first["active"] == 0 and first["state"] == "up"
+        assert first["activations"] == 1 and first["restarts"] == 0
+        assert first["last_end"] == "closed"
+        body = http(status.server_port, path="/metrics")[2].decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(body)
+            for s in f.samples
+        }
+        label = (("backend", f"{LOOPBACK}:{backends[0].server_port}"),)
+        assert samples[("tcplock_backend_up", label)] == 1
+        assert samples[("tcplock_backend_active_connections", label)] == 0
+        assert samples[("tcplock_backend_connections_total", label)] == 1
+        assert samples[("tcplock_backend_restarts_total", label)] == 0
+        s = connect(agent.server_port)
+        assert recv_all(s) == b"up ready 100%\n"
+        s.close()
+    finally:
+        status.stop(timeout=0)
+        agent.stop(timeout=0)
+
+
+@pytest.mark.parametrize("form", ["flags", "config", "environment"])
+def test_the_command_takes_a_pool_in_each_form(form, make_backend, cli, tmp_path):
+    backends = [make_backend("echo") for _ in range(2)]
+    addresses = [f"127.0.0.1:{b.server_port}" for b in backends]
+    marks = tmp_path / "indexes"
+    args = ["-l", "127.0.0.1:0", "--on-activate", f"echo $TCPLOCK_BACKEND_INDEX >> {marks}"]
+    env = {}
+    if form == "flags":
+        for a in addresses:
+            args += ["--backend", a]
+    elif form == "config":
+        conf = tmp_path / "pool.conf"
+        conf.write_text(f"backend = [{', '.join(addresses)}]\n")
+        args += ["-c", str(conf)]
+    else:
+        env["TCPLOCK_BACKEND"] = f"[{', '.join(addresses)}]"
+    proc = cli(*args, env=env)
+    port = proc.wait_ready()
+    assert all(a in proc.output() for a in addresses)
+    hold = connect(port)  # one client on each backend at once
+    hold.sendall(b"1")
+    assert recv_exactly(hold, 1) == b"1"
+    other = connect(port)
+    other.sendall(b"2")
+    assert recv_exactly(other, 1) == b"2"
+    assert [b.count for b in backends] == [1, 1]
+    assert sorted(marks.read_text().split()) == ["1", "2"]
+    hold.close()
+    other.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--backend", "127.0.0.1:2003", "-p", "2004"],
+        ["--backend", "127.0.0.1:2003", "--proxy-host", "127.0.0.1"],
+        ["--backend", "127.0.0.1:2003", "--demo"],
+        ["--backend", "2003"],
+        ["--backend", "127.0.0.1:0"],
+        ["--backend", "127.0.0.1:70000"],
+        ["--backend", "[::1]"],
+    ],
+)
+def test_backend_usage_errors(args):
+    status, _out, err = run_cli("-l", "127.0.0.1:0", *args)
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and "--backend" in err and "Traceback" not in err
+
+
+def test_the_library_checks_backends():
+    for bad in ([], [("127.0.0.1", 0)], [("127.0.0.1",)], [("127.0.0.1", 1), ("127.0.0.1", 1)]):
+        with pytest.raises(ValueError, match="backends"):
+            TCPLock((LOOPBACK, 0), backends=bad)
+    lock = TCPLock((LOOPBACK, 0), backends=[("::1", 2003), ("127.0.0.1", "2004")])
+    assert [b.label for b in lock.backends] == ["[::1]:2003", "127.0.0.1:2004"]
