@@ -80,6 +80,7 @@ class Backend:
         self.draining = False
         #: Why a restart is due or running (``"count"``, ``"ttl"``), None otherwise.
         self.restart_reason: Optional[str] = None
+        self.restart_running = False
         #: Connections granted a slot while a restart was due: they wait for it, in order.
         self.parked: List = []
         #: Clients let through since the last restart.
@@ -213,13 +214,31 @@ class Backend:
 
         def restarted(_result, _error) -> None:
             self.restart_reason = None
+            self.restart_running = False
             parked, self.parked = self.parked, []
             for waiting in parked:
                 waiting.unpark()
             then()
             self.lock._sync_gate()
 
+        self.restart_running = True
         return Step(self._restart, (conn,), restarted)
+
+    def restart_if_orphaned(self) -> None:
+        """A restart is due but its last holder left without running it (a client sent to
+        another backend): a parked connection runs it, or, with none, it runs unheld (no
+        client can be let in to this backend meanwhile)."""
+        if (
+            self.restart_reason is None
+            or self.restart_running
+            or self.held != len(self.parked)
+            or self.lock._stopping
+        ):
+            return
+        if self.parked:
+            self.parked.pop(0).run_restart()
+        else:
+            self.restart_now(None, lambda: None)
 
     def _restart(self, conn) -> None:
         lock = self.lock

@@ -230,7 +230,7 @@ class Connection:
             # holder runs it; the others wait for it, slot in hand.
             self.state = PARKED
             if backend.last_holder():
-                self.pending = backend.restart_now(self, self._unparked)
+                self.run_restart()
             else:
                 backend.parked.append(self)
             return None
@@ -245,6 +245,10 @@ class Connection:
             self.pending = Step(call_hook, args, self._hooked)
             return None
         return self._connect()
+
+    def run_restart(self) -> None:
+        """Run its backend's due restart, holding its slot while it runs; then go on."""
+        self.pending = self.backend.restart_now(self, self._unparked)
 
     def unpark(self) -> None:
         """The restart it waited for is over (or abandoned at shutdown)."""

@@ -113,7 +113,8 @@ class CommandHook:
 
     def __call__(self, conn, extra: Optional[Mapping[str, str]] = None) -> None:
         env = dict(os.environ)
-        env.update(conn.hook_env())
+        if conn is not None:  # (a restart run with no connection holding the backend)
+            env.update(conn.hook_env())
         env["TCPLOCK_EVENT"] = self.name
         env.update(extra or {})
         run_command(self.command, env, self.name)

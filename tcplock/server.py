@@ -304,6 +304,7 @@ class TCPLock(StreamServer):
         conn.state = QUEUED
         self.gate.requeue(conn.ticket)
         self.gate.release(backend)
+        backend.restart_if_orphaned()
 
     def backend_named(self, address) -> Backend:
         """The backend at ``address`` (``"host:port"`` or a tuple); KeyError if none."""

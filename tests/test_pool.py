@@ -309,3 +309,24 @@ def test_the_library_checks_backends():
             TCPLock((LOOPBACK, 0), backends=bad)
     lock = TCPLock((LOOPBACK, 0), backends=[("::1", 2003), ("127.0.0.1", "2004")])
     assert [b.label for b in lock.backends] == ["[::1]:2003", "127.0.0.1:2004"]
+
+
+def test_a_restart_due_on_a_backend_that_refused_still_runs(make_backend, make_pool):
+    # The first client is the K-th of the dead backend (K = 1) and is sent on to the live one:
+    # the restart it called for runs all the same, and the dead backend does not stay closed
+    # as "restarting".
+    live = make_backend("echo")
+    restarted = []
+    lock = make_pool(
+        [dead_port(), live.server_port],
+        restart=lambda reason, backend: restarted.append(backend.index),
+        restart_every=1,
+        ready_timeout=None,
+    )
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    c.close()
+    wait_until(lambda: 1 in restarted, what="the dead backend's restart")
+    wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
+    assert live.count == 1
