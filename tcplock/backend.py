@@ -62,8 +62,8 @@ class Backend:
     """
 
     def __init__(self, address: Tuple[str, int], lock, index: int = 1) -> None:
-        #: Where it listens, as (host, port).
-        self.address = (address[0], int(address[1]))
+        self._addrinfo: Optional[list] = None
+        self.address = address
         #: Its place in the order given, from 1.
         self.index = index
         self.lock = lock
@@ -92,13 +92,20 @@ class Backend:
         #: How the latest connection that used it ended.
         self.last_end: Optional[str] = None
         self.peer_check = PeerCheck()
-        self._addrinfo: Optional[list] = None
         self._checks = None  # the timer of the down-backend check
         self._check: Optional[Connect] = None
 
     @property
-    def label(self) -> str:
-        return format_address(self.address)
+    def address(self) -> Tuple[str, int]:
+        """Where it listens, as (host, port)."""
+        return self._address
+
+    @address.setter
+    def address(self, address) -> None:
+        self._address = (address[0], int(address[1]))
+        #: ``host:port`` (``[v6]:port``), as logs, status and metrics name it.
+        self.label = format_address(self._address)
+        self._addrinfo = None
 
     @property
     def state(self) -> str:
@@ -149,7 +156,7 @@ class Backend:
             self.lock.check_interval,
         )
         interval = self.lock.check_interval
-        self._checks = gevent.get_hub().loop.timer(interval, interval)
+        self._checks = self.lock.loop.timer(interval, interval)
         self._checks.start(self._check_now)
 
     def mark_up(self) -> None:
@@ -375,7 +382,7 @@ class Connect:
         self.gave_up = False
         self.deadline = deadline
         self.on_done = on_done
-        self.loop = gevent.get_hub().loop
+        self.loop = backend.lock.loop
         self.addrs = None
         self.index = 0
         self.sock = None
@@ -464,6 +471,8 @@ class Connect:
         s.close()
         self.backend.forget()
         self.error = OSError(errno.ETIMEDOUT, "timed out")
+        if self.give_up is not None and self.give_up(self.error):
+            self.gave_up = True
         self._finish(None)
 
     def _later(self) -> None:

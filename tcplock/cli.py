@@ -124,6 +124,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
         ]
         if given:
             parser.error(f"--backend names the backends: leave out {', '.join(given)}")
+        twice = [b for i, b in enumerate(args.backend) if b in args.backend[:i]]
+        if twice:
+            host, port = twice[0]
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            parser.error(f"--backend {shown} is given twice")
     if args.demo:
         if args.proxy_port is not None:
             parser.error("--demo relays to its own backend: leave out -p/--proxy-port")
@@ -307,7 +312,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     if kwargs["max_queue"] is None:
         kwargs["max_queue"] = default_max_queue(capacity, args.slots * len(backends))
-    lock = TCPLock(args.listen, backends=backends, **kwargs)
+    try:
+        lock = TCPLock(args.listen, backends=backends, **kwargs)
+    except ValueError as e:  # what the parser lets through but the lock refuses
+        print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
     lock.max_lingering = max_lingering(capacity)
     if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
         lock.connection_log = connection_writer(handler)

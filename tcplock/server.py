@@ -152,9 +152,7 @@ class TCPLock(StreamServer):
         locals()[_name].__set_name__(None, _name)
     del _name
 
-    def __init__(
-        self, listen=("127.0.0.1", 9000), backend=("localhost", 8100), *, backends=None, **options
-    ):
+    def __init__(self, listen=("127.0.0.1", 9000), backend=None, *, backends=None, **options):
         unknown = sorted(set(options) - set(_settings.LIBRARY))
         if unknown:
             raise TypeError(f"TCPLock() got an unexpected keyword argument {unknown[0]!r}")
@@ -166,7 +164,11 @@ class TCPLock(StreamServer):
         _settings.check_together(values)
         super().__init__(tuple(listen))
         self.__dict__.update(values)
-        addresses = _check_backends([backend] if backends is None else backends)
+        if backend is not None and backends is not None:
+            raise ValueError("give backend (one) or backends (a pool), not both")
+        if backends is None:
+            backends = [("localhost", 8100) if backend is None else backend]
+        addresses = _check_backends(backends)
         #: The backends clients are relayed to, in the order given: a pool behind one queue.
         self.backends: List[Backend] = [
             Backend(address, self, i) for i, address in enumerate(addresses, 1)

@@ -574,7 +574,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "hooks",
         ("--hooks",),
-        "Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason)",
+        "Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason) "
+        "(or restart(reason, backend))",
         kind="file",
         metavar="FILE.py",
         example="/etc/tcplock/hooks.py",
@@ -591,16 +592,17 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "status",
         ("--status",),
-        "serve GET /status (JSON), GET /metrics (Prometheus), POST /pause and "
-        "POST /resume over HTTP here; a bare PORT is on 127.0.0.1",
+        "serve GET /status (JSON), GET /metrics (Prometheus), POST /pause, POST /resume and "
+        "POST /backends/HOST:PORT/drain or /enable over HTTP here; a bare PORT is on 127.0.0.1",
         example="9100",
         **_ADDRESS,
     ),
     Setting(
         "agent-check",
         ("--agent-check",),
-        "answer HAProxy's agent-check here: 'drain' while paused, restarting or "
-        "stopping, else 'up ready' with a weight that falls as the queue grows",
+        "answer HAProxy's agent-check here: 'down' when no backend is up, 'drain' while "
+        "paused, stopping or no backend takes clients, else 'up ready' with a weight that "
+        "falls as the load grows",
         example="9101",
         **_ADDRESS,
     ),

@@ -250,8 +250,9 @@ def _reply(start_response, status: str, data, headers=()):
 def agent_reply(lock: TCPLock) -> str:
     """The line HAProxy's agent-check reads: ``down`` (with the reason after ``#``) when no
     backend is up; ``drain`` while the lock lets nobody in (paused, stopping, or every backend
-    that is up restarting or drained); else ``up ready`` with a weight: the share of free slots
-    of the backends that take clients, or, once none is free, slots/(slots + queued + 1)."""
+    that is up restarting or drained); else ``up ready`` with a weight that falls as the load
+    grows: slots/(slots + clients holding a slot + clients waiting), over the backends that
+    take clients (100% when idle)."""
     if lock.paused or lock.draining:
         return "drain\n"
     up = [b for b in lock.backends if b.up]
@@ -261,12 +262,8 @@ def agent_reply(lock: TCPLock) -> str:
     if not serving:
         return "drain\n"
     slots = sum(b.slots for b in serving)
-    free = sum(max(0, b.slots - b.held) for b in serving)
-    queued = lock.queued
-    if free and not queued:
-        weight = max(1, 100 * free // slots)
-    else:
-        weight = max(1, 100 * slots // (slots + queued + 1))
+    busy = sum(b.held for b in serving) + lock.queued
+    weight = max(1, 100 * slots // (slots + busy))
     return f"up ready {weight}%\n"
 
 
