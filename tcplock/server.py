@@ -429,21 +429,16 @@ class TCPLock(StreamServer):
         self._active[conn] = None
 
     def _release(self, conn: Connection) -> None:
-        """Give the connection's slot back (to the head of the queue): once per grant."""
-        if not conn.held:
-            return
-        conn.held = False
+        """Give the connection's slot back (to the head of the queue): once per grant (the
+        connection's end calls it once)."""
         conn.backend.held -= 1
         self._active.pop(conn, None)
         self.gate.release()
 
     def _settle(self, conn: Connection) -> None:
         """Close the client's side (and the backend's, if the connection left it), and account
-        for the connection (its log line): once."""
-        if conn.settled:
-            return
-        conn.settled = True
-        outcome, conn.outcome = conn.outcome, None
+        for the connection (its log line): once (the connection's end calls it once)."""
+        outcome, conn.relay = conn.relay, None  # the finished relay, if any
         try:
             if conn.upstream is not None:
                 upstream, conn.upstream = conn.upstream, None
