@@ -224,7 +224,8 @@ class Connection:
             # holder runs it; the others wait for it, slot in hand.
             self.state = PARKED
             if backend.last_holder():
-                self.pending = backend.restart_now(self, self._unparked)
+                step = self.pending = backend.restart_now(self, self._unparked)
+                step.start()
             else:
                 backend.parked.append(self)
             return None
@@ -236,7 +237,8 @@ class Connection:
         if hook is not None:
             self.state = HOOK
             args = ("on-activate", hook, self, lock.hook_timeout)
-            self.pending = Step(call_hook, args, self._hooked)
+            step = self.pending = Step(call_hook, args, self._hooked)
+            step.start()
             return None
         return self._connect()
 
@@ -361,9 +363,10 @@ class Connection:
             lock._settle(self)  # its line comes before what the hook logs
             hook = lock.on_timeout
             if hook is not None and not lock._stopping:
-                self.pending = Step(
+                step = self.pending = Step(
                     call_hook, ("on-timeout", hook, self, lock.hook_timeout), self._timeout_hooked
                 )
+                step.start()
                 return None
         return self._wind_up()
 
@@ -385,7 +388,8 @@ class Connection:
         if backend.restart_reason is not None and not lock._stopping and backend.last_holder():
             if not settled:
                 lock._settle(self)  # its line comes before what the restart logs
-            self.pending = backend.restart_now(self, self._release_settled)
+            step = self.pending = backend.restart_now(self, self._release_settled)
+            step.start()
             return
         self._release(settled)
 
@@ -395,9 +399,11 @@ class Connection:
     def _release(self, settled: bool) -> None:
         self.pending = None
         lock = self.lock
+        if not settled:
+            lock._count(self)  # counted before the next client's hooks can look
         lock._release(self)
         if not settled:
-            lock._settle(self)
+            lock._settle(self, counted=True)
         lock._forget(self)
 
     def abort(self) -> None:

@@ -435,7 +435,7 @@ class TCPLock(StreamServer):
         self._active.pop(conn, None)
         self.gate.release()
 
-    def _settle(self, conn: Connection) -> None:
+    def _settle(self, conn: Connection, counted: bool = False) -> None:
         """Close the client's side (and the backend's, if the connection left it), and account
         for the connection (its log line): once (the connection's end calls it once)."""
         outcome, conn.relay = conn.relay, None  # the finished relay, if any
@@ -459,7 +459,7 @@ class TCPLock(StreamServer):
             else:
                 self._holding(conn)  # an in-process holder that waited in vain
         finally:
-            self._account(conn)
+            self._account(conn, counted)
 
     def _forget(self, conn: Connection) -> None:
         self._connections.pop(conn, None)
@@ -468,8 +468,9 @@ class TCPLock(StreamServer):
         if not self._connections:
             self._idle.set()
 
-    def _account(self, conn: Connection) -> None:
-        """Counters, the connection's log line and the observers."""
+    def _count(self, conn: Connection) -> None:
+        """The counters of a connection that has ended: before its slot passes on, so that
+        the next client's hooks see it counted."""
         reason = conn.end
         if conn.activation is not None:
             self.served += 1
@@ -477,6 +478,12 @@ class TCPLock(StreamServer):
         self.ended[reason] = self.ended.get(reason, 0) + 1
         self.bytes_up_total += conn.bytes_up
         self.bytes_down_total += conn.bytes_down
+
+    def _account(self, conn: Connection, counted: bool) -> None:
+        """The connection's counters (unless ``counted``), its log line and the observers."""
+        if not counted:
+            self._count(conn)
+        reason = conn.end
         if reason != "not-allowed" or self._log_refusal():
             if self.connection_log is not None:
                 try:
