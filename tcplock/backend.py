@@ -215,8 +215,8 @@ class Backend:
         return self.held - len(self.parked) == 1
 
     def restart_now(self, conn, then: Callable[[], object]) -> Step:
-        """Run the due restart as a step while ``conn`` holds the last slot in use; retry until
-        it succeeds or tcplock stops. Then the parked connections go on, in order, and
+        """The due restart, as a step to start while ``conn`` holds the last slot in use; it
+        retries until it succeeds or tcplock stops. Then the parked connections go on, in order, and
         ``then()`` (the holder's own next step), and the queue moves again."""
 
         def restarted(_result, _error) -> None:
@@ -245,7 +245,7 @@ class Backend:
         if self.parked:
             self.parked.pop(0).run_restart()
         else:
-            self.restart_now(None, lambda: None)
+            self.restart_now(None, lambda: None).start()
 
     def _restart(self, conn) -> None:
         lock = self.lock
@@ -397,7 +397,8 @@ class Connect:
     def start(self) -> None:
         addrs = self.backend.addresses()
         if addrs is None:
-            self.step = Step(self.backend.resolve, (), self._resolved)
+            step = self.step = Step(self.backend.resolve, (), self._resolved)
+            step.start()
             return
         self.addrs, self.index = addrs, 0
         self._try()

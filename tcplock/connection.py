@@ -84,9 +84,9 @@ class Connection:
     """
 
     __slots__ = (
-        "lock", "id", "client", "sock", "upstream", "backend", "state", "held", "activation",
-        "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "outcome",
-        "ticket", "watch", "timer", "relay", "pending", "settled",
+        "lock", "id", "client", "sock", "upstream", "backend", "state", "activation",
+        "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "ticket",
+        "watch", "timer", "relay", "pending",
     )  # fmt: skip
 
     def __init__(self, lock, sock, client, number: int) -> None:
@@ -103,8 +103,6 @@ class Connection:
         self.backend = None
         #: One of :data:`STATES`.
         self.state = QUEUED
-        #: Whether it holds a slot (from its grant until the slot is released).
-        self.held = False
         #: Which activation this was (1 for the first client let through), or None if queued.
         self.activation: Optional[int] = None
         self.queued_at = time.monotonic()
@@ -115,16 +113,14 @@ class Connection:
         self.bytes_down = 0
         #: How the connection ended (one of END_REASONS), once it has.
         self.end: Optional[str] = None
-        #: The relay, once it has finished: how the exchange ended.
-        self.outcome: Optional[Relay] = None
         self.ticket = None
         self.watch = None
         self.timer = None
+        #: The relay while it runs; once it has finished (``relay.reason`` set), how the
+        #: exchange ended, until the connection has ended too.
         self.relay: Optional[Relay] = None
         #: What its state waits for besides a watcher or timer: a Step, or a Connect.
         self.pending = None
-        #: Whether its client side is closed and its line logged.
-        self.settled = False
 
     # -- what hooks and embedding code read --------------------------------------------------
 
@@ -214,10 +210,9 @@ class Connection:
 
     def granted(self, backend) -> None:
         """The gate gave it a slot of ``backend``."""
-        self.held = True
+        self.lock._activated(self)  # from here on it holds the slot: activation is set
         self.backend = backend
         self.state = GRANTED
-        self.lock._activated(self)
         self._proceed()
 
     def _proceed(self) -> None:
@@ -242,13 +237,15 @@ class Connection:
         if hook is not None:
             self.state = HOOK
             args = ("on-activate", hook, self, lock.hook_timeout)
-            self.pending = Step(call_hook, args, self._hooked)
+            step = self.pending = Step(call_hook, args, self._hooked)
+            step.start()
             return None
         return self._connect()
 
     def run_restart(self) -> None:
         """Run its backend's due restart, holding its slot while it runs; then go on."""
-        self.pending = self.backend.restart_now(self, self._unparked)
+        step = self.pending = self.backend.restart_now(self, self._unparked)
+        step.start()
 
     def unpark(self) -> None:
         """The restart it waited for is over (or abandoned at shutdown)."""
@@ -341,7 +338,6 @@ class Connection:
                 relay.backend_closed = lambda: check.ask(question)
 
     def _relayed(self) -> None:
-        self.outcome = self.relay
         self.finish(self.relay.reason)
 
     # -- ending ------------------------------------------------------------------------------
@@ -356,10 +352,10 @@ class Connection:
         self.state = ENDING
         self.end = reason
         self.ended_at = time.monotonic()
-        relay = self.relay
-        if relay is not None:
-            self.relay = None
-            relay.stop()
+        outcome = self.relay
+        if outcome is not None and outcome.reason is None:
+            outcome.stop()  # cut short: nothing of it is wanted
+            outcome = self.relay = None
         self.stop_watching()
         if state is PARKED and self in self.backend.parked:
             self.backend.parked.remove(self)
@@ -368,7 +364,6 @@ class Connection:
             # A hook's step or a connect under way: its callback sees ENDING and does nothing.
             self.pending = None
             pending.cancel()
-        outcome = self.outcome
         if self.upstream is not None and not (
             reason == "closed" and outcome is not None and outcome.backend_done
         ):
@@ -377,7 +372,7 @@ class Connection:
             graceful = outcome is not None and outcome.backend_finished and reason == "closed"
             close_socket(self.upstream, not graceful)
             self.upstream = None
-        if not self.held:
+        if self.activation is None:  # it never held a slot
             self.lock._settle(self)
             return self.lock._forget(self)
         lock = self.lock
@@ -385,9 +380,10 @@ class Connection:
             lock._settle(self)  # its line comes before what the hook logs
             hook = lock.on_timeout
             if hook is not None and not lock._stopping:
-                self.pending = Step(
+                step = self.pending = Step(
                     call_hook, ("on-timeout", hook, self, lock.hook_timeout), self._timeout_hooked
                 )
+                step.start()
                 return None
         return self._wind_up()
 
@@ -405,18 +401,26 @@ class Connection:
         backend = self.backend
         if self.end == "ttl" and lock.restart_on_timeout:
             backend.request_restart("ttl")
+        settled = self.end == "ttl"  # (finish() settled it before the TTL hook)
         if backend.restart_reason is not None and not lock._stopping and backend.last_holder():
-            lock._settle(self)  # its line comes before what the restart logs
-            self.pending = backend.restart_now(self, self._release)
+            if not settled:
+                lock._settle(self)  # its line comes before what the restart logs
+            step = self.pending = backend.restart_now(self, self._release_settled)
+            step.start()
             return
-        self._release()
+        self._release(settled)
 
-    def _release(self) -> None:
+    def _release_settled(self) -> None:
+        self._release(True)
+
+    def _release(self, settled: bool) -> None:
         self.pending = None
         lock = self.lock
+        if not settled:
+            lock._count(self)  # counted before the next client's hooks can look
         lock._release(self)
-        if not self.settled:
-            lock._settle(self)
+        if not settled:
+            lock._settle(self, counted=True)
         lock._forget(self)
 
     def abort(self) -> None:

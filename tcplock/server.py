@@ -300,7 +300,6 @@ class TCPLock(StreamServer):
         backend.activations -= 1
         backend.since_restart -= 1
         self._active.pop(conn, None)
-        conn.held = False
         conn.backend = None
         conn.activation = conn.activated_at = None
         conn.state = QUEUED
@@ -518,20 +517,15 @@ class TCPLock(StreamServer):
         self._active[conn] = None
 
     def _release(self, conn: Connection) -> None:
-        """Give the connection's slot back (to the head of the queue): once per grant."""
-        if not conn.held:
-            return
-        conn.held = False
+        """Give the connection's slot back (to the head of the queue): once per grant (the
+        connection's end calls it once)."""
         self._active.pop(conn, None)
         self.gate.release(conn.backend)
 
-    def _settle(self, conn: Connection) -> None:
+    def _settle(self, conn: Connection, counted: bool = False) -> None:
         """Close the client's side (and the backend's, if the connection left it), and account
-        for the connection (its log line): once."""
-        if conn.settled:
-            return
-        conn.settled = True
-        outcome, conn.outcome = conn.outcome, None
+        for the connection (its log line): once (the connection's end calls it once)."""
+        outcome, conn.relay = conn.relay, None  # the finished relay, if any
         try:
             if conn.upstream is not None:
                 upstream, conn.upstream = conn.upstream, None
@@ -552,7 +546,7 @@ class TCPLock(StreamServer):
             else:
                 self._holding(conn)  # an in-process holder that waited in vain
         finally:
-            self._account(conn)
+            self._account(conn, counted)
 
     def _forget(self, conn: Connection) -> None:
         self._connections.pop(conn, None)
@@ -561,8 +555,9 @@ class TCPLock(StreamServer):
         if not self._connections:
             self._idle.set()
 
-    def _account(self, conn: Connection) -> None:
-        """Counters, the connection's log line and the observers."""
+    def _count(self, conn: Connection) -> None:
+        """The counters of a connection that has ended: before its slot passes on, so that
+        the next client's hooks see it counted."""
         reason = conn.end
         if conn.activation is not None:
             self.served += 1
@@ -570,6 +565,12 @@ class TCPLock(StreamServer):
         self.ended[reason] = self.ended.get(reason, 0) + 1
         self.bytes_up_total += conn.bytes_up
         self.bytes_down_total += conn.bytes_down
+
+    def _account(self, conn: Connection, counted: bool) -> None:
+        """The connection's counters (unless ``counted``), its log line and the observers."""
+        if not counted:
+            self._count(conn)
+        reason = conn.end
         if reason != "not-allowed" or self._log_refusal():
             if self.connection_log is not None:
                 try:

@@ -14,27 +14,52 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import gevent
-from gevent import Greenlet, GreenletExit
+from gevent import GreenletExit
+from greenlet import getcurrent, greenlet
 
 __all__ = ["Step"]
 
 # Caught and handed to ``done``: what a step's own code may raise. Anything else (SystemExit,
-# KeyboardInterrupt) goes on to gevent's hub after ``done`` has been scheduled.
+# KeyboardInterrupt) goes on to gevent's hub.
 _HANDED_BACK = (Exception, GreenletExit, gevent.Timeout)
 
 
 class Step:
-    """``fn(*args)`` in a greenlet of its own; then ``done(result, error)`` (``error`` is None,
-    the exception it raised, or GreenletExit if it was killed). ``done`` runs as the step's
-    last act, in its greenlet, and must not block: it only arms what comes next."""
+    """``fn(*args)`` in a greenlet of its own, from :meth:`start`; then ``done(result, error)``
+    (``error`` is None, the exception it raised, or GreenletExit if it was killed). ``done``
+    runs as the step's last act, in its greenlet, and must not block: it only arms what comes
+    next.
 
-    __slots__ = ("greenlet", "done")
+    Started from the event loop itself, the step runs at once, until it first blocks (a hook
+    that does not block is over before :meth:`start` returns); started elsewhere, it runs on
+    the loop's next turn. Its greenlet is a plain one, a child of the hub: a step needs none of
+    what a gevent Greenlet adds (links, a value kept for joiners), which cost as much again."""
+
+    __slots__ = ("greenlet", "done", "fn", "args")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, done: Callable[[Any, Any], object]):
         self.done: Optional[Callable[[Any, Any], object]] = done
-        self.greenlet = Greenlet.spawn(self._run, fn, args)
+        self.fn = fn
+        self.args = args
+        self.greenlet = None
 
-    def _run(self, fn, args) -> None:
+    def start(self) -> Step:
+        hub = gevent.get_hub()
+        g = self.greenlet = greenlet(self._run, hub)
+        if getcurrent() is hub:
+            g.switch()
+        else:
+            hub.loop.run_callback(self._begin)
+        return self
+
+    def _begin(self) -> None:
+        g = self.greenlet
+        if g is not None and not g.dead:
+            g.switch()
+
+    def _run(self) -> None:
+        fn, args = self.fn, self.args
+        self.fn = self.args = None
         try:
             result, error = fn(*args), None
         except _HANDED_BACK as e:
@@ -45,18 +70,24 @@ class Step:
             done(result, error)
 
     def kill(self) -> None:
-        """Raise GreenletExit in the step (at its next blocking point); ``done`` follows, from
-        the event loop if the step never got to run. A command it runs is killed with its
-        process group."""
+        """Raise GreenletExit in the step (at its next blocking point); ``done`` follows, on
+        the loop's next turn if the step never got to run. A command it runs is killed with
+        its process group."""
         g = self.greenlet
-        if g is not None:
-            g.rawlink(self._killed)
-            g.kill(block=False)
+        if g is None:
+            return
+        loop = gevent.get_hub().loop
+        if not g:  # it has not begun: it never will
+            self.greenlet = None
+            done, self.done = self.done, None
+            if done is not None:
+                loop.run_callback(done, None, GreenletExit())
+            return
+        loop.run_callback(self._throw)
 
-    def _killed(self, _greenlet) -> None:
-        self.greenlet = None
-        done, self.done = self.done, None
-        if done is not None:  # it never ran: nothing reported yet
-            done(None, GreenletExit())
+    def _throw(self) -> None:
+        g = self.greenlet
+        if g:
+            g.throw(GreenletExit)
 
     cancel = kill
