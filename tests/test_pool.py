@@ -295,6 +295,7 @@ def test_the_command_takes_a_pool_in_each_form(form, make_backend, cli, tmp_path
         ["--backend", "127.0.0.1:0"],
         ["--backend", "127.0.0.1:70000"],
         ["--backend", "[::1]"],
+        ["--backend", "127.0.0.1:2003", "--backend", "127.0.0.1:2003"],
     ],
 )
 def test_backend_usage_errors(args):
@@ -307,6 +308,8 @@ def test_the_library_checks_backends():
     for bad in ([], [("127.0.0.1", 0)], [("127.0.0.1",)], [("127.0.0.1", 1), ("127.0.0.1", 1)]):
         with pytest.raises(ValueError, match="backends"):
             TCPLock((LOOPBACK, 0), backends=bad)
+    with pytest.raises(ValueError, match="not both"):
+        TCPLock((LOOPBACK, 0), (LOOPBACK, 1), backends=[(LOOPBACK, 2)])
     lock = TCPLock((LOOPBACK, 0), backends=[("::1", 2003), ("127.0.0.1", "2004")])
     assert [b.label for b in lock.backends] == ["[::1]:2003", "127.0.0.1:2004"]
 
@@ -330,3 +333,45 @@ def test_a_restart_due_on_a_backend_that_refused_still_runs(make_backend, make_p
     wait_until(lambda: 1 in restarted, what="the dead backend's restart")
     wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
     assert live.count == 1
+
+
+def test_the_agent_weight_falls_as_the_pool_fills(make_backend, make_pool):
+    backends = [make_backend("hold") for _ in range(2)]
+    lock = make_pool([b.server_port for b in backends])
+    assert agent_reply(lock) == "up ready 100%\n"
+    a = connect(lock.server_port)
+    backends[0].next_conn()
+    assert agent_reply(lock) == "up ready 66%\n"
+    b = connect(lock.server_port)
+    backends[1].next_conn()
+    assert agent_reply(lock) == "up ready 50%\n"
+    c = connect(lock.server_port)
+    wait_until(lambda: lock.queued == 1)
+    assert agent_reply(lock) == "up ready 40%\n"
+    lock.drain_backend(f"{LOOPBACK}:{backends[0].server_port}")
+    assert agent_reply(lock) == "up ready 33%\n"  # one slot takes clients: one on it, one waits
+    lock.drain_backend(f"{LOOPBACK}:{backends[1].server_port}")
+    assert agent_reply(lock) == "drain\n"
+    for s in (a, b, c):
+        s.close()
+
+
+def test_a_backend_that_does_not_answer_is_left_for_another(make_backend, make_pool, conn_log):
+    # A backend whose accept queue is full drops the SYN: the connection is never refused,
+    # it times out. The client then goes to the next backend, and the silent one is down.
+    silent = _stdsocket.socket()
+    silent.bind((LOOPBACK, 0))
+    silent.listen(0)
+    filler = _stdsocket.create_connection(silent.getsockname())
+    try:
+        live = make_backend("echo")
+        lock = make_pool([silent.getsockname()[1], live.server_port], connect_timeout=0.5)
+        c = connect(lock.server_port)
+        c.sendall(b"hello")
+        assert recv_exactly(c, 5, timeout=10) == b"hello"
+        c.close()
+        assert conn_log.next_end()["end"] == "closed"
+        assert [b["state"] for b in lock.status()["backends"]] == ["down", "up"]
+    finally:
+        filler.close()
+        silent.close()
