@@ -30,6 +30,15 @@ from tcplock import TCPLock
 LOOPBACK = "127.0.0.1"
 
 
+def free_port():
+    """A loopback port nothing listens on (connecting to it is refused)."""
+    s = _stdsocket.socket()
+    s.bind((LOOPBACK, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def connect(port, host=LOOPBACK, timeout=5.0):
     s = socket.create_connection((host, port), timeout=timeout)
     return s
@@ -185,13 +194,16 @@ def make_lock():
     locks = []
 
     def make(backend, **kw):
-        port = backend.server_port if hasattr(backend, "server_port") else backend
+        """A started lock before ``backend`` (a Backend or a port), or before a pool of them
+        (a list)."""
+        pool = backend if isinstance(backend, list) else [backend]
+        ports = [b.server_port if hasattr(b, "server_port") else b for b in pool]
         kw.setdefault("connect_timeout", 1.0)
         # Test clients rarely close on their own once the backend has finished; a short finish
         # time frees the slot for the next client without each test closing every client.
         kw.setdefault("finish_timeout", 0.05)
         kw.setdefault("client_finish_timeout", kw["finish_timeout"])
-        lock = TCPLock((LOOPBACK, 0), (LOOPBACK, port), **kw)
+        lock = TCPLock((LOOPBACK, 0), backends=[(LOOPBACK, p) for p in ports], **kw)
         lock.start()
         locks.append(lock)
         return lock

@@ -18,6 +18,7 @@ from conftest import (
     Backend,
     CLIProcess,
     connect,
+    free_port,
     recv_all,
     recv_exactly,
     reset,
@@ -26,14 +27,6 @@ from conftest import (
 from tcplock.hooks import CommandHook
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port():
-    s = _stdsocket.socket()
-    s.bind((LOOPBACK, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def rss_kib(pid):

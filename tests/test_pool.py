@@ -12,38 +12,29 @@ from gevent.event import Event
 from gevent.server import StreamServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LOOPBACK, connect, http, recv_all, recv_exactly, run_cli, wait_until
+from conftest import (
+    LOOPBACK,
+    connect,
+    free_port,
+    http,
+    recv_all,
+    recv_exactly,
+    run_cli,
+    wait_until,
+)
 from tcplock import TCPLock
 from tcplock.status import AgentCheck, StatusServer, agent_reply
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def dead_port():
-    """A loopback port nothing listens on (connecting to it is refused)."""
-    s = _stdsocket.socket()
-    s.bind((LOOPBACK, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture
-def make_pool():
-    locks = []
-
+def make_pool(make_lock):
     def make(ports, **kw):
         kw.setdefault("connect_timeout", 5.0)
-        kw.setdefault("finish_timeout", 0.05)
-        kw.setdefault("client_finish_timeout", kw["finish_timeout"])
-        lock = TCPLock((LOOPBACK, 0), backends=[(LOOPBACK, p) for p in ports], **kw)
-        lock.start()
-        locks.append(lock)
-        return lock
+        return make_lock(list(ports), **kw)
 
-    yield make
-    for lock in locks:
-        lock.stop(timeout=0)
+    return make
 
 
 def grant_order(lock):
@@ -84,7 +75,7 @@ def test_a_dead_backend_loses_no_client(make_backend, make_pool, conn_log):
     live = [make_backend("echo") for _ in range(2)]
     # connect_timeout is long: a client kept on the dead backend for it would time this test
     # out; each is sent on after one refused attempt instead.
-    lock = make_pool([dead_port(), *(b.server_port for b in live)], connect_timeout=60)
+    lock = make_pool([free_port(), *(b.server_port for b in live)], connect_timeout=60)
     clients = [connect(lock.server_port) for _ in range(12)]
     for i, c in enumerate(clients):
         c.sendall(b"%02d" % i)
@@ -103,7 +94,7 @@ def test_a_dead_backend_loses_no_client(make_backend, make_pool, conn_log):
 
 
 def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, conn_log):
-    port = dead_port()
+    port = free_port()
     other = make_backend("hold")
     lock = make_pool([port, other.server_port], check_interval=0.05)
     a = connect(lock.server_port)
@@ -124,7 +115,7 @@ def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, con
 
 
 def test_with_every_backend_down_a_client_ends_backend_refused(make_pool, conn_log):
-    lock = make_pool([dead_port(), dead_port()], connect_timeout=0.3)
+    lock = make_pool([free_port(), free_port()], connect_timeout=0.3)
     c = connect(lock.server_port)
     assert recv_all(c) == b""
     c.close()
@@ -321,7 +312,7 @@ def test_a_restart_due_on_a_backend_that_refused_still_runs(make_backend, make_p
     live = make_backend("echo")
     restarted = []
     lock = make_pool(
-        [dead_port(), live.server_port],
+        [free_port(), live.server_port],
         restart=lambda reason, backend: restarted.append(backend.index),
         restart_every=1,
         ready_timeout=None,
