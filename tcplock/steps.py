@@ -68,6 +68,10 @@ class Step:
         done, self.done = self.done, None
         if done is not None:
             done(result, error)
+        # Finished, its greenlet hands over to the hub's sink rather than to the hub: what is
+        # thrown at it once it is dead (a timeout it left running) goes to its parent, and
+        # must land there, not in the hub.
+        getcurrent().parent = _sink()
 
     def kill(self) -> None:
         """Raise GreenletExit in the step (at its next blocking point); ``done`` follows, on
@@ -91,3 +95,25 @@ class Step:
             g.throw(GreenletExit)
 
     cancel = kill
+
+
+_SINKS: dict = {}
+
+
+def _sink():
+    """The greenlet (one per hub) that finished steps return to: it passes control straight
+    back to the hub, and drops whatever is thrown at a finished step."""
+    hub = gevent.get_hub()
+    sink = _SINKS.get(hub)
+    if sink is None or sink.dead:
+        sink = _SINKS[hub] = greenlet(_drop, hub)  # started by the first step to finish
+    return sink
+
+
+def _drop(*_finished) -> None:
+    hub = gevent.get_hub()
+    while True:
+        try:
+            hub.switch()
+        except BaseException:  # noqa: B036 - thrown at a finished step: nobody to tell
+            pass
