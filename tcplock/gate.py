@@ -36,17 +36,21 @@ class Ticket:
     is granted or cancelled. It must not block.
     """
 
-    __slots__ = ("wake", "granted", "cancelled", "dead", "unit")
+    __slots__ = ("wake", "cancelled", "dead", "unit")
 
     def __init__(self, wake: Optional[Callable[[], object]] = None) -> None:
         self.wake = wake
-        self.granted = False
         self.cancelled: Optional[str] = None
         #: Set once the ticket has left the queue (granted, or discarded); the gate skips dead
         #: tickets.
         self.dead = False
-        #: The unit whose slot it was granted.
+        #: The unit whose slot it was granted, once it is (None while it waits).
         self.unit = None
+
+    @property
+    def granted(self) -> bool:
+        """Whether the gate has handed it a slot (of :attr:`unit`)."""
+        return self.unit is not None
 
     def cancel(self, reason: str) -> None:
         """Abandon the wait (safe to call from an event-loop callback). Ignored once granted."""
@@ -163,7 +167,6 @@ class Gate:
                 u.held += 1
                 u.last_used = time.monotonic()
                 ticket.unit = u
-                ticket.granted = True
                 return True
         self._queue.append(ticket)
         self._waiting += 1
@@ -172,7 +175,7 @@ class Gate:
     def requeue(self, ticket: Ticket) -> None:
         """Put a granted ticket back at the head of the queue, its slot still held: the caller
         then releases that slot (to whoever is at the head: this ticket, if a unit is open)."""
-        ticket.granted = False
+        ticket.unit = None
         ticket.dead = False
         self._queue.appendleft(ticket)
         self._waiting += 1
@@ -246,7 +249,6 @@ class Gate:
             u.held += 1
             u.last_used = time.monotonic()
             t.unit = u
-            t.granted = True
             t.dead = True  # out of the queue
             self._waiting -= 1
             t.wake()
