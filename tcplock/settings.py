@@ -415,12 +415,12 @@ SETTINGS: Tuple[Setting, ...] = (
         "backend",
         ("--backend",),
         "a backend of the pool, as HOST:PORT ([IPV6]:PORT); repeatable: one queue in front of "
-        "them all (instead of --proxy-host and --proxy-port)",
+        "them all",
         kind="addresses",
         metavar="HOST:PORT",
         parse=parse_backend,
         action="append",
-        shown="--proxy-host and --proxy-port",
+        shown="the one of --proxy-host and --proxy-port",
         example="[127.0.0.1:2003, 127.0.0.1:2004]",
     ),
     Setting(
