@@ -81,6 +81,8 @@ class Backend:
         #: Why a restart is due or running (``"count"``, ``"ttl"``), None otherwise.
         self.restart_reason: Optional[str] = None
         self.restart_running = False
+        #: The restart under way, as a step (stop() cuts one that no connection holds).
+        self.restart_step: Optional[Step] = None
         #: Connections granted a slot while a restart was due: they wait for it, in order.
         self.parked: List = []
         #: Clients let through since the last restart.
@@ -219,9 +221,12 @@ class Backend:
         retries until it succeeds or tcplock stops. Then the parked connections go on, in order, and
         ``then()`` (the holder's own next step), and the queue moves again."""
 
-        def restarted(_result, _error) -> None:
+        def restarted(_result, error) -> None:
+            if error is not None and not isinstance(error, GreenletExit):
+                log.error("restart of %s ended by an error", self.label, exc_info=error)
             self.restart_reason = None
             self.restart_running = False
+            self.restart_step = None
             parked, self.parked = self.parked, []
             for waiting in parked:
                 waiting.unpark()
@@ -229,7 +234,8 @@ class Backend:
             self.lock._sync_gate()
 
         self.restart_running = True
-        return Step(self._restart, (conn,), restarted)
+        step = self.restart_step = Step(self._restart, (conn,), restarted)
+        return step
 
     def restart_if_orphaned(self) -> None:
         """A restart is due but its last holder left without running it (a client sent to
@@ -298,10 +304,16 @@ class Backend:
             extra = {"TCPLOCK_RESTART_REASON": reason, "TCPLOCK_RESTARTS": str(self.restarts)}
             extra.update(self.env())
             call_hook("restart", lambda c: hook(c, extra), conn, timeout)
-        elif _takes_backend(hook):
-            call_hook("restart", lambda r: hook(r, self), reason, timeout)
         else:
-            call_hook("restart", hook, reason, timeout)
+            # In a greenlet of its own, waited for: a gevent.Timeout the hook leaves running
+            # dies with it, and cannot cut the readiness wait or the retry that follow here.
+            call = (lambda r: hook(r, self)) if _takes_backend(hook) else hook
+            runner = gevent.spawn(call_hook, "restart", call, reason, timeout)
+            try:
+                runner.get()
+            except BaseException:
+                runner.kill()  # (stopped: the hook goes with it)
+                raise
 
     def wait_ready(self, timeout: Optional[float]) -> None:
         """Block this greenlet until the backend accepts a connection (within ``timeout``; None

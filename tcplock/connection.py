@@ -429,6 +429,8 @@ class Connection:
         state = self.state
         if self.pending is not None and (state is ENDING or state is PARKED):
             self.pending.cancel()
+        elif state is QUEUED and self.ticket is not None:
+            self.ticket.cancel("shutdown")  # out of the gate's queue, then ended
         elif state is not ENDING and state is not ENDED:
             self.finish("shutdown")
 

@@ -42,8 +42,8 @@ def call_hook(name: str, hook: Callable, arg, timeout: Optional[float]) -> None:
     try:
         hook(arg)
     except gevent.Timeout as t:
-        if t is not timer:
-            raise
+        if t is not timer:  # a timeout of the hook's own that it let expire: its failure
+            raise HookFailed(f"{name} hook raised Timeout: {t}") from None
         raise HookFailed(f"{name} hook ran longer than {timeout:g}s and was stopped") from None
     except HookFailed:
         raise

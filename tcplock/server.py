@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
 
+import gevent
 from gevent import socket
 from gevent.event import Event
 from gevent.server import StreamServer
@@ -296,6 +297,8 @@ class TCPLock(StreamServer):
     def _requeue(self, conn: Connection) -> None:
         """A granted client whose backend turned out to be down: back to the head of the
         queue, keeping its place, and its slot of that backend given back."""
+        if self._stopping:
+            return conn.finish("shutdown")  # the queue is closed: nowhere to go back to
         backend = conn.backend
         backend.activations -= 1
         backend.since_restart -= 1
@@ -303,9 +306,16 @@ class TCPLock(StreamServer):
         conn.backend = None
         conn.activation = conn.activated_at = None
         conn.state = QUEUED
-        self.gate.requeue(conn.ticket)
+        ticket = conn.ticket
+        self.gate.requeue(ticket)
         self.gate.release(backend)
         backend.restart_if_orphaned()
+        if not ticket.granted:  # it waits again: watched again, within what is left of its time
+            left = self.queue_timeout
+            if left is not None:
+                left = max(0.001, left - (time.monotonic() - conn.queued_at))
+            self._watch_queued(conn, left)
+        return None
 
     def backend_named(self, address) -> Backend:
         """The backend at ``address`` (``"host:port"`` or a tuple); KeyError if none."""
@@ -456,6 +466,11 @@ class TCPLock(StreamServer):
         ticket = conn.ticket = Ticket(partial(self._woken, conn))
         if self.gate.enqueue(ticket):
             return self._grant(conn)
+        return self._watch_queued(conn, self.queue_timeout)
+
+    def _watch_queued(self, conn: Connection, queue_timeout: Optional[float]) -> None:
+        """Watch a waiting client: for leaving, and against ``queue_timeout``."""
+        sock, ticket = conn.sock, conn.ticket
         # Most clients have sent their request by the time they are accepted: one look now
         # spares them the departure watch (the sweep looks after them, as after any client
         # that sent data).
@@ -468,8 +483,8 @@ class TCPLock(StreamServer):
         else:
             if not first:
                 return ticket.cancel("left-queue")
-        if self.queue_timeout is not None:
-            conn.timer = self.loop.timer(self.queue_timeout)
+        if queue_timeout is not None:
+            conn.timer = self.loop.timer(queue_timeout)
             conn.timer.start(ticket.cancel, "queue-timeout")
         return None
 
@@ -669,17 +684,32 @@ class TCPLock(StreamServer):
         for backend in self.backends:
             for conn in list(backend.parked):  # no restart is coming for them now
                 conn.unpark()
+        deadline = time.monotonic() + timeout
         if not self._idle.wait(timeout):
             remaining = list(self._connections)
             log.warning("drain time over; cutting %d connection(s)", len(remaining))
             for conn in remaining:
                 conn.abort()
             self._idle.wait(5)
+        # A restart that no connection holds (its last client was sent to another backend)
+        # gets what is left of the drain time, then is cut like the others.
+        if not self._restarts_over(deadline):
+            for backend in self.backends:
+                if backend.restart_step is not None:
+                    backend.restart_step.kill()
+            self._restarts_over(time.monotonic() + 5)
         for lingering in list(self._lingering):
             lingering.close()
         self._stop_sweeper()
         for backend in self.backends:
             backend.close()
+
+    def _restarts_over(self, deadline: float) -> bool:
+        while any(b.restart_step is not None for b in self.backends):
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.05)
+        return True
 
     def _linger(self, sock, watch=None, fin: bool = False) -> None:
         """Keep a client open that may still send (see _Lingering); ``fin``: the backend's EOF

@@ -326,3 +326,85 @@ def test_a_backend_name_is_looked_up(make_backend, conn_log):
         assert conn_log.next_end()["end"] == "closed"
     finally:
         lock.stop(0)
+
+
+def test_a_timeout_a_restart_hook_left_running_does_not_cut_the_readiness_wait(make_lock, conn_log):
+    # A Python restart hook that leaves a gevent.Timeout running (as the design says hooks may):
+    # it fires in the restart's greenlet during wait_ready, and the restart ends as if done,
+    # uncounted and unlogged, before the backend is ready.
+    from gevent.server import StreamServer
+
+    def echo(sock, _addr):
+        data = sock.recv(100)
+        sock.sendall(data)
+        sock.close()
+
+    server = StreamServer((LOOPBACK, 0), echo)
+    server.start()
+    port = server.server_port
+    servers = [server]
+
+    def restart(reason):
+        gevent.Timeout(0.05).start()  # left running
+        servers[-1].stop()
+
+        def back():
+            s = StreamServer((LOOPBACK, port), echo)
+            s.start()
+            servers.append(s)
+
+        gevent.spawn_later(0.5, back)
+
+    lock = make_lock(port, restart=restart, restart_every=1, ready_timeout=5, connect_timeout=5)
+    try:
+        c = connect(lock.server_port)
+        c.sendall(b"x")
+        assert recv_exactly(c, 1) == b"x"
+        c.close()
+        wait_until(lambda: len(servers) == 2, what="the backend to be back")
+        # Counted once the readiness wait sees it back: a stray timeout cutting the wait would
+        # end the restart uncounted.
+        wait_until(lambda: lock.restarts == 1, timeout=5, what="the restart to be counted")
+        assert not lock.restarting
+    finally:
+        for s in servers:
+            s.stop(timeout=0)
+
+
+def test_a_hook_whose_own_timeout_expires_is_a_hook_failure(make_backend, make_lock, conn_log):
+    # A hook that uses gevent.Timeout itself, and lets it expire, failed: end=hook-failed, like
+    # any other hook failure, not end=error with a traceback (which says "a bug in tcplock").
+    backend = make_backend("echo")
+
+    def on_activate(conn):
+        with gevent.Timeout(0.01):
+            gevent.sleep(1)
+
+    lock = make_lock(backend, on_activate=on_activate)
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    end = conn_log.next_end()["end"]
+    c.close()
+    assert end == "hook-failed"
+    assert lock.hook_failures == 1
+    assert not any(r.exc_info for r in conn_log.records)
+
+
+def test_a_restart_hook_whose_own_timeout_expires_is_a_failed_restart(make_backend, make_lock):
+    backend = make_backend("echo")
+    calls = []
+
+    def restart(reason):
+        calls.append(reason)
+        if len(calls) == 1:
+            with gevent.Timeout(0.01):
+                gevent.sleep(1)
+
+    lock = make_lock(backend, restart=restart, restart_every=1, ready_timeout=None)
+    lock.restart_retry_delay = 0.01
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    c.close()
+    wait_until(lambda: not lock.restarting, what="the restart to be over")
+    assert lock.restart_failures == 1 and lock.restarts == 1 and len(calls) == 2

@@ -4,7 +4,9 @@ own backend, draining one backend, and how the pool shows in status, metrics, th
 the log, hooks and the command line."""
 
 import json
+import os
 import socket as _stdsocket
+import time
 
 import gevent
 import pytest
@@ -23,6 +25,7 @@ from conftest import (
     wait_until,
 )
 from tcplock import TCPLock
+from tcplock.hooks import CommandHook
 from tcplock.status import AgentCheck, StatusServer, agent_reply
 
 pytestmark = pytest.mark.timeout(30)
@@ -366,3 +369,116 @@ def test_a_backend_that_does_not_answer_is_left_for_another(make_backend, make_p
     finally:
         filler.close()
         silent.close()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_orphaned_restart_with_no_holder_outlives_stop(make_backend, make_lock, tmp_path):
+    # The K-th client of a dead backend is sent on to the live one; the restart it called for
+    # runs with no connection holding the backend. stop() must not leave it running.
+    live = make_backend("echo")
+    pidfile = tmp_path / "pid"
+    hook = CommandHook(f"echo $$ > {pidfile}; exec sleep 30", "restart")
+    lock = make_lock(
+        [free_port(), live.server_port],
+        restart=hook,
+        restart_every=1,
+        ready_timeout=None,
+        connect_timeout=5,
+    )
+    c = connect(lock.server_port)
+    c.sendall(b"x")
+    assert recv_exactly(c, 1) == b"x"
+    c.close()
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="restart runs")
+    pid = int(pidfile.read_text())
+    lock.stop(timeout=0.2)
+    gevent.sleep(0.5)
+    try:
+        assert not _alive(pid), "the restart command outlived stop()"
+    finally:
+        try:
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+
+
+def test_requeued_client_still_has_its_queue_timeout(make_backend, make_lock, conn_log):
+    live = make_backend("hold")
+    lock = make_lock([live.server_port, free_port()], queue_timeout=0.3, connect_timeout=5)
+    a = connect(lock.server_port)
+    live.next_conn()  # A holds the live backend's only slot
+    b = connect(lock.server_port)  # B is granted the dead one, refused, back to the queue
+    b.sendall(b"req")
+    wait_until(lambda: lock.queued == 1, what="B back in the queue")
+    started = time.monotonic()
+    try:
+        try:  # closed at its queue timeout: with its request unread, the kernel resets it
+            assert recv_all(b, timeout=3) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 2
+        assert conn_log.next_end(timeout=1)["end"] == "queue-timeout"
+    finally:
+        live.release_all()
+        a.close()
+        b.close()
+
+
+def test_requeued_client_that_leaves_is_noticed(make_backend, make_lock, conn_log):
+    live = make_backend("hold")
+    lock = make_lock([live.server_port, free_port()], connect_timeout=5)
+    a = connect(lock.server_port)
+    live.next_conn()
+    b = connect(lock.server_port)  # sends nothing; goes to the dead one, back to the queue
+    wait_until(lambda: lock.queued == 1, what="B back in the queue")
+    b.close()  # B gives up waiting
+    try:
+        assert conn_log.next_end(timeout=3)["end"] == "left-queue"
+        assert lock.queued == 0
+    finally:
+        live.release_all()
+        a.close()
+
+
+def test_a_client_requeued_while_stopping_is_ended_and_leaves_nothing(
+    make_backend, make_lock, conn_log
+):
+    # X is connecting to a backend that drops SYNs when stop() begins; when its connect times
+    # out it is put back in the queue, after stop() cancelled the queue. It must end as
+    # shutdown, and stop() must not trip over its ticket left in the gate.
+    import socket as _stdsocket
+
+    silent = _stdsocket.socket()
+    silent.bind((LOOPBACK, 0))
+    silent.listen(0)
+    filler = _stdsocket.create_connection(silent.getsockname())
+    live = make_backend("hold")
+    lock = make_lock([silent.getsockname()[1], live.server_port], connect_timeout=0.5)
+    try:
+        x = connect(lock.server_port)
+        x.sendall(b"x")
+        wait_until(lambda: lock.backends[0].held == 1, what="X connecting to the silent one")
+        y = connect(lock.server_port)
+        y.sendall(b"y")
+        live.next_conn()
+        stopper = gevent.spawn(lock.stop, 1.5)
+        stopper.join(5)
+        assert stopper.ready()
+        stopper.get()  # raises what stop() raised
+        assert lock.gate.held == 0 and not lock.connections
+    finally:
+        filler.close()
+        silent.close()
+        live.release_all()
