@@ -23,7 +23,7 @@ from gevent import socket, subprocess
 from gevent.event import Event
 from gevent.queue import Queue
 from gevent.server import StreamServer
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 from tcplock import TCPLock
 
@@ -580,10 +580,20 @@ def pipes():
     return found
 
 
+def _root(g):
+    while g.parent is not None:
+        g = g.parent
+    return g
+
+
 def live_greenlets():
-    """How many greenlets exist in this process that have not finished."""
+    """How many greenlets of this thread exist that have not finished. (Other threads', such as
+    those of gevent's threadpool, which its resolver may start at any time, are not counted.)"""
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
+    main = _root(getcurrent())
+    return sum(
+        1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead and _root(o) is main
+    )
 
 
 @contextlib.contextmanager
