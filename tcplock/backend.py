@@ -80,8 +80,7 @@ class Backend:
         self.draining = False
         #: Why a restart is due or running (``"count"``, ``"ttl"``), None otherwise.
         self.restart_reason: Optional[str] = None
-        self.restart_running = False
-        #: The restart under way, as a step (stop() cuts one that no connection holds).
+        #: The restart under way, as a step, or None (stop() cuts one that no connection holds).
         self.restart_step: Optional[Step] = None
         #: Connections granted a slot while a restart was due: they wait for it, in order.
         self.parked: List = []
@@ -213,19 +212,19 @@ class Backend:
         self.lock._sync_gate()
 
     def last_holder(self) -> bool:
-        """Whether every other slot of this backend is free or parked behind the restart."""
-        return self.held - len(self.parked) == 1
+        """Whether every other slot of this backend is free or parked behind the restart, and
+        no restart runs yet: then the caller, holding the last slot, is to run it."""
+        return self.held - len(self.parked) == 1 and self.restart_step is None
 
     def restart_now(self, conn, then: Callable[[], object]) -> Step:
         """The due restart, as a step to start while ``conn`` holds the last slot in use; it
-        retries until it succeeds or tcplock stops. Then the parked connections go on, in order, and
-        ``then()`` (the holder's own next step), and the queue moves again."""
+        retries until it succeeds or tcplock stops. Then the parked connections go on, in
+        order, and ``then()`` (the holder's own next step), and the queue moves again."""
 
         def restarted(_result, error) -> None:
             if error is not None and not isinstance(error, GreenletExit):
                 log.error("restart of %s ended by an error", self.label, exc_info=error)
             self.restart_reason = None
-            self.restart_running = False
             self.restart_step = None
             parked, self.parked = self.parked, []
             for waiting in parked:
@@ -233,7 +232,6 @@ class Backend:
             then()
             self.lock._sync_gate()
 
-        self.restart_running = True
         step = self.restart_step = Step(self._restart, (conn,), restarted)
         return step
 
@@ -243,7 +241,7 @@ class Backend:
         client can be let in to this backend meanwhile)."""
         if (
             self.restart_reason is None
-            or self.restart_running
+            or self.restart_step is not None
             or self.held != len(self.parked)
             or self.lock._stopping
         ):

@@ -90,10 +90,6 @@ class Gate:
     # -- introspection -------------------------------------------------------------------------
 
     @property
-    def units(self) -> List:
-        return list(self._units)
-
-    @property
     def slots(self) -> int:
         """Slots of all units. Set, it gives every unit that many: more slots are handed to the
         queue at once; with fewer, holders keep theirs and no one new is let in until they are
@@ -130,15 +126,7 @@ class Gate:
         """The live tickets in queue order."""
         return (t for t in self._queue if not t.dead)
 
-    # -- units ---------------------------------------------------------------------------------
-
-    def add_unit(self, unit) -> None:
-        self._units.append(unit)
-        self._fill()
-
-    def remove_unit(self, unit) -> None:
-        """Take a unit out; its holders must already have released (or it keeps none)."""
-        self._units.remove(unit)
+    # -- choosing a unit ------------------------------------------------------------------
 
     def _pick(self):
         units = self._units

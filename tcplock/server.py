@@ -242,7 +242,8 @@ class TCPLock(StreamServer):
 
     @property
     def restarting(self) -> bool:
-        """Whether a restart is due or running (no client is let in meanwhile)."""
+        """Whether a restart is due or running on any backend (that backend takes no new
+        client meanwhile)."""
         return any(b.restart_reason is not None for b in self.backends)
 
     @property
