@@ -420,9 +420,9 @@ _apt_updated = False
 def require_command(command: str, package: str) -> str:
     """Path of ``command``, installing Debian's ``package`` (or several, separated by spaces)
     the first time a test needs it, as
-    on a fresh machine or in CI. Where installing is impossible (not root, no apt-get) the test
-    is skipped with the reason; under CI=true it fails instead, so a missing install step can
-    never pass for green."""
+    on a fresh machine or in CI. Where installing is impossible (not root, no apt-get) or
+    forbidden (TCPLOCK_TEST_NO_INSTALL), the test is skipped with the reason; under CI=true it
+    fails instead, so a missing install step can never pass for green."""
     import shutil
 
     global _apt_updated
@@ -430,7 +430,12 @@ def require_command(command: str, package: str) -> str:
     if path:
         return path
     problem = None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+    if os.environ.get("TCPLOCK_TEST_NO_INSTALL") and not os.environ.get("CI"):
+        problem = (
+            f"{command} is not installed (apt-get install {package}; "
+            "TCPLOCK_TEST_NO_INSTALL forbids the tests to install it)"
+        )
+    elif os.geteuid() != 0 or not shutil.which("apt-get"):
         problem = f"{command} is not installed (apt-get install {package}, as root)"
     else:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

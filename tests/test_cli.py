@@ -25,11 +25,14 @@ def test_version_and_help():
 
 
 def test_console_script_is_installed():
-    import shutil
+    import os
     import subprocess
+    import sysconfig
 
-    exe = shutil.which("tcplock")
-    assert exe, "the tcplock console script is not on PATH"
+    # Where pip put this interpreter's scripts: .venv/bin in a virtual environment, which need
+    # not be on PATH.
+    exe = os.path.join(sysconfig.get_path("scripts"), "tcplock")
+    assert os.access(exe, os.X_OK), f"the tcplock console script is not installed: {exe}"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.startswith("tcplock ")
 

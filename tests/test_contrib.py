@@ -497,6 +497,59 @@ def _systemd_analyze():
     return exe
 
 
+def _readme_install_lines():
+    """The install lines of contrib/systemd/README.md that make the venv tcplock runs from."""
+    block = (CONTRIB / "systemd" / "README.md").read_text().split("```sh\n", 1)[1]
+    block = block.split("```", 1)[0]
+    lines = [ln.split("#", 1)[0].strip() for ln in block.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith(("cp ", "systemctl", "journalctl"))]
+
+
+def test_unit_runs_the_program_the_readme_installs():
+    exe, _ = exec_start()
+    lines = _readme_install_lines()
+    assert lines[0].startswith("python3 -m venv "), lines
+    venv = lines[0].split()[-1]
+    assert exe == f"{venv}/bin/tcplock", f"the README installs into {venv}, the unit runs {exe}"
+    assert lines[1:] == [f"{venv}/bin/pip install ."], lines
+
+
+@pytest.mark.timeout(600)
+def test_systemd_analyze_verify_after_the_readme_install(tmp_path):
+    """The README's install lines, run for real (into a temporary directory instead of the
+    system's), give the program the unmodified unit names, and the unit then verifies."""
+    analyze = _systemd_analyze()
+    exe, _ = exec_start()
+    lines = _readme_install_lines()
+    venv = lines[0].split()[-1]
+    here = str(tmp_path / "venv")
+    for line in lines:
+        cmd = shlex.split(line.replace(venv, here))
+        if cmd[0] == "python3":
+            cmd[0] = sys.executable
+        done = _stdsubprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=500, stdin=_stdsubprocess.DEVNULL
+        )
+        assert done.returncode == 0, f"{line}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+    installed = exe.replace(venv, here)
+    assert os.access(installed, os.X_OK), installed
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text().replace(venv, here))
+    out = _stdsubprocess.run(
+        [analyze, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=_stdsubprocess.DEVNULL,
+    )
+    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if copy.name in ln]
+    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+    version = _stdsubprocess.run(
+        [installed, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.stdout.startswith("tcplock "), version
+
+
 def test_systemd_analyze_verify(tmp_path):
     analyze = _systemd_analyze()
     copy = _unit_for_analyze(tmp_path)

@@ -172,7 +172,7 @@ def test_slots_are_per_backend(make_backend, make_pool):
     backends[1].conns[0].release.set()
     wait_until(lambda: lock.queued == 0)
     # Granted is not yet connected: wait for the backend to see the fifth client.
-    wait_until(lambda: [b.current for b in backends] == [2, 2], what="the fifth on the free backend")
+    wait_until(lambda: [b.current for b in backends] == [2, 2], what="the fifth on its backend")
     assert [b.most for b in backends] == [2, 2]
     for c in clients:
         c.close()
