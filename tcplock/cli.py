@@ -1,7 +1,8 @@
 """The ``tcplock`` command: options, hooks, signals and exit codes.
 
-What it owns: turning the settings table (:mod:`tcplock.settings`) into the command line, the
-config file and the ``TCPLOCK_*`` environment, and the parsed values into a running
+What it owns: turning the settings table (:mod:`tcplock.settings`) into the command line (the
+config file and the ``TCPLOCK_*`` environment are read by :mod:`tcplock.config`, which says
+where a bad value was written), and the resulting values into a running
 :class:`~tcplock.server.TCPLock`; signals, systemd notification and the descriptor limit. The
 rule it keeps: bad input is one line on standard error and exit status 2, never a traceback.
 
@@ -22,9 +23,18 @@ from typing import List, Optional, Sequence
 import configargparse
 
 from . import __version__
+from .config import ConfigError, Resolved, resolve
 from .settings import ENV_PREFIX, LIBRARY, SETTINGS, parse_address, parse_duration
 
-__all__ = ["main", "build_parser", "parse_args", "parse_duration", "parse_address", "ENV_PREFIX"]
+__all__ = [
+    "main",
+    "build_parser",
+    "load",
+    "parse_args",
+    "parse_duration",
+    "parse_address",
+    "ENV_PREFIX",
+]
 
 log = logging.getLogger("tcplock")
 
@@ -42,24 +52,22 @@ class _Parser(configargparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
     def _get_values(self, action, arg_strings):
-        # argparse takes a lone "--" attached to an option ("--slots=--", or a config-file or
-        # environment value of "--") as an empty list; for our single-value options it is just
-        # a (bad) value, to be checked like any other.
+        # argparse takes a lone "--" attached to an option ("--slots=--") as an empty list;
+        # for our single-value options it is just a (bad) value, to be checked like any other.
         if action.nargs is None and arg_strings == ["--"]:
             value = self._get_value(action, "--")
             self._check_value(action, value)
             return value
         return super()._get_values(action, arg_strings)
 
-    def convert_item_to_command_line_arg(self, action, key, value):
-        if isinstance(value, list) and action is not None and action.nargs == 0:
-            self.error(f"{key} is a flag: set it to true or false, not to a list")
-        return super().convert_item_to_command_line_arg(action, key, value)
-
 
 def _add_setting(parser: configargparse.ArgumentParser, setting) -> None:
+    # No default here: the command line says only what it was given (argparse.SUPPRESS), and
+    # tcplock.config puts it over the environment, the config file and the defaults.
     kwargs = dict(
-        help=setting.help_text.replace("%", "%%"), default=setting.default, env_var=setting.env
+        help=setting.help_text.replace("%", "%%"),
+        default=argparse.SUPPRESS,
+        env_var=setting.env,  # for --help; tcplock.config reads the environment
     )
     if setting.action is not None:
         kwargs["action"] = setting.action
@@ -69,9 +77,10 @@ def _add_setting(parser: configargparse.ArgumentParser, setting) -> None:
 
 
 def build_parser() -> configargparse.ArgumentParser:
-    """The parser of the command line, the config file and the environment: one option per
-    setting of :data:`~tcplock.settings.SETTINGS`, in its order."""
-    config = next(s for s in SETTINGS if s.name == "config")
+    """The parser of the command line: one option per setting of
+    :data:`~tcplock.settings.SETTINGS`, in its order. It reads the command line only (the
+    config file and the environment are :mod:`tcplock.config`'s) and leaves out what was not
+    given there."""
     p = _Parser(
         prog="tcplock",
         description=(
@@ -83,88 +92,31 @@ def build_parser() -> configargparse.ArgumentParser:
             "Every option can also be set in the config file as 'name = value' (the long option "
             "without its dashes) or in the environment as TCPLOCK_NAME (upper case, '-' as '_'). "
             "Precedence: command line, environment, config file, defaults. Durations take "
-            "500ms, 20s, 2m, 1h; a bare number is seconds."
+            "500ms, 20s, 1m30s, 5min, 1h30m, 2d; a bare number is seconds."
         ),
-        auto_env_var_prefix=ENV_PREFIX,
         allow_abbrev=False,
-        args_for_setting_config_path=list(config.flags),
-        config_arg_help_message=config.help_text,
-        config_arg_is_required=False,
         add_config_file_help=False,
     )
-    # configargparse adds the config option itself; give it its metavar and variable.
-    for action in p._actions:
-        if getattr(action, "is_config_file_arg", False):
-            action.metavar = config.metavar
-            action.env_var = config.env
     for setting in SETTINGS:
-        if setting is not config:
-            _add_setting(p, setting)
+        _add_setting(p, setting)
     p.add_argument("--version", action="version", version=f"tcplock {__version__}", env_var=None)
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Namespace:
+def load(argv: Optional[Sequence[str]] = None, env=None) -> Resolved:
+    """The settings from ``argv``, ``env`` (the process's environment if None) and the config
+    file, with where each came from; a usage error exits 2 with one line."""
     parser = build_parser()
+    given = vars(parser.parse_args(argv, env_vars={}))
     try:
-        args = parser.parse_args(argv, env_vars=env if env is not None else None)
-    except configargparse.ConfigFileParserException as e:
-        parser.error(str(e))
-    except UnicodeDecodeError as e:
-        parser.error(f"the config file is not valid UTF-8 text ({e.reason} at byte {e.start})")
-    if args.backend:
-        given = [
-            flag
-            for flag, given in (
-                ("--proxy-host", _given(parser, "proxy_host", "--proxy-host")),
-                ("-p/--proxy-port", args.proxy_port is not None),
-                ("--demo", args.demo),
-            )
-            if given
-        ]
-        if given:
-            parser.error(f"--backend names the backends: leave out {', '.join(given)}")
-        twice = [b for i, b in enumerate(args.backend) if b in args.backend[:i]]
-        if twice:
-            host, port = twice[0]
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            parser.error(f"--backend {shown} is given twice")
-    if args.demo:
-        if args.proxy_port is not None:
-            parser.error("--demo relays to its own backend: leave out -p/--proxy-port")
-        if args.listen is None:
-            args.listen = ("127.0.0.1", 9000)
-    else:
-        missing = [
-            "/".join(s.flags)
-            for s in SETTINGS
-            if s.required
-            and getattr(args, s.dest) is None
-            and not (s.name == "proxy-port" and args.backend)
-        ]
-        if missing:
-            parser.error("the following arguments are required: " + ", ".join(missing))
-    if (args.restart_every or args.restart_on_timeout) and not (args.restart_cmd or args.hooks):
-        parser.error(
-            "--restart-every and --restart-on-timeout need --restart-cmd "
-            "(or a restart() in --hooks)"
-        )
-    return args
+        return resolve(given, os.environ if env is None else env)
+    except ConfigError as e:  # it says where: the file and line, or the variable
+        parser.exit(2, f"{parser.prog}: error: {_one_line(str(e))}\n")
 
 
-def _given(parser, dest: str, flag: str) -> bool:
-    """Whether a setting with a default was set at all: on the command line, in the
-    environment or in a config file."""
-    for source, entries in parser.get_source_to_settings_dict().items():
-        if source == "defaults":
-            continue
-        for _key, (action, value) in entries.items():
-            if source == "command_line":
-                if any(arg == flag or arg.startswith(flag + "=") for arg in value):
-                    return True
-            elif action is not None and action.dest == dest:
-                return True
-    return False
+def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Namespace:
+    """The settings as a Namespace (see :func:`load`)."""
+    return load(argv, env).args
 
 
 def load_hooks(args) -> dict:
@@ -266,7 +218,8 @@ class UsageError(Exception):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv, env=os.environ)
+    loaded = load(argv, env=os.environ)
+    args = loaded.args
 
     from gevent import monkey
 
@@ -295,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Batched: info lines reach the log within 0.02 s, a write() per batch (see BatchedStream).
     handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
     demo = None
     backends = args.backend or [(args.proxy_host, args.proxy_port)]
     if args.demo:

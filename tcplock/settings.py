@@ -49,24 +49,49 @@ ENV_PREFIX = "TCPLOCK_"
 
 #: The longest duration any setting takes, in seconds (about 31 years).
 MAX_SECONDS = 10**9
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
+#: Duration units, longest first: a duration names each at most once, in this order.
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0, "ms": 0.001}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_PART = re.compile(rf"({_NUMBER})\s*(ms|min|d|h|m|s)\s*", re.IGNORECASE)
+_BARE = re.compile(rf"\s*({_NUMBER})\s*")
 _OFF = ("off", "none", "never")
+_DURATION_HINT = "use e.g. 500ms, 20s, 1m30s, 5min, 1h30m, 2d"
+
+
+def _seconds(text: str) -> Optional[float]:
+    """The seconds ``text`` says (a bare number, or parts such as ``1h30m`` with each unit at
+    most once, longest first), or None if it is not a duration."""
+    bare = _BARE.fullmatch(text)
+    if bare:
+        return float(bare.group(1))
+    pos, total, last = len(text) - len(text.lstrip()), 0.0, None
+    order = ("d", "h", "m", "s", "ms")
+    while pos < len(text):
+        m = _PART.match(text, pos)
+        if not m:
+            return None
+        unit = m.group(2).lower()
+        rank = order.index("m" if unit == "min" else unit)
+        if last is not None and rank <= last:
+            return None  # "30s1m", "1m1m": each unit once, longest first
+        total += float(m.group(1)) * _UNITS[unit]
+        pos, last = m.end(), rank
+    return total if last is not None else None
 
 
 def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = False):
-    """``500ms``, ``20s``, ``2m``, ``1h`` or a bare number of seconds; ``off`` where allowed."""
+    """A duration as operators write it: ``500ms``, ``20s``, ``1m30s``, ``5min``, ``1h30m``,
+    ``2d``, ``1.5s``, or a bare number of seconds; ``off`` where allowed."""
     if allow_off and text.strip().lower() in _OFF:
         return None
-    m = _DURATION.fullmatch(text)
-    if not m:
+    value = _seconds(text)
+    if value is None:
         extra = " or 'off'" if allow_off else ""
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r} (use e.g. 500ms, 20s, 2m, 1h{extra})"
+            f"invalid duration {_shown(text)} ({_DURATION_HINT}{extra})"
         )
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
     if value > MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"duration {text!r} is too long")
+        raise argparse.ArgumentTypeError(f"duration {_shown(text)} is too long")
     if value == 0 and not allow_zero:
         hint = " (use 'off' for no limit)" if allow_off else ""
         raise argparse.ArgumentTypeError(f"duration must be more than zero{hint}")
@@ -122,6 +147,14 @@ def parse_backend(text: str) -> Tuple[str, int]:
     if port == 0:
         raise argparse.ArgumentTypeError(f"invalid backend {text.strip()!r} (port 0)")
     return host, port
+
+
+def parse_proxy_port(text: str):
+    """``PORT``, or ``HOST:PORT`` / ``[IPV6]:PORT`` naming the backend's host as well (as a
+    (host, port) pair, which the command splits into --proxy-host and --proxy-port)."""
+    if ":" in text:
+        return parse_backend(text)
+    return parse_port(text)
 
 
 def _count(minimum: int):
@@ -404,10 +437,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "proxy-port",
         ("-p", "--proxy-port"),
-        "port of the backend service",
+        "port of the backend service, or HOST:PORT for its host and port (then without "
+        "--proxy-host)",
         kind="port",
-        metavar="PORT",
-        parse=parse_port,
+        metavar="[HOST:]PORT",
+        parse=parse_proxy_port,
         required=True,
         example="2003",
     ),
@@ -674,8 +708,13 @@ CONF_HEADER = """\
 # options without their dashes. The command line and TCPLOCK_* environment variables override
 # this file. Use it with: tcplock -c /etc/tcplock.conf
 #
-# Durations take 500ms, 20s, 2m or 1h (a bare number is seconds); "off" removes a limit. Give
-# several networks as a list: allow = [10.0.0.0/8, ::1/128].
+# Lines starting with # or ; are comments, as is whatever follows " #" on a line (quote a value,
+# '...' or "...", to keep a # in it). A line that is not "name = value", an unknown name and a
+# name given twice are errors, reported with the line's number.
+#
+# Durations take 500ms, 20s, 1m30s, 5min, 1h30m or 2d (a bare number is seconds); "off" removes
+# a limit. Flags take true or false (yes/no, on/off). Give several networks as a list, as in
+# "allow = [10.0.0.0/8, ::1/128]".
 #
 # Printed by 'python -m tcplock.settings --conf' from the settings table; every setting is here,
 # the required ones set, the others commented out at their default or at an example value.

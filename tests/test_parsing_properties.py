@@ -159,6 +159,11 @@ def plausible(action):
         good = st.sampled_from(["127.0.0.1:0", "0", "9000", "[::1]:80", "0.0.0.0:80", "x:1"])
     elif kind == "parse_port":
         good = st.integers(min_value=1, max_value=65535).map(str)
+    elif kind == "parse_proxy_port":
+        good = st.one_of(
+            st.integers(min_value=1, max_value=65535).map(str),
+            st.sampled_from(["127.0.0.1:1", "[::1]:8100", "h:65535", ":1", "h:0"]),
+        )
     elif kind == "_host":
         good = st.sampled_from(["localhost", "127.0.0.1", "[::1]", "db.example", " h "])
     elif kind == "_network":
