@@ -28,7 +28,16 @@ from .hooks import CommandHook, HookFailed, call_hook
 from .peer import PeerCheck
 from .steps import Step
 
-__all__ = ["Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "DRAINING"]
+__all__ = [
+    "Backend",
+    "Connect",
+    "format_address",
+    "UP",
+    "DOWN",
+    "RESTARTING",
+    "DRAINING",
+    "LEAVING",
+]
 
 log = logging.getLogger("tcplock.server")
 
@@ -36,6 +45,7 @@ UP = "up"
 DOWN = "down"
 RESTARTING = "restarting"
 DRAINING = "draining"
+LEAVING = "leaving"
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 # Where the platform has it, a backend socket is made non-blocking by socket() itself.
@@ -78,6 +88,9 @@ class Backend:
         self.up = True
         #: Set by the operator: it finishes its clients and takes no new ones.
         self.draining = False
+        #: Taken out of the pool (TCPLock.set_backends): it finishes its clients and takes no
+        #: new ones, then leaves the pool.
+        self.leaving = False
         #: Why a restart is due or running (``"count"``, ``"ttl"``), None otherwise.
         self.restart_reason: Optional[str] = None
         #: The restart under way, as a step, or None (stop() cuts one that no connection holds).
@@ -110,7 +123,10 @@ class Backend:
 
     @property
     def state(self) -> str:
-        """``draining``, ``restarting``, ``down`` or ``up``, the first that holds."""
+        """``leaving``, ``draining``, ``restarting``, ``down`` or ``up``, the first that
+        holds."""
+        if self.leaving:
+            return LEAVING
         if self.draining:
             return DRAINING
         if self.restart_reason is not None:

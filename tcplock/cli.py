@@ -24,7 +24,15 @@ import configargparse
 
 from . import __version__
 from .config import ConfigError, Resolved, resolve
-from .settings import ENV_PREFIX, LIBRARY, SETTINGS, parse_address, parse_duration
+from .settings import (
+    ENV_PREFIX,
+    LIBRARY,
+    SETTINGS,
+    check_together,
+    parse_address,
+    parse_duration,
+    validate,
+)
 
 __all__ = [
     "main",
@@ -217,6 +225,167 @@ class UsageError(Exception):
     """Bad settings, found after parsing: one line for the operator, exit status 2."""
 
 
+def check_hooks(args, hooks: dict) -> None:
+    """The hooks' rule: restarting after a count or a timeout needs a restart hook."""
+    if (args.restart_every or args.restart_on_timeout) and hooks["restart"] is None:
+        raise UsageError(
+            f"{args.hooks} defines no restart(reason), which "
+            "--restart-every and --restart-on-timeout need"
+        )
+
+
+def backends_of(args) -> list:
+    """The pool's addresses the settings name (the demo's own backend is not among them)."""
+    return list(args.backend or [(args.proxy_host, args.proxy_port)])
+
+
+def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
+    """Every library setting by its own name: hooks as loaded, max-queue as the descriptor
+    limit allows unless it is set."""
+    kwargs = {
+        attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
+        for attr, setting in LIBRARY.items()
+    }
+    if kwargs["max_queue"] is None:
+        kwargs["max_queue"] = default_max_queue(capacity, args.slots * backends)
+    return kwargs
+
+
+def _show(value) -> str:
+    """A setting's value as a reload's log line gives it."""
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}s"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        from .backend import format_address
+
+        return format_address(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return _one_line(str(value))
+
+
+#: What a reload cannot change on a running process (its listeners, and the demo backend): a
+#: change is logged and the running value kept.
+_FIXED = tuple(s for s in SETTINGS if not s.reload and s.name != "config")
+#: The settings that name the pool (a reload's log line names the pool instead).
+_POOL = ("proxy-host", "proxy-port", "backend")
+
+
+class Reloader:
+    """SIGHUP: read the config file and the environment again, over the command line as it was
+    given, and apply what may change on a running lock (the settings whose ``reload`` is set).
+
+    Everything is read and checked first (the settings, the --hooks file, the rules between
+    them); a mistake is logged, with its file and line or its variable, and the running
+    settings stay, all of them. Then the lock's settings are set (new values apply to what
+    starts after: a connection already relaying keeps its lifetime), the pool is made the one
+    named (:meth:`~tcplock.server.TCPLock.set_backends`: a removed backend finishes its clients
+    first), and the log level and format change. A waiting client keeps its place and an
+    active connection goes on. The environment of a running process cannot change, so what
+    it sets, as what the command line sets, stays as it was.
+    """
+
+    def __init__(self, lock, loaded: Resolved, handler, capacity: int, extras, demo) -> None:
+        import gevent.lock
+
+        self.lock = lock
+        self.args = loaded.args
+        self.command_line = loaded.command_line
+        self.handler = handler
+        self.capacity = capacity
+        self.extras = extras
+        self.demo = demo
+        self._one_at_a_time = gevent.lock.Semaphore()
+
+    def __call__(self) -> None:
+        with self._one_at_a_time:
+            if self.lock.draining:
+                return
+            try:
+                self.reload()
+            except Exception:  # a bug, not a bad setting: the process goes on serving
+                log.exception("reload failed; the running settings stay")
+
+    def reload(self) -> bool:
+        """Read and apply the settings; False (logged) if they cannot be taken."""
+        old = self.args
+        log.warning("reloading: reading %s and the environment", old.config or "no config file")
+        try:
+            new = resolve(self.command_line, os.environ).args
+            hooks = load_hooks(new)
+            check_hooks(new, hooks)
+            backends = None if self.demo is not None else backends_of(new)
+            count = len(backends or self.lock.backends)
+            values = library_settings(new, hooks, self.capacity, count)
+            for attr, value in values.items():
+                values[attr] = validate(attr, value)
+            check_together(values)
+        except (ConfigError, UsageError, ValueError) as e:
+            log.error("reload failed; the running settings stay: %s", _one_line(str(e)))
+            return False
+        for s in _FIXED:
+            if getattr(new, s.dest) != getattr(old, s.dest):
+                log.warning(
+                    "reload: %s stays %s: changing it needs a restart",
+                    s.name,
+                    _show(getattr(old, s.dest)),
+                )
+                setattr(new, s.dest, getattr(old, s.dest))
+        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
+            for dest in ("proxy_host", "proxy_port", "backend"):
+                setattr(new, dest, getattr(old, dest))
+        # Servers beside the lock take their part first, so that one that refuses it (say, a
+        # status token file that cannot be read) leaves everything as it was: each may have
+        # reload(args), raising ValueError.
+        for name, _address, server in self.extras:
+            apply = getattr(server, "reload", None)
+            if apply is not None:
+                try:
+                    apply(new)
+                except ValueError as e:
+                    log.error("reload failed; the running settings stay: %s: %s", name, e)
+                    return False
+        lock = self.lock
+        for attr, value in values.items():
+            setattr(lock, attr, value)
+        if backends is not None and backends != [b.address for b in lock.backends]:
+            lock.set_backends(backends)
+        if (new.log_level, new.log_format) != (old.log_level, old.log_format):
+            self.set_logging(new.log_level, new.log_format)
+        changed = [
+            f"{s.name} {_show(getattr(old, s.dest))} -> {_show(getattr(new, s.dest))}"
+            for s in SETTINGS
+            if s.reload and s.name not in _POOL and getattr(new, s.dest) != getattr(old, s.dest)
+        ]
+        if backends_of(new) != backends_of(old):
+            changed.append(f"backends {_show(backends_of(old))} -> {_show(backends_of(new))}")
+        if new.hooks:
+            changed.append(f"{new.hooks} loaded again")
+        self.args = new
+        log.warning("reloaded: %s", "; ".join(changed) or "no setting changed")
+        return True
+
+    def set_logging(self, level: str, fmt: str) -> None:
+        from .logs import JSONFormatter, TextFormatter
+
+        self.handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+        logging.getLogger().setLevel(getattr(logging, level.upper()))
+        self.lock.connection_log = connection_log(self.handler)
+
+
+def connection_log(handler):
+    """The lock's writer of connection lines, if they are logged at the level set."""
+    from .logs import connection_writer
+
+    if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
+        return connection_writer(handler)
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     loaded = load(argv, env=os.environ)
     args = loaded.args
@@ -230,20 +399,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     import gevent
     from gevent.event import Event
 
-    from .logs import connection_writer, setup_logging
+    from .logs import setup_logging
     from .server import TCPLock, format_address
 
     try:
         hooks = load_hooks(args)
+        check_hooks(args, hooks)
     except UsageError as e:
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
-    if (args.restart_every or args.restart_on_timeout) and hooks["restart"] is None:
-        print(
-            f"tcplock: error: {args.hooks} defines no restart(reason), which "
-            "--restart-every and --restart-on-timeout need",
-            file=sys.stderr,
-        )
         return 2
     # Batched: info lines reach the log within 0.02 s, a write() per batch (see BatchedStream).
     handler = setup_logging(args.log_level, args.log_format, batched=True)
@@ -251,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for warning in loaded.warnings:
         log.warning("%s", warning)
     demo = None
-    backends = args.backend or [(args.proxy_host, args.proxy_port)]
+    backends = backends_of(args)
     if args.demo:
         from .demo import DemoBackend
 
@@ -260,21 +423,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         backends = [("127.0.0.1", demo.server_port)]
 
     capacity = raise_descriptor_limit()
-    # Every library setting by its own name; hooks as loaded, max-queue as the limit allows.
-    kwargs = {
-        attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
-        for attr, setting in LIBRARY.items()
-    }
-    if kwargs["max_queue"] is None:
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots * len(backends))
+    kwargs = library_settings(args, hooks, capacity, len(backends))
     try:
         lock = TCPLock(args.listen, backends=backends, **kwargs)
     except ValueError as e:  # what the parser lets through but the lock refuses
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     lock.max_lingering = max_lingering(capacity)
-    if logging.getLogger("tcplock.server").isEnabledFor(logging.INFO):
-        lock.connection_log = connection_writer(handler)
+    lock.connection_log = connection_log(handler)
     # Handlers first: a supervisor may send SIGTERM as soon as it sees the first log line.
     stop = Event()
     hurry = Event()
@@ -284,20 +440,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             hurry.set()
         stop.set()
 
-    # SIGHUP as well: there is no configuration to reload, and its default action would kill
-    # the process on the spot, cutting every client and losing the batched log lines. Unless
-    # it was ignored when tcplock started (nohup, a supervisor): then it stays ignored.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-            continue
+    for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, on_signal)
+    # SIGHUP reloads (each in a greenlet of its own; one at a time), unless it was ignored
+    # when tcplock started (nohup, a supervisor): then it stays ignored.
+    extras = []
+    reloader = Reloader(lock, loaded, handler, capacity, extras, demo)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        gevent.signal_handler(signal.SIGHUP, reloader)
     try:
         lock.start()
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         print(f"tcplock: cannot listen on {format_address(args.listen)}: {reason}", file=sys.stderr)
         return 1
-    extras = []
     try:
         if args.status is not None:
             from .status import StatusServer
@@ -350,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "stopping: %d active, %d queued; draining for up to %gs (signal again to cut now)",
         len(lock.active),
         lock.queued,
-        args.drain_timeout,
+        lock.drain_timeout,
     )
     stopper = gevent.spawn(lock.stop)
     gevent.wait([stopper, hurry], count=1)

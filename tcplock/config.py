@@ -54,6 +54,8 @@ class Resolved:
     sources: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     config_file: Optional[str] = None
+    #: What the command line gave (dest -> value): a reload reads the rest again over it.
+    command_line: Dict[str, Any] = field(default_factory=dict)
 
 
 def _short(text: str) -> str:
@@ -242,7 +244,7 @@ def resolve(command_line: Mapping[str, Any], env: Mapping[str, str]) -> Resolved
     values["config"] = config_path or None
     args = argparse.Namespace(**values)
     _check_together(args, sources)
-    return Resolved(args, sources, warnings, config_path or None)
+    return Resolved(args, sources, warnings, config_path or None, dict(command_line))
 
 
 def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:

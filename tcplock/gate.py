@@ -105,6 +105,22 @@ class Gate:
         self._fill()
 
     @property
+    def units(self) -> List:
+        """The units, in order. Set (a pool that changed), a new unit's free slots go to the
+        queue at once; a unit left out must hold no slot (ValueError otherwise)."""
+        return list(self._units)
+
+    @units.setter
+    def units(self, units: Sequence) -> None:
+        units = list(units)
+        if not units:
+            raise ValueError("a gate needs at least one unit")
+        if any(u.held for u in self._units if u not in units):
+            raise ValueError("a unit left out still holds slots")
+        self._units = units
+        self._fill()
+
+    @property
     def waiting(self) -> int:
         """How many tickets are queued and not yet discarded or skipped."""
         return self._waiting

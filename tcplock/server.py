@@ -175,6 +175,7 @@ class TCPLock(StreamServer):
             Backend(address, self, i) for i, address in enumerate(addresses, 1)
         ]
         self.gate = Gate(units=self.backends)
+        self._leaving = 0  # backends leaving the pool (see set_backends)
         #: accept() calls that failed for lack of descriptors or memory.
         self.accept_failures = 0
         self._accept_delay = self.min_delay
@@ -273,6 +274,8 @@ class TCPLock(StreamServer):
 
     def _sync_gate(self) -> None:
         """Open or close each backend to the queue by its state, and move the queue."""
+        if self._leaving:
+            self._retire()
         self._update_open()
         if self._operator_paused:
             self.gate.pause()
@@ -284,9 +287,14 @@ class TCPLock(StreamServer):
         # is up (with none up, every backend is tried, so that a client fails as it would
         # with one).
         backends = self.backends
-        any_up = any(b.up and not b.draining for b in backends)
+        any_up = any(b.up and not b.draining and not b.leaving for b in backends)
         for b in backends:
-            b.open = not b.draining and b.restart_reason is None and (b.up or not any_up)
+            b.open = (
+                not b.draining
+                and not b.leaving
+                and b.restart_reason is None
+                and (b.up or not any_up)
+            )
 
     def _backend_failed(self, backend: Backend, error) -> bool:
         """Connecting to ``backend`` failed: it is down. True if another backend is up to take
@@ -311,12 +319,61 @@ class TCPLock(StreamServer):
         self.gate.requeue(ticket)
         self.gate.release(backend)
         backend.restart_if_orphaned()
+        if backend.leaving:
+            self._retire()
         if not ticket.granted:  # it waits again: watched again, within what is left of its time
             left = self.queue_timeout
             if left is not None:
                 left = max(0.001, left - (time.monotonic() - conn.queued_at))
             self._watch_queued(conn, left)
         return None
+
+    def set_backends(self, addresses) -> None:
+        """Make the pool these backends, ``[(host, port), ...]``, in this order (the same rules
+        as ``backends=``), on a running lock. One not in the pool joins it at once and takes
+        clients from the queue. One left out takes no new client (state ``leaving``), finishes
+        the clients it has (and a restart of it under way), and then leaves the pool, its
+        status and its metrics; named again before that, it stays. The queue keeps its order
+        throughout; no waiting client and no active connection is touched."""
+        addresses = _check_backends(addresses)
+        current = {b.address: b for b in self.backends}
+        pool = []
+        for index, address in enumerate(addresses, 1):
+            b = current.pop(address, None)
+            if b is None:
+                b = Backend(address, self, index)
+                log.warning("backend %s joins the pool", b.label)
+            elif b.leaving:
+                b.leaving = False
+                self._leaving -= 1
+                log.warning("backend %s stays in the pool", b.label)
+            b.index = index
+            pool.append(b)
+        for b in current.values():  # after the others: lock.backend is a backend that stays
+            if not b.leaving:
+                b.leaving = True
+                self._leaving += 1
+                log.warning(
+                    "backend %s leaves the pool once its %d client(s) have finished",
+                    b.label,
+                    b.held,
+                )
+            pool.append(b)
+        self.backends = pool
+        self.gate.units = pool
+        self._sync_gate()
+
+    def _retire(self) -> None:
+        """Take the leaving backends that have finished out of the pool."""
+        gone = [b for b in self.backends if b.leaving and not b.held and b.restart_step is None]
+        if not gone:
+            return
+        self.backends = [b for b in self.backends if b not in gone]
+        self.gate.units = self.backends
+        self._leaving -= len(gone)
+        for b in gone:
+            b.close()
+            log.warning("backend %s has left the pool", b.label)
 
     def backend_named(self, address) -> Backend:
         """The backend at ``address`` (``"host:port"`` or a tuple); KeyError if none."""
@@ -537,6 +594,8 @@ class TCPLock(StreamServer):
         connection's end calls it once)."""
         self._active.pop(conn, None)
         self.gate.release(conn.backend)
+        if conn.backend.leaving:
+            self._retire()
 
     def _settle(self, conn: Connection, counted: bool = False) -> None:
         """Close the client's side (and the backend's, if the connection left it), and account

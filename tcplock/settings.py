@@ -433,6 +433,7 @@ SETTINGS: Tuple[Setting, ...] = (
         metavar="HOST",
         parse=_host,
         default="localhost",
+        reload=True,
     ),
     Setting(
         "proxy-port",
@@ -444,6 +445,7 @@ SETTINGS: Tuple[Setting, ...] = (
         parse=parse_proxy_port,
         required=True,
         example="2003",
+        reload=True,
     ),
     Setting(
         "backend",
@@ -456,6 +458,7 @@ SETTINGS: Tuple[Setting, ...] = (
         action="append",
         shown="the one of --proxy-host and --proxy-port",
         example="[127.0.0.1:2003, 127.0.0.1:2004]",
+        reload=True,
     ),
     Setting(
         "slots",
@@ -618,7 +621,7 @@ SETTINGS: Tuple[Setting, ...] = (
     _duration_setting(
         "drain-timeout",
         ("--drain-timeout",),
-        help="on SIGTERM/SIGINT/SIGHUP, how long active connections may finish",
+        help="on SIGTERM/SIGINT, how long active connections may finish",
         attr="drain_timeout",
         zero=True,
         default=10.0,

@@ -258,16 +258,7 @@ def test_restarting_after_a_count_or_a_timeout_needs_a_restart():
 
 def test_what_may_change_on_a_running_lock():
     fixed = {s.name for s in SETTINGS if not s.reload}
-    assert fixed == {
-        "config",
-        "listen",
-        "proxy-host",
-        "proxy-port",
-        "backend",
-        "status",
-        "agent-check",
-        "demo",
-    }
+    assert fixed == {"config", "listen", "status", "agent-check", "demo"}
 
 
 def test_every_setting_is_in_the_readme_table_and_the_sample_config():
