@@ -144,6 +144,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
         ]
         if missing:
             parser.error("the following arguments are required: " + ", ".join(missing))
+    if args.status_token_file and args.status is None:
+        parser.error("--status-token-file protects the --status endpoint: give --status too")
     if (args.restart_every or args.restart_on_timeout) and not (args.restart_cmd or args.hooks):
         parser.error(
             "--restart-every and --restart-on-timeout need --restart-cmd "
@@ -237,11 +239,50 @@ def max_lingering(capacity: int) -> int:
     return min(256, capacity // 8)
 
 
-def default_max_queue(capacity: int, slots: int) -> int:
+def max_status_connections(capacity: int) -> int:
+    """Connections the --status server holds at once (more wait in the kernel's listen
+    backlog): at most 64, and a sixteenth of the descriptor limit."""
+    return max(1, min(64, capacity // 16))
+
+
+def default_max_queue(capacity: int, slots: int, status_connections: int = 0) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
-    active connection up to six (client, backend, and a pipe each way for bulk data), and each
-    lingering client one (see max_lingering)."""
-    return max(0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity))
+    active connection up to six (client, backend, and a pipe each way for bulk data), each
+    lingering client one (see max_lingering), and each connection of the status server one
+    (``status_connections``, see max_status_connections)."""
+    return max(
+        0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity) - status_connections
+    )
+
+
+def _summary(lock, hooks: dict, hooks_file: Optional[str]) -> str:
+    """What a client will meet, for the start-up line: time limits, restart policy, allow
+    list and hooks."""
+    from .hooks import CommandHook
+
+    def duration(value) -> str:
+        return "off" if value is None else f"{value:g}s"
+
+    policy = []
+    if lock.restart_every:
+        policy.append(f"every {lock.restart_every} clients")
+    if lock.restart_on_timeout:
+        policy.append("after a timeout")
+    given = []
+    for setting in _COMMANDS:
+        hook = hooks.get(setting.attr)
+        if hook is not None:
+            source = "command" if isinstance(hook, CommandHook) else hooks_file
+            given.append(f"{setting.attr.replace('_', '-')} ({source})")
+    return "; ".join(
+        [
+            f"timeout {duration(lock.timeout)}, queue-timeout {duration(lock.queue_timeout)}, "
+            f"connect-timeout {duration(lock.connect_timeout)}",
+            "restart " + (" and ".join(policy) if policy else "never"),
+            "allow " + (" ".join(str(n) for n in lock.allow) if lock.allow is not None else "any"),
+            "hooks " + (", ".join(given) if given else "none"),
+        ]
+    )
 
 
 def notify(state: str) -> None:
@@ -292,6 +333,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    token = None
+    if args.status_token_file:
+        from .status import read_token_file
+
+        try:
+            token = read_token_file(args.status_token_file)
+        except ValueError as e:
+            print(f"tcplock: error: --status-token-file: {_one_line(str(e))}", file=sys.stderr)
+            return 2
     # Batched: info lines reach the log within 0.02 s, a write() per batch (see BatchedStream).
     handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
@@ -310,8 +360,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
         for attr, setting in LIBRARY.items()
     }
+    status_connections = max_status_connections(capacity) if args.status is not None else 0
     if kwargs["max_queue"] is None:
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots * len(backends))
+        kwargs["max_queue"] = default_max_queue(
+            capacity, args.slots * len(backends), status_connections
+        )
     try:
         lock = TCPLock(args.listen, backends=backends, **kwargs)
     except ValueError as e:  # what the parser lets through but the lock refuses
@@ -347,7 +400,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.status is not None:
             from .status import StatusServer
 
-            extras.append(("status", args.status, StatusServer(args.status, lock)))
+            status = StatusServer(
+                args.status, lock, token=token, max_connections=status_connections
+            )
+            extras.append(("status", args.status, status))
         if args.agent_check is not None:
             from .status import AgentCheck
 
@@ -365,22 +421,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     listen = format_address((args.listen[0], lock.server_port))
     log.info(
-        "tcplock %s listening on %s, relaying to %s, %d slot(s)%s",
+        "tcplock %s listening on %s, relaying to %s, %d slot(s)%s; %s",
         __version__,
         listen,
         ", ".join(b.label for b in lock.backends),
         args.slots,
         " each" if len(lock.backends) > 1 else "",
+        _summary(lock, hooks, args.hooks),
     )
     log.info(
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
-        default_max_queue(capacity, args.slots * len(lock.backends)),
+        default_max_queue(capacity, args.slots * len(lock.backends), status_connections),
         kwargs["max_queue"],
     )
     for name, address, server in extras:
         where = format_address((address[0], server.server_port))
-        log.info("%s on %s", name, f"http://{where}/status" if name == "status" else where)
+        if name == "status":
+            where = f"http://{where}/status"
+            if token is not None:
+                where += ", token required but for /healthz"
+        log.info("%s on %s", name, where)
     if demo is not None:
         log.info(
             "demo: run 'nc %s %d' in two terminals; the second waits for the first to quit",
