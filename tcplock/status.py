@@ -332,7 +332,10 @@ class _Handler(WSGIHandler):
         try:
             return super().handle_one_request()
         finally:
-            deadline.cancel()
+            # Closed, not only cancelled, and let go of: left to the garbage collector, a
+            # timer of gevent's libuv loop can abort the process.
+            deadline.close()
+            self._deadline = None
 
     def read_request(self, raw_requestline):
         try:
