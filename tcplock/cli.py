@@ -197,11 +197,50 @@ def max_lingering(capacity: int) -> int:
     return min(256, capacity // 8)
 
 
-def default_max_queue(capacity: int, slots: int) -> int:
+def max_status_connections(capacity: int) -> int:
+    """Connections the --status server holds at once (more wait in the kernel's listen
+    backlog): at most 64, and a sixteenth of the descriptor limit."""
+    return max(1, min(64, capacity // 16))
+
+
+def default_max_queue(capacity: int, slots: int, status_connections: int = 0) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
-    active connection up to six (client, backend, and a pipe each way for bulk data), and each
-    lingering client one (see max_lingering)."""
-    return max(0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity))
+    active connection up to six (client, backend, and a pipe each way for bulk data), each
+    lingering client one (see max_lingering), and each connection of the status server one
+    (``status_connections``, see max_status_connections)."""
+    return max(
+        0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity) - status_connections
+    )
+
+
+def _summary(lock, hooks: dict, hooks_file: Optional[str]) -> str:
+    """What a client will meet, for the start-up line: time limits, restart policy, allow
+    list and hooks."""
+    from .hooks import CommandHook
+
+    def duration(value) -> str:
+        return "off" if value is None else f"{value:g}s"
+
+    policy = []
+    if lock.restart_every:
+        policy.append(f"every {lock.restart_every} clients")
+    if lock.restart_on_timeout:
+        policy.append("after a timeout")
+    given = []
+    for setting in _COMMANDS:
+        hook = hooks.get(setting.attr)
+        if hook is not None:
+            source = "command" if isinstance(hook, CommandHook) else hooks_file
+            given.append(f"{setting.attr.replace('_', '-')} ({source})")
+    return "; ".join(
+        [
+            f"timeout {duration(lock.timeout)}, queue-timeout {duration(lock.queue_timeout)}, "
+            f"connect-timeout {duration(lock.connect_timeout)}",
+            "restart " + (" and ".join(policy) if policy else "never"),
+            "allow " + (" ".join(str(n) for n in lock.allow) if lock.allow is not None else "any"),
+            "hooks " + (", ".join(given) if given else "none"),
+        ]
+    )
 
 
 def notify(state: str) -> None:
@@ -247,7 +286,8 @@ def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
         for attr, setting in LIBRARY.items()
     }
     if kwargs["max_queue"] is None:
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots * backends)
+        status = max_status_connections(capacity) if args.status is not None else 0
+        kwargs["max_queue"] = default_max_queue(capacity, args.slots * backends, status)
     return kwargs
 
 
@@ -324,6 +364,14 @@ class Reloader:
             for attr, value in values.items():
                 values[attr] = validate(attr, value)
             check_together(values)
+            token = None
+            if new.status_token_file:
+                from .status import read_token_file
+
+                try:
+                    token = read_token_file(new.status_token_file)
+                except ValueError as e:
+                    raise UsageError(f"--status-token-file: {e}") from None
         except (ConfigError, UsageError, ValueError) as e:
             log.error("reload failed; the running settings stay: %s", _one_line(str(e)))
             return False
@@ -338,17 +386,9 @@ class Reloader:
         if self.demo is not None:  # the demo's backend stays; so do the settings naming one
             for dest in ("proxy_host", "proxy_port", "backend"):
                 setattr(new, dest, getattr(old, dest))
-        # Servers beside the lock take their part first, so that one that refuses it (say, a
-        # status token file that cannot be read) leaves everything as it was: each may have
-        # reload(args), raising ValueError.
         for name, _address, server in self.extras:
-            apply = getattr(server, "reload", None)
-            if apply is not None:
-                try:
-                    apply(new)
-                except ValueError as e:
-                    log.error("reload failed; the running settings stay: %s: %s", name, e)
-                    return False
+            if name == "status":
+                server.token = token
         lock = self.lock
         for attr, value in values.items():
             setattr(lock, attr, value)
@@ -408,6 +448,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    token = None
+    if args.status_token_file:
+        from .status import read_token_file
+
+        try:
+            token = read_token_file(args.status_token_file)
+        except ValueError as e:
+            print(f"tcplock: error: --status-token-file: {_one_line(str(e))}", file=sys.stderr)
+            return 2
     # Batched: info lines reach the log within 0.02 s, a write() per batch (see BatchedStream).
     handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
@@ -424,6 +473,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     capacity = raise_descriptor_limit()
     kwargs = library_settings(args, hooks, capacity, len(backends))
+    status_connections = max_status_connections(capacity) if args.status is not None else 0
     try:
         lock = TCPLock(args.listen, backends=backends, **kwargs)
     except ValueError as e:  # what the parser lets through but the lock refuses
@@ -458,7 +508,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.status is not None:
             from .status import StatusServer
 
-            extras.append(("status", args.status, StatusServer(args.status, lock)))
+            status = StatusServer(
+                args.status, lock, token=token, max_connections=status_connections
+            )
+            extras.append(("status", args.status, status))
         if args.agent_check is not None:
             from .status import AgentCheck
 
@@ -476,22 +529,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     listen = format_address((args.listen[0], lock.server_port))
     log.info(
-        "tcplock %s listening on %s, relaying to %s, %d slot(s)%s",
+        "tcplock %s listening on %s, relaying to %s, %d slot(s)%s; %s",
         __version__,
         listen,
         ", ".join(b.label for b in lock.backends),
         args.slots,
         " each" if len(lock.backends) > 1 else "",
+        _summary(lock, hooks, args.hooks),
     )
     log.info(
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
-        default_max_queue(capacity, args.slots * len(lock.backends)),
+        default_max_queue(capacity, args.slots * len(lock.backends), status_connections),
         kwargs["max_queue"],
     )
     for name, address, server in extras:
         where = format_address((address[0], server.server_port))
-        log.info("%s on %s", name, f"http://{where}/status" if name == "status" else where)
+        if name == "status":
+            where = f"http://{where}/status"
+            if token is not None:
+                where += ", token required but for /healthz"
+        log.info("%s on %s", name, where)
     if demo is not None:
         log.info(
             "demo: run 'nc %s %d' in two terminals; the second waits for the first to quit",

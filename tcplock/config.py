@@ -295,6 +295,10 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
         ]
         if missing:
             raise ConfigError("the following arguments are required: " + ", ".join(missing))
+    if args.status_token_file and args.status is None:
+        raise ConfigError(
+            f"{named('status_token_file')} protects the --status endpoint: give --status too"
+        )
     if (args.restart_every or args.restart_on_timeout) and not (args.restart_cmd or args.hooks):
         raise ConfigError(
             "--restart-every and --restart-on-timeout need --restart-cmd "

@@ -798,24 +798,34 @@ class TCPLock(StreamServer):
         self._tune_clients = not _inherits_options(self.socket)
 
     def _accept_exhausted(self, error: OSError) -> None:
-        # Out of descriptors: the client stays in the kernel's backlog while we pause
-        # accepting; connections that end free descriptors, and accepting resumes. One line
-        # per interval instead of a traceback per attempt.
-        self.accept_failures += 1
-        if self._accept_log.ready():
-            more = self._accept_log.take_held_back()
-            log.error(
-                "cannot accept new clients: %s%s; they wait in the listen backlog. Raise the "
-                "descriptor limit (ulimit -n, LimitNOFILE=) or lower --max-queue",
-                error.strerror or error,
-                f" ({more} more times in the last {self._accept_log.interval:.0f}s)"
-                if more
-                else "",
-            )
-        self.stop_accepting()
-        self._timer = self.loop.timer(self._accept_delay)
-        self._timer.start(self._start_accepting_if_started)
-        self._accept_delay = min(self._accept_delay * 2, self.max_delay)
+        accept_exhausted(
+            self,
+            error,
+            "cannot accept new clients: %s; they wait in the listen backlog. Raise the "
+            "descriptor limit (ulimit -n, LimitNOFILE=) or lower --max-queue",
+        )
+
+
+def accept_exhausted(server: StreamServer, error: OSError, message: str) -> None:
+    """``accept()`` on ``server`` failed for lack of descriptors or memory (an errno in
+    ``_EXHAUSTED``): pause accepting, so that whoever connects waits in the kernel's backlog,
+    for ``server._accept_delay`` (doubled each time, up to ``max_delay``; the server resets it
+    on a successful accept); connections that end free descriptors, and accepting resumes.
+    ``message`` (with one ``%s`` for the reason) is logged at most once per interval of
+    ``server._accept_log`` (a :class:`_RateLimit`), with a count of the times held back,
+    instead of a traceback per attempt. ``server.accept_failures`` counts them all."""
+    server.accept_failures += 1
+    limit = server._accept_log
+    if limit.ready():
+        more = limit.take_held_back()
+        reason = error.strerror or str(error)
+        if more:
+            reason += f" ({more} more times in the last {limit.interval:.0f}s)"
+        log.error(message, reason)
+    server.stop_accepting()
+    server._timer = server.loop.timer(server._accept_delay)
+    server._timer.start(server._start_accepting_if_started)
+    server._accept_delay = min(server._accept_delay * 2, server.max_delay)
 
 
 # Keepalive: a peer whose host vanished is noticed after about a minute of silence, not the

@@ -629,10 +629,21 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "status",
         ("--status",),
-        "serve GET /status (JSON), GET /metrics (Prometheus), POST /pause, POST /resume and "
-        "POST /backends/HOST:PORT/drain or /enable over HTTP here; a bare PORT is on 127.0.0.1",
+        "serve GET /healthz, GET /status (JSON), GET /metrics (Prometheus), POST /pause, POST "
+        "/resume and POST /backends/HOST:PORT/drain or /enable over HTTP here; a bare PORT is "
+        "on 127.0.0.1",
         example="9100",
         **_ADDRESS,
+    ),
+    Setting(
+        "status-token-file",
+        ("--status-token-file",),
+        "make every --status endpoint but /healthz require 'Authorization: Bearer TOKEN', "
+        "TOKEN being the content of FILE; FILE must be its owner's only (chmod 600)",
+        kind="file",
+        metavar="FILE",
+        example="/etc/tcplock/status-token",
+        reload=True,
     ),
     Setting(
         "agent-check",

@@ -1,23 +1,51 @@
-"""Seeing and steering a running lock: the HTTP status/metrics/control endpoint, Prometheus
-metrics, and HAProxy's agent-check.
+"""Seeing and steering a running lock: the HTTP status/metrics/control endpoint, its health
+check and bearer token, Prometheus metrics, and HAProxy's agent-check.
 
-What it owns: turning a :class:`~tcplock.server.TCPLock`'s state into answers. The rule it
+What it owns: turning a :class:`~tcplock.server.TCPLock`'s state into answers. The rules it
 keeps: nothing here can slow the proxy down — every answer is computed from counters the lock
-keeps anyway, in the same event loop, with no lock held and no I/O beyond the answer itself.
+keeps anyway, in the same event loop, with no lock held and no I/O beyond the answer itself —
+and nothing here can starve the proxy of descriptors: the status server holds at most
+``max_connections`` connections (the rest wait in the kernel's listen backlog), closes one
+whose request has not arrived within ``request_timeout``, refuses a request head over
+:data:`MAX_HEAD` bytes, and logs bad requests and accept failures as one line per interval.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-from typing import Tuple
+import os
+import stat
+from io import BytesIO
+from typing import Optional, Tuple
 
-from gevent.pywsgi import WSGIServer
+from gevent import Timeout
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 
-from .server import END_REASONS, Connection, TCPLock
+from .server import (
+    _EXHAUSTED,
+    END_REASONS,
+    Connection,
+    TCPLock,
+    _RateLimit,
+    accept_exhausted,
+    format_address,
+)
 
-__all__ = ["Metrics", "StatusServer", "AgentCheck", "agent_reply"]
+__all__ = [
+    "Metrics",
+    "StatusServer",
+    "AgentCheck",
+    "agent_reply",
+    "health",
+    "read_token_file",
+    "MAX_CONNECTIONS",
+    "REQUEST_TIMEOUT",
+    "MAX_HEAD",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +77,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LockCollector(lock))
+        _process_metrics(self.registry)
         lock.end_observers.append(self.observe)
 
     def observe(self, conn: Connection) -> None:
@@ -60,6 +89,20 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _process_metrics(registry) -> None:
+    """The process's own metrics (``process_*``: CPU, memory, descriptors and their limit,
+    start time; ``python_info``) and ``tcplock_build_info{version="..."} 1``."""
+    from prometheus_client import Info, PlatformCollector, ProcessCollector
+
+    from . import __version__
+
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    Info("tcplock_build", "The version of tcplock running.", registry=registry).info(
+        {"version": __version__}
+    )
 
 
 class _LockCollector:
@@ -154,19 +197,317 @@ class _LockCollector:
         yield relayed
 
 
-class StatusServer(WSGIServer):
-    """``GET /status`` (JSON), ``GET /metrics`` (Prometheus), ``POST /pause``,
-    ``POST /resume``, ``POST /backends/HOST:PORT/drain`` and ``.../enable``; on its own
-    address, in the lock's process and event loop."""
+#: The status server's bounds, by default: how many connections it holds at once (others wait
+#: in the kernel's listen backlog, using no descriptor of tcplock's), how long a request may
+#: take to arrive in full (request line and headers, counted from when the server starts
+#: waiting for it; an idle keep-alive connection is closed then too), and the largest request
+#: head (request line and headers) it reads.
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT = 10.0
+MAX_HEAD = 8192
 
-    def __init__(self, listener, lock: TCPLock) -> None:
+# Bad requests and accept failures: one line per interval, with a count of the rest.
+_LOG_INTERVAL = 10.0
+# The longest token a token file may hold.
+_MAX_TOKEN = 4096
+
+
+def health(lock: TCPLock) -> Tuple[bool, dict]:
+    """Whether a client arriving now would be let through in its turn, and the short JSON
+    answer of ``GET /healthz``: ``status`` is ``ok``, or why not (``stopped``: not listening,
+    ``stopping``, ``paused``, ``down``: no backend is up, ``drained``: every backend that is
+    up is drained), and ``backends_up`` counts the backends that are up.
+
+    A paused lock still queues clients, but lets none through until it is resumed; a load
+    balancer should send them elsewhere meanwhile, so it is not healthy. A backend that is
+    restarting counts as up: clients queue for the moment the restart takes, as they do for a
+    busy slot. Whether a backend is up is what tcplock last saw (see ``Backend.up``); nothing
+    is checked to answer."""
+    up = [b for b in lock.backends if b.up]
+    if lock.draining:
+        status = "stopping"
+    elif not lock.started:
+        status = "stopped"
+    elif lock.paused:
+        status = "paused"
+    elif not up:
+        status = "down"
+    elif all(b.draining for b in up):
+        status = "drained"
+    else:
+        status = "ok"
+    return status == "ok", {"status": status, "backends_up": len(up)}
+
+
+def read_token_file(path) -> str:
+    """The bearer token held in the file ``path``, without surrounding white space.
+
+    Raises ValueError, with one line for the operator, if the file is missing, unreadable or
+    not a regular file, if its group or others have any permission on it (mode & 0o077), or
+    if it is empty, over 4 KiB, or not one word of printable ASCII."""
+    try:
+        # O_NONBLOCK: a FIFO given by mistake must not hang the start-up.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            raise ValueError(
+                f"{path} is open to group or others (mode {mode:04o}); make it its owner's "
+                f"only: chmod 600 {path}"
+            )
+        chunks, size = [], 0
+        while size <= _MAX_TOKEN:
+            chunk = os.read(fd, _MAX_TOKEN + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > _MAX_TOKEN:
+        raise ValueError(f"{path} holds over {_MAX_TOKEN} bytes; a token is one short line")
+    token = data.strip()
+    if not token:
+        raise ValueError(f"{path} is empty")
+    if not all(0x21 <= c <= 0x7E for c in token):
+        raise ValueError(
+            f"{path} must hold one token of printable ASCII characters, with no space inside"
+        )
+    return token.decode("ascii")
+
+
+def _check_token(token) -> Optional[bytes]:
+    if token is None:
+        return None
+    if isinstance(token, bytes):
+        token = token.decode("ascii", "replace")
+    if not isinstance(token, str) or not token or not all(" " < c <= "~" for c in token):
+        raise ValueError("token must be a non-empty string of printable ASCII without spaces")
+    return token.encode("ascii")
+
+
+class _HeadTooLarge(ValueError):
+    pass
+
+
+class _TooSlow(TimeoutError):
+    """The request did not arrive within ``request_timeout`` (an OSError: pywsgi closes the
+    connection quietly when it comes while waiting for the request line)."""
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+def _error_response(code: int, message: str) -> bytes:
+    body = (json.dumps({"error": message}) + "\n").encode()
+    return (
+        f"HTTP/1.1 {code} {_REASONS[code]}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class _Handler(WSGIHandler):
+    """pywsgi's handler, bounded: each request must arrive in full within the server's
+    ``request_timeout``, its head must fit in :data:`MAX_HEAD` bytes, a socket operation that
+    stalls for ``request_timeout`` fails, and what goes wrong is a rate-limited log line."""
+
+    def __init__(self, sock, address, server, rfile=None) -> None:
+        # Bounds every read and write (a client that stops reading its answer), on top of the
+        # deadline for the whole request below.
+        sock.settimeout(server.request_timeout)
+        super().__init__(sock, address, server, rfile)
+
+    def handle_one_request(self):
+        deadline = self._deadline = Timeout.start_new(self.server.request_timeout, _TooSlow)
+        try:
+            return super().handle_one_request()
+        finally:
+            # Closed, not only cancelled, and let go of: left to the garbage collector, a
+            # timer of gevent's libuv loop can abort the process.
+            deadline.close()
+            self._deadline = None
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._deadline.cancel()  # the request is in: answering it is not bounded by it
+
+    def MessageClass(self, fp, *args):
+        # The headers, read up to what is left of MAX_HEAD after the request line, then parsed.
+        budget = MAX_HEAD - len(self.requestline)
+        lines = []
+        while True:
+            line = fp.readline(budget + 1)
+            budget -= len(line)
+            if budget < 0:
+                raise _HeadTooLarge(f"request head over {MAX_HEAD} bytes")
+            lines.append(line)
+            if line in (b"\r\n", b"\n", b""):
+                break
+        return super().MessageClass(BytesIO(b"".join(lines)), *args)
+
+    def read_requestline(self):
+        line = super().read_requestline()
+        if len(line) >= MAX_HEAD:  # pywsgi answers 414 and closes
+            self.server._bad_request(self.client_address, f"request line over {MAX_HEAD} bytes")
+        return line
+
+    def _handle_client_error(self, ex):
+        if isinstance(ex, _HeadTooLarge):
+            code, message = 431, str(ex)
+        elif isinstance(ex, _TooSlow):
+            code, message = 408, f"request not received within {self.server.request_timeout:g}s"
+        else:
+            # pywsgi's reason quotes the request (repr: one line); keep it short for the log.
+            reason = str(ex)
+            reason = reason if len(reason) <= 120 else reason[:117] + "..."
+            code, message = 400, f"malformed request ({reason})"
+        self.server._bad_request(self.client_address, message)
+        return str(code), _error_response(code, message)
+
+    def _log_error(self, t, v, tb):
+        if issubclass(t, OSError):  # the client's side failed (a timeout, a reset): one line
+            self.server._bad_request(self.client_address, f"{t.__name__}: {v}")
+        elif issubclass(t, Exception):  # a fault of tcplock's: a traceback, in the log
+            log.error("status: %s %s failed", self.command, self.path, exc_info=(t, v, tb))
+
+
+class _Bounded:
+    """For the servers of this module: accept() failing for lack of descriptors pauses
+    accepting and logs one line per interval, as the client port does
+    (:func:`tcplock.server.accept_exhausted`)."""
+
+    _what = "status"
+
+    def _init_bounds(self) -> None:
+        #: accept() calls that failed for lack of descriptors or memory.
+        self.accept_failures = 0
+        self._accept_delay = self.min_delay
+        self._accept_log = _RateLimit(_LOG_INTERVAL)
+
+    def do_read(self):
+        try:
+            accepted = super().do_read()
+        except OSError as e:
+            if e.errno not in _EXHAUSTED:
+                raise
+            accept_exhausted(
+                self,
+                e,
+                f"{self._what}: cannot accept connections: %s; they wait in the listen backlog",
+            )
+            return None
+        self._accept_delay = self.min_delay
+        return accepted
+
+
+class StatusServer(_Bounded, WSGIServer):
+    """``GET /healthz``, ``GET /status`` (JSON), ``GET /metrics`` (Prometheus), ``POST
+    /pause``, ``POST /resume``, ``POST /backends/HOST:PORT/drain`` and ``.../enable``; on its
+    own address, in the lock's process and event loop.
+
+    ``token``: if given, every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN``
+    (401 otherwise; compared in constant time). Setting :attr:`token` on a running server
+    changes it for the next request (None: no token needed).
+
+    ``max_connections`` and ``request_timeout`` bound what clients of this server can hold
+    (see :data:`MAX_CONNECTIONS`); a server with its own descriptor budget counts
+    ``max_connections`` in it.
+    """
+
+    def __init__(
+        self,
+        listener,
+        lock: TCPLock,
+        *,
+        token=None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise ValueError(f"max_connections must be a whole number, not {max_connections!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if isinstance(request_timeout, bool) or not (
+            isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")
+        ):
+            raise ValueError(
+                f"request_timeout must be a positive number of seconds, not {request_timeout!r}"
+            )
         self.lock = lock
+        self.token = token
+        self.max_connections = max_connections
+        self.request_timeout = float(request_timeout)
         self.metrics = Metrics(lock)
-        super().__init__(listener, self.app, log=None, error_log=log)
+        self._bad_log = _RateLimit(_LOG_INTERVAL)
+        super().__init__(
+            listener,
+            self.app,
+            spawn=Pool(max_connections),
+            log=None,
+            error_log=log,
+            handler_class=_Handler,
+        )
+        self._init_bounds()
+
+    @property
+    def token(self) -> Optional[str]:
+        """The bearer token every endpoint but ``/healthz`` needs, or None."""
+        return None if self._token is None else self._token.decode("ascii")
+
+    @token.setter
+    def token(self, token) -> None:
+        self._token = _check_token(token)
+
+    def _bad_request(self, address, message: str) -> None:
+        if self._bad_log.ready():
+            more = self._bad_log.take_held_back()
+            client = format_address(address[:2]) if isinstance(address, tuple) else address
+            log.warning(
+                "status: %s from %s%s",
+                message,
+                client,
+                f" ({more} more in the last {self._bad_log.interval:.0f}s)" if more else "",
+            )
 
     def app(self, environ, start_response):
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            if method not in ("GET", "HEAD"):
+                return _reply(
+                    start_response,
+                    "405 Method Not Allowed",
+                    {"error": "use GET"},
+                    [("Allow", "GET, HEAD")],
+                )
+            body = self._healthz(start_response)
+            return [] if method == "HEAD" else body
+        token = self._token
+        if token is not None:
+            scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
+            given = given.strip().encode("latin-1", "replace")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, token):
+                challenge = 'Bearer realm="tcplock"'
+                if scheme:
+                    challenge += ', error="invalid_token"'
+                return _reply(
+                    start_response,
+                    "401 Unauthorized",
+                    {"error": "this endpoint needs the header Authorization: Bearer TOKEN"},
+                    [("WWW-Authenticate", challenge)],
+                )
         routes = {
             ("GET", "/status"): self._status,
             ("GET", "/metrics"): self._metrics,
@@ -188,9 +529,23 @@ class StatusServer(WSGIServer):
             return _reply(
                 start_response,
                 "404 Not Found",
-                {"error": "not found", "paths": sorted({p for _, p in routes})},
+                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/healthz"})},
             )
         return handler(start_response)
+
+    def _healthz(self, start_response):
+        healthy, answer = health(self.lock)
+        status = "200 OK" if healthy else "503 Service Unavailable"
+        body = (json.dumps(answer) + "\n").encode()
+        start_response(
+            status,
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body]
 
     def _backend(self, method, path, start_response):
         # POST /backends/HOST:PORT/drain or /enable
@@ -267,12 +622,17 @@ def agent_reply(lock: TCPLock) -> str:
     return f"up ready {weight}%\n"
 
 
-class AgentCheck(StreamServer):
-    """Answers each connection with one :func:`agent_reply` line, then closes."""
+class AgentCheck(_Bounded, StreamServer):
+    """Answers each connection with one :func:`agent_reply` line, then closes. An answer
+    never waits for the client, so a connection lasts one turn of the loop; accept failures
+    are handled as on the status port."""
+
+    _what = "agent-check"
 
     def __init__(self, listener, lock: TCPLock) -> None:
         self.lock = lock
         super().__init__(listener)
+        self._init_bounds()
 
     def handle(self, sock, address) -> None:
         try:

@@ -287,6 +287,34 @@ def test_bare_port_listens_on_loopback_only(cli, make_backend):
         assert local == f"127.0.0.1:{free}", ss.stdout
 
 
+def test_start_up_line_shows_the_settings_that_matter(cli, make_backend, tmp_path):
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("def on_timeout(conn):\n    pass\n")
+    a, b = make_backend("echo"), make_backend("echo")
+    p = cli(
+        "-l", "127.0.0.1:0", "--backend", f"127.0.0.1:{a.server_port}",
+        "--backend", f"127.0.0.1:{b.server_port}", "-n", "2", "-t", "90s",
+        "--queue-timeout", "2m", "--allow", "127.0.0.0/8", "--allow", "::1",
+        "--on-activate", "true", "--restart-cmd", "true", "--restart-every", "50",
+        "--restart-on-timeout", "--hooks", str(hooks),
+    )  # fmt: skip
+    p.wait_ready()
+    (line,) = [line for line in p.lines if "listening on" in line]
+    assert line.endswith(
+        f"listening on 127.0.0.1:{p.port}, relaying to 127.0.0.1:{a.server_port}, "
+        f"127.0.0.1:{b.server_port}, 2 slot(s) each; timeout 90s, queue-timeout 120s, "
+        "connect-timeout 5s; restart every 50 clients and after a timeout; "
+        f"allow 127.0.0.0/8 ::1/128; hooks on-activate (command), on-timeout ({hooks}), "
+        "restart (command)"
+    ), line
+    p = cli("-l", "127.0.0.1:0", "-p", str(a.server_port))
+    p.wait_ready()
+    assert p.lines[0].endswith(
+        f"relaying to localhost:{a.server_port}, 1 slot(s); timeout off, queue-timeout off, "
+        "connect-timeout 5s; restart never; allow any; hooks none"
+    ), p.lines[0]
+
+
 def test_demo_backend_shows_one_client_at_a_time(cli):
     p = cli("--demo", "-l", "127.0.0.1:0")
     port = p.wait_ready()

@@ -1,14 +1,35 @@
-"""Observing and steering: lock.status(), the HTTP endpoint (status, Prometheus metrics,
-pause/resume), HAProxy's agent-check, and JSON log lines."""
+"""Observing and steering: lock.status(), the HTTP endpoint (health, status, Prometheus
+metrics, pause/resume, its token and its bounds), HAProxy's agent-check, and JSON log
+lines."""
 
 import json
+import os
+import re
+import resource
+import shutil
 import signal
+import time
+import urllib.parse
 
 import gevent
 import pytest
+from gevent.server import StreamServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import connect, http, recv_all, recv_exactly, wait_until
+from conftest import (
+    LOOPBACK,
+    ChildProcess,
+    CLIProcess,
+    connect,
+    free_port,
+    http,
+    recv_all,
+    recv_exactly,
+    require_command,
+    run_cli,
+    wait_until,
+)
+from tcplock import __version__
 from tcplock.status import AgentCheck, StatusServer, agent_reply
 
 pytestmark = pytest.mark.timeout(30)
@@ -83,6 +104,12 @@ def test_metrics_are_prometheus_exposition(make_backend, make_lock, status_of):
     assert samples[("tcplock_bytes_total", (("direction", "down"),))] == 8
     assert samples[("tcplock_queue_wait_seconds_count", ())] == 2
     assert samples[("tcplock_connection_duration_seconds_count", ())] == 2
+    # The process's own metrics, and which tcplock it is.
+    assert samples[("tcplock_build_info", (("version", __version__),))] == 1
+    assert samples[("process_open_fds", ())] > 0
+    assert samples[("process_max_fds", ())] > 0
+    assert 0 < samples[("process_start_time_seconds", ())] <= time.time()
+    assert samples[("process_resident_memory_bytes", ())] > 0
 
 
 def test_pause_holds_queue_and_resume_moves_it_in_order(make_backend, make_lock, status_of):
@@ -215,3 +242,494 @@ def test_cli_status_agent_check_and_json_log(cli, make_backend):
     assert p.wait() == 0
     for line in p.lines:
         json.loads(line)  # every line is JSON
+
+
+# -- /healthz ----------------------------------------------------------------------------------
+
+
+def ask(port, method="GET", path="/status", headers=(), timeout=5.0):
+    """One HTTP/1.1 request with ``headers`` (name, value pairs), as curl would send it, on a
+    fresh connection: (status, headers, body)."""
+    s = connect(port, timeout=timeout)
+    try:
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        raw = recv_all(s, timeout=timeout)
+    finally:
+        s.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    head_lines = head.decode("latin-1").split("\r\n")
+    found = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head_lines[1:])}
+    return int(head_lines[0].split()[1]), found, payload
+
+
+def bearer(token):
+    return [("Authorization", f"Bearer {token}")]
+
+
+def health_of(port):
+    code, headers, body = ask(port, path="/healthz")
+    assert headers["content-type"] == "application/json"
+    return code, json.loads(body)
+
+
+def test_healthz_follows_the_backend_going_down_and_up_pause_drain_and_stop(make_lock):
+    # A backend of our own on a fixed port, so that it can go away and come back there.
+    def serve(port):
+        server = StreamServer((LOOPBACK, port), lambda s, _a: recv_all(s) and None)
+        server.start()
+        return server
+
+    backend = serve(0)
+    port = backend.server_port
+    lock = make_lock(port, connect_timeout=0.3, check_interval=0.05)
+    agent = AgentCheck((LOOPBACK, 0), lock)
+    agent.start()
+    status = StatusServer((LOOPBACK, 0), lock, token="t0ken")  # /healthz needs none
+    status.start()
+    try:
+        assert health_of(status.server_port) == (200, {"status": "ok", "backends_up": 1})
+        # The backend's port closes; the next client finds it refusing: tcplock marks it down.
+        backend.stop(timeout=0)
+        c = connect(lock.server_port)
+        assert recv_all(c) == b""  # ends backend-refused
+        c.close()
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        s = connect(agent.server_port)
+        assert recv_all(s) == b"down#no backend is up\n"
+        s.close()
+        # It listens again: the check finds it, and tcplock is healthy again.
+        backend = serve(port)
+        wait_until(lambda: health_of(status.server_port)[0] == 200, what="healthy again")
+        assert health_of(status.server_port) == (200, {"status": "ok", "backends_up": 1})
+        # HEAD answers the same, without a body.
+        code, headers, body = ask(status.server_port, "HEAD", "/healthz")
+        assert code == 200 and body == b"" and int(headers["content-length"]) > 0
+        lock.pause()
+        assert health_of(status.server_port) == (503, {"status": "paused", "backends_up": 1})
+        lock.resume()
+        lock.drain_backend(f"127.0.0.1:{port}")
+        assert health_of(status.server_port) == (503, {"status": "drained", "backends_up": 1})
+        lock.enable_backend(f"127.0.0.1:{port}")
+        assert health_of(status.server_port)[0] == 200
+        assert ask(status.server_port, "POST", "/healthz")[0] == 405
+        # Stopping: unhealthy while active connections drain.
+        c = connect(lock.server_port)
+        wait_until(lambda: len(lock.active) == 1)
+        stopper = gevent.spawn(lock.stop, 5)
+        wait_until(lambda: lock.draining)
+        assert health_of(status.server_port) == (503, {"status": "stopping", "backends_up": 1})
+        c.close()
+        stopper.join(5)
+    finally:
+        status.stop(timeout=0)
+        agent.stop(timeout=0)
+        backend.stop(timeout=0)
+
+
+# -- the token ---------------------------------------------------------------------------------
+
+
+def test_with_a_token_every_endpoint_but_healthz_needs_it(make_backend, make_lock):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock, token="s3cr3t-T0ken")
+    server.start()
+    port = server.server_port
+    try:
+        endpoints = [
+            ("GET", "/status"),
+            ("GET", "/metrics"),
+            ("POST", "/pause"),
+            ("POST", "/resume"),
+            ("POST", "/backends/127.0.0.1:1/drain"),
+            ("GET", "/no-such-path"),  # 401, not 404: nothing is told without the token
+        ]
+        wrong = [
+            [],
+            bearer("s3cr3t-T0ke"),
+            bearer("s3cr3t-T0ken-"),
+            bearer(""),
+            [("Authorization", "Basic czNjcjN0LVQwa2Vu")],
+            [("Authorization", "s3cr3t-T0ken")],
+        ]
+        for method, path in endpoints:
+            for headers in wrong:
+                code, found, body = ask(port, method, path, headers)
+                assert code == 401, (method, path, headers)
+                assert found["www-authenticate"].startswith('Bearer realm="tcplock"')
+                assert "Bearer" in json.loads(body)["error"]
+        assert lock.paused is False  # the POST /pause without the token did nothing
+        assert health_of(port)[0] == 200
+        code, _, body = ask(port, headers=bearer("s3cr3t-T0ken"))
+        assert code == 200 and json.loads(body)["slots"] == 1
+        assert ask(port, "GET", "/metrics", [("Authorization", "bearer s3cr3t-T0ken")])[0] == 200
+        assert ask(port, "POST", "/pause", bearer("s3cr3t-T0ken"))[0] == 200
+        assert lock.paused is True
+        assert ask(port, "GET", "/no-such-path", bearer("s3cr3t-T0ken"))[0] == 404
+        # A new token (what a reload sets) holds from the next request on; None opens it.
+        server.token = "n3w"
+        assert ask(port, headers=bearer("s3cr3t-T0ken"))[0] == 401
+        assert ask(port, headers=bearer("n3w"))[0] == 200
+        server.token = None
+        assert ask(port)[0] == 200
+        for bad in ("", "two words", "\u00e9t\u00e9", 5):
+            with pytest.raises(ValueError, match="token"):
+                server.token = bad
+    finally:
+        server.stop(timeout=0)
+
+
+def _token_file(tmp_path, content="cli-t0ken\n", mode=0o600):
+    path = tmp_path / "status-token"
+    path.write_text(content)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, mode, message",
+    [
+        ("t0ken\n", 0o644, r"open to group or others \(mode 0644\).*chmod 600"),
+        ("t0ken\n", 0o640, r"open to group or others \(mode 0640\)"),
+        ("t0ken\n", 0o602, r"open to group or others \(mode 0602\)"),
+        ("\n  \n", 0o600, r"is empty"),
+        ("one two\n", 0o600, r"printable ASCII"),
+        (None, None, r"no such file"),
+    ],
+)
+def test_a_token_file_that_is_open_to_others_empty_or_missing_is_refused(
+    tmp_path, content, mode, message
+):
+    path = tmp_path / "status-token" if content is None else _token_file(tmp_path, content, mode)
+    code, out, err = run_cli(
+        "-l", "0", "-p", "1", "--status", "0", "--status-token-file", str(path)
+    )
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("tcplock: error: --status-token-file: ") and re.search(message, err)
+
+
+def test_a_token_file_needs_the_status_endpoint(tmp_path):
+    code, _, err = run_cli("-l", "0", "-p", "1", "--status-token-file", str(_token_file(tmp_path)))
+    assert code == 2 and err.count("\n") == 1 and "give --status too" in err
+
+
+def test_cli_status_token_with_and_without_it(cli, make_backend, tmp_path):
+    path = _token_file(tmp_path)
+    # From a config file too, under its config key.
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text(f"status = 127.0.0.1:0\nstatus-token-file = {path}\n")
+    p = cli.to(make_backend("echo"), "-c", str(conf))
+    p.wait_ready()
+    line = p.wait_for(r"status on http://")
+    assert "token required" in line
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+    assert ask(port)[0] == 401
+    assert ask(port, headers=bearer("wrong"))[0] == 401
+    code, _, body = ask(port, headers=bearer("cli-t0ken"))
+    assert code == 200 and json.loads(body)["queued"] == 0
+    assert health_of(port) == (200, {"status": "ok", "backends_up": 1})
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 0
+    assert "cli-t0ken" not in p.output()  # the token is never logged
+
+
+# -- the status port's bounds --------------------------------------------------------------------
+
+
+def test_idle_and_slow_status_connections_are_closed_at_the_request_timeout(
+    make_backend, make_lock
+):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock, request_timeout=0.5, max_connections=8)
+    server.start()
+    try:
+        start = time.monotonic()
+        idle = [connect(server.server_port) for _ in range(5)]
+        half = connect(server.server_port)
+        half.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        slow = connect(server.server_port)
+
+        def trickle():  # a header byte every 0.1 s: each read succeeds, the head never ends
+            slow.sendall(b"GET /status HTTP/1.1\r\n")
+            for ch in b"X-Long: " + b"a" * 100:
+                try:
+                    slow.sendall(bytes([ch]))
+                except OSError:
+                    return
+                gevent.sleep(0.1)
+
+        trickler = gevent.spawn(trickle)
+        for s in idle:
+            assert recv_all(s, timeout=5) == b""
+        assert 0.4 < time.monotonic() - start < 3
+        reply = recv_all(half, timeout=5)
+        assert reply.startswith(b"HTTP/1.1 408 ")
+        assert recv_all(slow, timeout=5).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - start < 3  # the trickle did not extend its time
+        trickler.kill()
+        # A keep-alive connection idle after its answer is closed at the timeout too.
+        kept = connect(server.server_port)
+        kept.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = time.monotonic()
+        reply = recv_all(kept, timeout=5)
+        assert reply.startswith(b"HTTP/1.1 200 ") and b'"slots"' in reply
+        assert 0.4 < time.monotonic() - first < 3
+        for s in [*idle, half, slow, kept]:
+            s.close()
+    finally:
+        server.stop(timeout=0)
+
+
+def test_status_connections_are_bounded_in_number_and_head_size(make_backend, make_lock):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock, request_timeout=30, max_connections=3)
+    server.start()
+    try:
+        held = [connect(server.server_port) for _ in range(3)]
+        for s in held:
+            s.sendall(b"GET /status HTTP/1.1\r\n")
+        # The fourth waits in the listen backlog: no answer while the three are held...
+        waiting = connect(server.server_port)
+        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        waiting.settimeout(0.3)
+        with pytest.raises(OSError):  # timed out: nothing came back
+            waiting.recv(1)
+        # ... and is answered as soon as one of them goes.
+        held[0].close()
+        waiting.settimeout(5)
+        assert recv_all(waiting).startswith(b"HTTP/1.1 200 ")
+        waiting.close()
+        # A request head over 8 KiB is refused with 431, and the connection closed.
+        s = connect(server.server_port)
+        s.sendall(b"GET /status HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+        assert recv_all(s).startswith(b"HTTP/1.1 431 ")
+        s.close()
+        # Many headers of reasonable size add up the same way.
+        s = connect(server.server_port)
+        s.sendall(b"GET /status HTTP/1.1\r\n" + (b"X-H: " + b"b" * 90 + b"\r\n") * 100 + b"\r\n")
+        assert recv_all(s).startswith(b"HTTP/1.1 431 ")
+        s.close()
+        # Just under the limit is fine.
+        code = ask(server.server_port, headers=[("X-Pad", "c" * 7000)])[0]
+        assert code == 200
+        for s in held[1:]:
+            s.close()
+    finally:
+        server.stop(timeout=0)
+
+
+def _limited_cli(args, nofile):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return CLIProcess(args, preexec_fn=limit)
+
+
+def _status_port(p):
+    return int(re.search(r"status on http://\S+:(\d+)/", p.wait_for("status on")).group(1))
+
+
+def test_half_sent_status_requests_under_a_low_descriptor_limit_do_not_stall_the_lock(
+    make_backend,
+):
+    # 125 half-sent requests on the status port, with 120 descriptors: the status server
+    # holds only its share of the budget, the rest wait in its listen backlog (128 long), and
+    # the lock's clients are served at once all along.
+    backend = make_backend("echo")
+    p = _limited_cli(
+        ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port),
+         "--status", "127.0.0.1:0"],
+        nofile=120,
+    )  # fmt: skip
+    flood = []
+    try:
+        port = p.wait_ready()
+        status_port = _status_port(p)
+        for _ in range(125):
+            s = connect(status_port)
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            flood.append(s)
+        start = time.monotonic()
+        for i in range(40):
+            c = connect(port)
+            c.sendall(b"client %d" % i)
+            assert recv_exactly(c, len(b"client %d" % i), timeout=3) == b"client %d" % i
+            c.close()
+        assert time.monotonic() - start < 5
+        # And several at once, as many as the queue has room for.
+        clients = [connect(port) for _ in range(20)]
+        for i, c in enumerate(clients):
+            c.sendall(b"%02d" % i)
+        for i, c in enumerate(clients):
+            assert recv_exactly(c, 2, timeout=5) == b"%02d" % i
+            c.close()
+        assert p.proc.poll() is None
+        assert not any("cannot accept" in line for line in p.lines), p.output()
+        assert "Traceback" not in p.output()
+    finally:
+        for s in flood:
+            s.close()
+        p.kill()
+
+
+def test_the_status_server_has_its_share_of_the_descriptor_budget(make_backend):
+    backend = make_backend("hold")
+    p = _limited_cli(
+        ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port),
+         "--status", "127.0.0.1:0"],
+        nofile=128,
+    )  # fmt: skip
+    try:
+        p.wait_ready()
+        # 128 - 64 reserved - 6 for the active connection - 16 lingering - 8 for status
+        assert "max-queue 34" in p.wait_for("max-queue")
+    finally:
+        p.kill()
+
+
+def test_malformed_requests_and_accept_failures_are_one_line_each_never_a_traceback(
+    make_backend,
+):
+    backend = make_backend("echo")
+    p = _limited_cli(
+        ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port),
+         "--status", "127.0.0.1:0", "--agent-check", "127.0.0.1:0", "--max-queue", "1000"],
+        nofile=64,
+    )  # fmt: skip
+    flood = []
+    try:
+        port = p.wait_ready()
+        status_port = _status_port(p)
+        agent_port = int(p.wait_for(r"agent-check on").rsplit(":", 1)[1])
+        bad = [
+            b"garbage\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"GET /status HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n",  # over 100 headers
+            b"GET /status HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+            b"GET /status HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+        ]
+        for request in bad * 5:
+            s = connect(status_port)
+            s.sendall(request)
+            assert re.match(rb"HTTP/1.1 4\d\d ", recv_all(s)), request[:40]
+            s.close()
+        p.wait_for(r"status: .* from 127\.0\.0\.1:")
+        # Descriptors run out: the lock's clients take them all.
+        for _ in range(100):
+            flood.append(connect(port))
+        p.wait_for("cannot accept new clients")
+        for _ in range(10):
+            flood.append(connect(status_port))
+            flood.append(connect(agent_port))
+        p.wait_for("status: cannot accept connections: Too many open files")
+        p.wait_for("agent-check: cannot accept connections: Too many open files")
+        for s in flood:
+            s.close()
+        flood.clear()
+        # Descriptors back: the status port answers again.
+        with gevent.Timeout(20):
+            while True:
+                try:
+                    if health_of(status_port)[0] == 200:
+                        break
+                except (OSError, IndexError, ValueError):
+                    gevent.sleep(0.1)
+        p.signal(signal.SIGTERM)
+        assert p.wait() == 0
+        out = p.output()
+        assert "Traceback" not in out, out
+        assert sum("status: " in line and " from 127.0.0.1:" in line for line in p.lines) == 1
+        assert sum("status: cannot accept" in line for line in p.lines) == 1
+        assert sum("agent-check: cannot accept" in line for line in p.lines) == 1
+    finally:
+        for s in flood:
+            s.close()
+        p.kill()
+
+
+# -- Prometheus, with the token ------------------------------------------------------------------
+
+CONTRIB = os.path.join(os.path.dirname(__file__), "..", "contrib", "prometheus")
+
+
+def _contrib_config(tmp_path, credentials, target=None, interval=None):
+    """contrib/prometheus/prometheus.yml with its credentials file (and target, interval)
+    pointed at this test's."""
+    with open(os.path.join(CONTRIB, "prometheus.yml")) as f:
+        text = f.read()
+    assert "credentials_file: /etc/prometheus/tcplock-status-token" in text
+    text = text.replace("/etc/prometheus/tcplock-status-token", str(credentials))
+    if target:
+        assert '"127.0.0.1:9100"' in text
+        text = text.replace('"127.0.0.1:9100"', f'"{target}"')
+    if interval:
+        assert "scrape_interval: 15s" in text
+        text = text.replace("scrape_interval: 15s", f"scrape_interval: {interval}")
+    path = tmp_path / "prometheus.yml"
+    path.write_text(text)
+    return path
+
+
+def test_contrib_prometheus_config_passes_promtool(tmp_path):
+    promtool = require_command("promtool", "prometheus")
+    credentials = _token_file(tmp_path)
+    config = _contrib_config(tmp_path, credentials)
+    done = gevent.subprocess.run(
+        [promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _prometheus_query(port, query):
+    path = "/api/v1/query?query=" + urllib.parse.quote(query)
+    code, _, body = ask(port, path=path)
+    assert code == 200, body
+    return json.loads(body)["data"]["result"]
+
+
+def test_prometheus_scrapes_with_the_token_from_its_credentials_file(cli, make_backend, tmp_path):
+    require_command("promtool", "prometheus")
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("the prometheus package installs no prometheus server here")
+    token = _token_file(tmp_path)
+    p = cli.to(make_backend("echo"), "--status", "127.0.0.1:0", "--status-token-file", str(token))
+    p.wait_ready()
+    status_port = _status_port(p)
+    # Prometheus starts with a wrong token: its scrapes get 401, and it says the target is down.
+    credentials = tmp_path / "prometheus-token"
+    credentials.write_text("not-the-token\n")
+    credentials.chmod(0o600)
+    config = _contrib_config(
+        tmp_path, credentials, target=f"127.0.0.1:{status_port}", interval="200ms"
+    )
+    web = free_port()
+    server = ChildProcess(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{web}"],
+    )  # fmt: skip
+    try:
+        server.wait_for("Server is ready to receive web requests", timeout=60)
+
+        def up():
+            result = _prometheus_query(web, 'up{job="tcplock"}')
+            return result[0]["value"][1] if result else None
+
+        with gevent.Timeout(30):
+            while up() != "0":
+                gevent.sleep(0.2)
+        # The right token in the file: the next scrapes get in.
+        credentials.write_text(token.read_text())
+        with gevent.Timeout(30):
+            while up() != "1":
+                gevent.sleep(0.2)
+        (build,) = _prometheus_query(web, "tcplock_build_info")
+        assert build["metric"]["version"] == __version__
+        assert _prometheus_query(web, 'tcplock_slots{job="tcplock"}')[0]["value"][1] == "1"
+    finally:
+        server.proc.terminate()
+        server.wait(timeout=30)
+        server.kill()
