@@ -245,9 +245,7 @@ def test_stopping_while_a_backend_is_not_yet_ready_stops_it(supervised, pidfile,
     assert not any(alive(pid) for pid in pids_in(pidfile))
 
 
-def test_the_ready_command_also_decides_when_a_backend_that_was_down_is_back(
-    make_lock, tmp_path
-):
+def test_the_ready_command_also_decides_when_a_backend_that_was_down_is_back(make_lock, tmp_path):
     from gevent.server import StreamServer
 
     ready = tmp_path / "ready"
