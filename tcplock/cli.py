@@ -265,8 +265,18 @@ class UsageError(Exception):
 
 
 def check_hooks(args, hooks: dict) -> None:
-    """The hooks' rule: restarting after a count or a timeout needs a restart hook."""
-    if (args.restart_every or args.restart_on_timeout) and hooks["restart"] is None:
+    """The hooks' rules: restarting after a count or a timeout needs a restart hook or a
+    backend command, and a backend command takes no restart hook."""
+    if args.backend_cmd and hooks["restart"] is not None:
+        raise UsageError(
+            f"{args.hooks} defines restart(), and --backend-cmd is given: tcplock restarts the "
+            "backends it runs"
+        )
+    if (
+        (args.restart_every or args.restart_on_timeout)
+        and hooks["restart"] is None
+        and not args.backend_cmd
+    ):
         raise UsageError(
             f"{args.hooks} defines no restart(reason), which "
             "--restart-every and --restart-on-timeout need"

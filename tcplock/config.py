@@ -283,6 +283,10 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
             raise ConfigError(
                 f"{named('demo')} relays to its own backend: leave out {named('proxy_port')}"
             )
+        if args.backend_cmd:
+            raise ConfigError(
+                f"{named('demo')} relays to its own backend: leave out {named('backend_cmd')}"
+            )
         if args.listen is None:
             args.listen = ("127.0.0.1", 9000)
     else:
@@ -299,8 +303,19 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
         raise ConfigError(
             f"{named('status_token_file')} protects the --status endpoint: give --status too"
         )
-    if (args.restart_every or args.restart_on_timeout) and not (args.restart_cmd or args.hooks):
+    if args.backend_cmd and args.restart_cmd:
         raise ConfigError(
-            "--restart-every and --restart-on-timeout need --restart-cmd "
+            f"{named('backend_cmd')} and {named('restart_cmd')} exclude each other: tcplock "
+            "restarts the backends it runs"
+        )
+    if (args.restart_every or args.restart_on_timeout) and not (
+        args.restart_cmd or args.hooks or args.backend_cmd
+    ):
+        raise ConfigError(
+            "--restart-every and --restart-on-timeout need --backend-cmd or --restart-cmd "
             "(or a restart() in --hooks)"
+        )
+    if args.restart_above_rss is not None and not args.backend_cmd:
+        raise ConfigError(
+            f"{named('restart_above_rss')} needs --backend-cmd (a backend tcplock runs)"
         )

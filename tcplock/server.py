@@ -176,6 +176,7 @@ class TCPLock(StreamServer):
         ]
         self.gate = Gate(units=self.backends)
         self._leaving = 0  # backends leaving the pool (see set_backends)
+        self._leavers = set()  # the stops of process groups of backends that left the pool
         #: accept() calls that failed for lack of descriptors or memory.
         self.accept_failures = 0
         self._accept_delay = self.min_delay
@@ -337,11 +338,12 @@ class TCPLock(StreamServer):
         throughout; no waiting client and no active connection is touched."""
         addresses = _check_backends(addresses)
         current = {b.address: b for b in self.backends}
-        pool = []
+        pool, joined = [], []
         for index, address in enumerate(addresses, 1):
             b = current.pop(address, None)
             if b is None:
                 b = Backend(address, self, index)
+                joined.append(b)
                 log.warning("backend %s joins the pool", b.label)
             elif b.leaving:
                 b.leaving = False
@@ -362,6 +364,9 @@ class TCPLock(StreamServer):
         self.backends = pool
         self.gate.units = pool
         self._sync_gate()
+        if self.started:
+            for b in joined:  # a backend tcplock runs: its command starts now (a no-op for others)
+                b.start_process()
 
     def _retire(self) -> None:
         """Take the leaving backends that have finished out of the pool."""
@@ -374,6 +379,10 @@ class TCPLock(StreamServer):
         for b in gone:
             b.close()
             log.warning("backend %s has left the pool", b.label)
+            if b.process is not None:  # a backend tcplock runs: its process group goes too
+                stopping = gevent.spawn(b.process.stop, self.stop_timeout)
+                self._leavers.add(stopping)
+                stopping.link(self._leavers.discard)
 
     def backend_named(self, address) -> Backend:
         """The backend at ``address`` (``"host:port"`` or a tuple); KeyError if none."""
@@ -682,6 +691,8 @@ class TCPLock(StreamServer):
         if self._sweeper is None:
             self._sweeper = self.loop.timer(self.sweep_interval, self.sweep_interval)
             self._sweeper.start(self._sweep)
+        for backend in self.backends:  # clients wait in the queue until one is ready
+            backend.start_process()
 
     def close(self) -> None:
         """Stop listening. Connections already accepted go on (stop() drains them); the sweep
@@ -742,6 +753,8 @@ class TCPLock(StreamServer):
             self.close()
         self.gate.cancel_all("shutdown")
         for backend in self.backends:
+            if backend.process is not None and backend.restart_step is not None:
+                backend.restart_step.kill()  # a backend tcplock runs is stopped, not restarted
             for conn in list(backend.parked):  # no restart is coming for them now
                 conn.unpark()
         deadline = time.monotonic() + timeout
@@ -763,6 +776,14 @@ class TCPLock(StreamServer):
         self._stop_sweeper()
         for backend in self.backends:
             backend.close()
+        # The backends tcplock runs, all at once: each gets stop_timeout after SIGTERM, and
+        # this returns only once every one of their processes is gone.
+        stopping = [
+            gevent.spawn(b.process.stop, self.stop_timeout)
+            for b in self.backends
+            if b.process is not None
+        ]
+        gevent.joinall(stopping + list(self._leavers))  # and those of backends that left
 
     def _restarts_over(self, deadline: float) -> bool:
         while any(b.restart_step is not None for b in self.backends):
