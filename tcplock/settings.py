@@ -477,6 +477,67 @@ SETTINGS: Tuple[Setting, ...] = (
         example="[127.0.0.0/8, ::1/128, 10.1.2.0/24]",
         reload=True,
     ),
+    Setting(
+        "accept-proxy",
+        ("--accept-proxy",),
+        "clients arrive through a proxy that sends a PROXY protocol header (v1 or v2): the "
+        "client address it gives is used for the log, --allow, hooks and status; a connection "
+        "without a valid header is closed",
+        kind="flag",
+        attr="accept_proxy",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        example="on",
+        reload=True,
+    ),
+    Setting(
+        "trusted-proxy",
+        ("--trusted-proxy",),
+        "with --accept-proxy, take headers only from peers in this network (repeatable); a "
+        "connection from elsewhere is closed unread",
+        kind="networks",
+        attr="trusted_proxy",
+        metavar="CIDR",
+        parse=_network,
+        check=_check_networks,
+        action="append",
+        shown="loopback (127.0.0.0/8, ::1/128)",
+        example="[127.0.0.1/32, 10.0.0.5/32]",
+        reload=True,
+    ),
+    _duration_setting(
+        "proxy-header-timeout",
+        ("--proxy-header-timeout",),
+        help="with --accept-proxy, close a connection whose header is not complete within this "
+        "time",
+        attr="proxy_header_timeout",
+        default=5.0,
+    ),
+    Setting(
+        "send-proxy",
+        ("--send-proxy",),
+        "send a PROXY protocol v1 header to the backend on each connection, with the client's "
+        "address",
+        kind="flag",
+        attr="send_proxy",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        example="on",
+        reload=True,
+    ),
+    Setting(
+        "send-proxy-v2",
+        ("--send-proxy-v2",),
+        "the same with a v2 (binary) header; not together with --send-proxy",
+        kind="flag",
+        attr="send_proxy_v2",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        reload=True,
+    ),
     _duration_setting(
         "connect-timeout",
         ("--connect-timeout",),
@@ -661,10 +722,13 @@ def validate(attr: str, value):
 
 
 def check_together(values: Dict[str, Any]) -> None:
-    """The rules between settings: restarting after a count or a timeout needs a restart."""
+    """The rules between settings: restarting after a count or a timeout needs a restart, and
+    one PROXY header version at most is sent."""
     wants = values.get("restart_every") or values.get("restart_on_timeout")
     if wants and values.get("restart") is None:
         raise ValueError("restart_every and restart_on_timeout need a restart callable")
+    if values.get("send_proxy") and values.get("send_proxy_v2"):
+        raise ValueError("send_proxy and send_proxy_v2 exclude each other: set one")
 
 
 # -- the docs, printed from the table ----------------------------------------------------------
