@@ -29,6 +29,7 @@ from gevent.event import AsyncResult
 
 from .hooks import CommandHook, HookFailed, call_hook
 from .peer import PeerCheck
+from .proxyproto import make_v1, make_v2
 from .settings import format_size
 from .steps import Step
 from .supervise import BackendProcess, describe_status, probe
@@ -221,13 +222,26 @@ class Backend:
     def _checked(self, sock, _error) -> None:
         self._check = None
         if sock is not None:
-            sock.close()
+            self.close_check(sock)
             self.mark_up()
 
     def _probed(self, result, _error) -> None:
         self._check = None
         if result is not None and result[0]:
             self.mark_up()
+
+    def close_check(self, sock) -> None:
+        """Close a check's connection. A backend sent PROXY headers is sent one first,
+        naming the check connection's own two ends (the protocol's advice for health checks),
+        so that it sees a well-formed connection rather than a broken one."""
+        lock = self.lock
+        if lock.send_proxy or lock.send_proxy_v2:
+            make = make_v2 if lock.send_proxy_v2 else make_v1
+            try:
+                sock.send(make(sock.getsockname(), sock.getpeername()))
+            except (OSError, ValueError):
+                pass  # a check only asks whether it accepts: it did
+        sock.close()
 
     def _stop_checks(self) -> None:
         if self._checks is not None:
@@ -479,7 +493,7 @@ class Backend:
             raise HookFailed(
                 f"backend not accepting connections {timeout:g}s after the restart ({reason})"
             )
-        sock.close()
+        self.close_check(sock)
 
     def _wait_ready_cmd(self, timeout: float) -> None:
         command = self.lock.ready_cmd

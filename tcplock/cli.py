@@ -450,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from gevent.event import Event
 
     from .logs import setup_logging
-    from .server import TCPLock, format_address
+    from .server import LOOPBACK, TCPLock, format_address
 
     try:
         hooks = load_hooks(args)
@@ -553,6 +553,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         default_max_queue(capacity, args.slots * len(lock.backends), status_connections),
         kwargs["max_queue"],
     )
+    if args.accept_proxy:
+        trusted = lock.trusted_proxy if lock.trusted_proxy is not None else LOOPBACK
+        log.info(
+            "clients come through a proxy: PROXY headers taken from %s only",
+            ", ".join(str(n) for n in trusted),
+        )
+    if args.send_proxy or args.send_proxy_v2:
+        log.info("backends are sent a PROXY %s header", "v2" if args.send_proxy_v2 else "v1")
     for name, address, server in extras:
         where = format_address((address[0], server.server_port))
         if name == "status":

@@ -315,6 +315,10 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
             "--restart-every and --restart-on-timeout need --backend-cmd or --restart-cmd "
             "(or a restart() in --hooks)"
         )
+    if args.send_proxy and args.send_proxy_v2:
+        raise ConfigError(
+            f"{named('send_proxy')} and {named('send_proxy_v2')} exclude each other: give one"
+        )
     if args.restart_above_rss is not None and not args.backend_cmd:
         raise ConfigError(
             f"{named('restart_above_rss')} needs --backend-cmd (a backend tcplock runs)"

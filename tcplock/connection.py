@@ -2,7 +2,7 @@
 
 What it owns: the life of one connection as a state machine driven by the event loop::
 
-    queued -> granted -> [parked] -> [hook] -> connecting -> relaying -> ending -> ended
+    [header] -> queued -> granted -> [parked] -> [hook] -> connecting -> relaying -> ending -> ended
 
 Each state has at most one timer and one watcher (or one step: a blocking call in a greenlet of
 its own, see :mod:`tcplock.steps`), and leaving a state stops them. Every way out leads to
@@ -26,6 +26,7 @@ from gevent import GreenletExit
 
 from .backend import Connect, format_address
 from .hooks import HookFailed, call_hook
+from .proxyproto import make_v1, make_v2
 from .relay import Relay
 from .steps import Step
 
@@ -44,12 +45,15 @@ END_REASONS = (
     "queue-timeout",  # the client waited longer than queue_timeout
     "queue-full",  # max_queue clients were already waiting
     "not-allowed",  # the client's address is not in the allow list
+    "untrusted-proxy",  # accept_proxy: the peer is not in trusted_proxy; nothing was read
+    "bad-proxy-header",  # accept_proxy: no valid PROXY header within proxy_header_timeout
     "backend-refused",  # no backend connection could be made within connect_timeout
     "hook-failed",  # the on_activate hook failed; the client never reached the backend
     "shutdown",  # tcplock was stopping
     "error",  # a bug in tcplock (logged with a traceback)
 )
 
+HEADER = "header"  # accept_proxy: reading the PROXY header, before admission to the queue
 QUEUED = "queued"
 GRANTED = "granted"
 PARKED = "parked"  # granted, waiting for a restart of its backend to finish
@@ -59,7 +63,7 @@ RELAYING = "relaying"
 HOLDING = "holding"  # an in-process holder (TCPLock.slot) using its slot
 ENDING = "ending"  # ended; the TTL hook or a restart may still run with the slot held
 ENDED = "ended"
-STATES = (QUEUED, GRANTED, PARKED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
+STATES = (HEADER, QUEUED, GRANTED, PARKED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
 
 # Ends after which the client's socket is closed with a reset rather than an orderly FIN: the
 # client must learn that the exchange did not complete.
@@ -86,7 +90,7 @@ class Connection:
     __slots__ = (
         "lock", "id", "client", "sock", "upstream", "backend", "state", "activation",
         "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "ticket",
-        "watch", "timer", "relay", "pending",
+        "watch", "timer", "relay", "pending", "peer", "destination",
     )  # fmt: skip
 
     def __init__(self, lock, sock, client, number: int) -> None:
@@ -94,8 +98,15 @@ class Connection:
         #: A sequence number, in accept order, starting at 1.
         self.id = number
         #: The client's address tuple, as ``socket.getpeername()`` gives it (None for an
-        #: in-process holder, see :meth:`TCPLock.slot`).
+        #: in-process holder, see :meth:`TCPLock.slot`); with ``accept_proxy``, the source
+        #: address of its PROXY header, once read, as ``(host, port)``.
         self.client = client
+        #: Where the connection itself came from: the same as ``client``, unless a PROXY
+        #: header gave the client's address (then this is the proxy's).
+        self.peer = client
+        #: The address the client connected to, as a PROXY header gave it; None: this
+        #: connection's own local address.
+        self.destination = None
         #: The client socket, and the backend socket once connected (None before and after).
         self.sock = sock
         self.upstream = None
@@ -325,12 +336,43 @@ class Connection:
         self.upstream = sock
         if not self.backend.up:
             self.backend.mark_up()  # it answered: no need to wait for its check
+        lock = self.lock
+        if (lock.send_proxy or lock.send_proxy_v2) and not self._send_proxy_header(sock):
+            return None
         try:
             self._relay(attempt.sockaddr)
         except Exception:
             log.exception("%s: unexpected error", self.label)
             self.finish("error")
         return None
+
+    def _send_proxy_header(self, sock) -> bool:
+        """Send the backend a PROXY header (v2 or v1) naming the client and the address it
+        connected to, before any byte of the client's. One send: the header is shorter than
+        any MSS and goes into the empty send buffer of a new connection (the protocol's own
+        advice is not to bother with partial sends). If it does not go out whole, the
+        connection ends as ``backend-reset``, so that the backend never takes a cut header
+        for a client's bytes. True if it was sent."""
+        make = make_v2 if self.lock.send_proxy_v2 else make_v1
+        header = b""
+        try:
+            header = make(self.client, self.destination or self.sock.getsockname())
+            sent = sock.send(header)
+            why = "the send buffer is full"
+        except BlockingIOError:
+            sent, why = 0, "the send buffer is full"
+        except (OSError, ValueError) as e:
+            sent, why = -1, getattr(e, "strerror", None) or e
+        if sent == len(header):
+            return True
+        log.warning(
+            "%s: could not send the PROXY header to backend %s: %s",
+            self.label,
+            self.backend.label,
+            why,
+        )
+        self.finish("backend-reset")
+        return False
 
     def _relay(self, peer) -> None:
         self.state = RELAYING

@@ -31,8 +31,17 @@ from gevent.server import StreamServer
 
 from . import settings as _settings
 from .backend import Backend, format_address
-from .connection import _ABORT_CLIENT, END_REASONS, HOLDING, QUEUED, Connection, close_socket
+from .connection import (
+    _ABORT_CLIENT,
+    END_REASONS,
+    HEADER,
+    HOLDING,
+    QUEUED,
+    Connection,
+    close_socket,
+)
 from .gate import Gate, Ticket
+from .proxyproto import HeaderError, HeaderReader
 from .relay import read_watcher, recycle
 
 __all__ = ["TCPLock", "Connection", "END_REASONS", "format_address"]
@@ -43,6 +52,12 @@ log = logging.getLogger(__name__)
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Network = ipaddress._BaseNetwork
+
+#: Whom a PROXY header is taken from when ``trusted_proxy`` is None.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+# End reasons of clients turned away by address, which may come in floods: logged at most
+# once per interval.
+_REFUSALS = frozenset({"not-allowed", "untrusted-proxy"})
 
 
 class _RateLimit:
@@ -182,6 +197,7 @@ class TCPLock(StreamServer):
         self._accept_delay = self.min_delay
         self._accept_log = _RateLimit(10.0)
         self._refusal_log = _RateLimit(10.0)
+        self._header_log = _RateLimit(10.0)
         #: Activations so far (slots granted).
         self.activations = 0
         #: Connections that held a slot and have finished.
@@ -523,10 +539,21 @@ class TCPLock(StreamServer):
         conn = self._admit(sock, address)
         if self._stopping:
             return conn.finish("shutdown")
+        if self.accept_proxy:
+            trusted = self.trusted_proxy
+            if not _within(address[0], LOOPBACK if trusted is None else trusted):
+                return conn.finish("untrusted-proxy")
+            if self._tune_clients:
+                _tune(sock)
+            return self._read_header(conn)
         if self.allow is not None and not self._allowed(address[0]):
             return conn.finish("not-allowed")
         if self._tune_clients:
             _tune(sock)
+        return self._enqueue(conn)
+
+    def _enqueue(self, conn: Connection) -> None:
+        """Into the queue (or straight to a slot), unless the queue is full."""
         max_queue = self.max_queue
         if max_queue is not None and self.gate.waiting >= max_queue and self.gate.would_wait():
             return conn.finish("queue-full")
@@ -534,6 +561,67 @@ class TCPLock(StreamServer):
         if self.gate.enqueue(ticket):
             return self._grant(conn)
         return self._watch_queued(conn, self.queue_timeout)
+
+    # A PROXY header is read before the client joins the queue, in the event loop like the
+    # rest: a read watcher and a timer, no greenlet. HeaderReader takes only the header's
+    # bytes; what the client sent after it stays in the kernel for the backend.
+
+    def _read_header(self, conn: Connection) -> None:
+        conn.state = HEADER
+        reader = HeaderReader()
+        if self._header_read(conn, reader):
+            return None  # a proxy sends its header at once: usually it is all there
+        conn.watch = self.loop.io(conn.sock.fileno(), 1)
+        conn.watch.start(self._header_readable, conn, reader)
+        conn.timer = self.loop.timer(self.proxy_header_timeout)
+        conn.timer.start(self._header_timed_out, conn)
+        return None
+
+    def _header_readable(self, conn: Connection, reader: HeaderReader) -> None:
+        if conn.state is not HEADER:
+            return
+        try:
+            self._header_read(conn, reader)
+        except Exception:
+            log.exception("%s: unexpected error", conn.label)
+            conn.finish("error")
+
+    def _header_read(self, conn: Connection, reader: HeaderReader) -> bool:
+        """Read what there is of the header; True once the connection has gone on (admitted,
+        or ended)."""
+        try:
+            header = reader.read(conn.sock)
+        except HeaderError as e:
+            self._bad_header(conn, str(e))
+            return True
+        if header is None:
+            return False
+        conn.stop_watching()
+        if header.source is not None:
+            conn.client, conn.destination = header.source, header.destination
+        conn.state = QUEUED
+        conn.queued_at = time.monotonic()  # its wait starts now
+        if self._stopping:
+            conn.finish("shutdown")
+        elif self.allow is not None and not self._allowed(conn.client[0]):
+            conn.finish("not-allowed")
+        else:
+            self._enqueue(conn)
+        return True
+
+    def _header_timed_out(self, conn: Connection) -> None:
+        self._bad_header(conn, f"no complete header within {self.proxy_header_timeout:g}s")
+
+    def _bad_header(self, conn: Connection, why: str) -> None:
+        if self._header_log.ready():
+            more = self._header_log.take_held_back()
+            log.warning(
+                "%s: bad PROXY header: %s%s",
+                conn.label,
+                why,
+                f" ({more} more in the last {self._header_log.interval:.0f}s)" if more else "",
+            )
+        conn.finish("bad-proxy-header")
 
     def _watch_queued(self, conn: Connection, queue_timeout: Optional[float]) -> None:
         """Watch a waiting client: for leaving, and against ``queue_timeout``."""
@@ -582,13 +670,7 @@ class TCPLock(StreamServer):
             self._activating = False
 
     def _allowed(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # an IPv4 client of a dual-stack listener
-        return any(ip in net for net in self.allow)
+        return _within(host, self.allow)
 
     # -- what a connection calls back --------------------------------------------------------
 
@@ -655,7 +737,7 @@ class TCPLock(StreamServer):
         if not counted:
             self._count(conn)
         reason = conn.end
-        if reason != "not-allowed" or self._log_refusal():
+        if reason not in _REFUSALS or self._log_refusal():
             if self.connection_log is not None:
                 try:
                     self.connection_log(conn)
@@ -676,7 +758,7 @@ class TCPLock(StreamServer):
         more = self._refusal_log.take_held_back()
         if more:
             log.warning(
-                "%d more clients were not allowed in the last %.0fs",
+                "%d more clients were turned away by address in the last %.0fs",
                 more,
                 self._refusal_log.interval,
             )
@@ -752,6 +834,9 @@ class TCPLock(StreamServer):
         if not self.closed:
             self.close()
         self.gate.cancel_all("shutdown")
+        for conn in list(self._connections):
+            if conn.state is HEADER:  # not in the queue yet: nothing to wait for
+                conn.finish("shutdown")
         for backend in self.backends:
             if backend.process is not None and backend.restart_step is not None:
                 backend.restart_step.kill()  # a backend tcplock runs is stopped, not restarted
@@ -866,6 +951,17 @@ def _tune(sock) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
     except OSError:
         pass  # the peer may already be gone; the relay will see it
+
+
+def _within(host: str, networks) -> bool:
+    """Whether the address ``host`` is in one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 client of a dual-stack listener
+    return any(ip in net for net in networks)
 
 
 def _inherits_options(listener) -> bool:

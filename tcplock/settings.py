@@ -603,6 +603,67 @@ SETTINGS: Tuple[Setting, ...] = (
         example="[127.0.0.0/8, ::1/128, 10.1.2.0/24]",
         reload=True,
     ),
+    Setting(
+        "accept-proxy",
+        ("--accept-proxy",),
+        "clients arrive through a proxy that sends a PROXY protocol header (v1 or v2): the "
+        "client address it gives is used for the log, --allow, hooks and status; a connection "
+        "without a valid header is closed",
+        kind="flag",
+        attr="accept_proxy",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        example="on",
+        reload=True,
+    ),
+    Setting(
+        "trusted-proxy",
+        ("--trusted-proxy",),
+        "with --accept-proxy, take headers only from peers in this network (repeatable); a "
+        "connection from elsewhere is closed unread",
+        kind="networks",
+        attr="trusted_proxy",
+        metavar="CIDR",
+        parse=_network,
+        check=_check_networks,
+        action="append",
+        shown="loopback (127.0.0.0/8, ::1/128)",
+        example="[127.0.0.1/32, 10.0.0.5/32]",
+        reload=True,
+    ),
+    _duration_setting(
+        "proxy-header-timeout",
+        ("--proxy-header-timeout",),
+        help="with --accept-proxy, close a connection whose header is not complete within this "
+        "time",
+        attr="proxy_header_timeout",
+        default=5.0,
+    ),
+    Setting(
+        "send-proxy",
+        ("--send-proxy",),
+        "send a PROXY protocol v1 header to the backend on each connection, with the client's "
+        "address",
+        kind="flag",
+        attr="send_proxy",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        example="on",
+        reload=True,
+    ),
+    Setting(
+        "send-proxy-v2",
+        ("--send-proxy-v2",),
+        "the same with a v2 (binary) header; not together with --send-proxy",
+        kind="flag",
+        attr="send_proxy_v2",
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        reload=True,
+    ),
     _duration_setting(
         "connect-timeout",
         ("--connect-timeout",),
@@ -840,7 +901,8 @@ def validate(attr: str, value):
 def check_together(values: Dict[str, Any]) -> None:
     """The rules between settings: restarting after a count or a timeout needs a restart (a
     callable, or a backend tcplock runs itself); a backend tcplock runs is restarted by
-    tcplock, not by a restart callable; a memory limit needs a backend tcplock runs."""
+    tcplock, not by a restart callable; a memory limit needs a backend tcplock runs; one PROXY
+    header version at most is sent."""
     supervised = values.get("backend_cmd") is not None
     if supervised and values.get("restart") is not None:
         raise ValueError(
@@ -854,6 +916,8 @@ def check_together(values: Dict[str, Any]) -> None:
         )
     if values.get("restart_above_rss") is not None and not supervised:
         raise ValueError("restart_above_rss needs backend_cmd (a backend tcplock runs)")
+    if values.get("send_proxy") and values.get("send_proxy_v2"):
+        raise ValueError("send_proxy and send_proxy_v2 exclude each other: set one")
 
 
 # -- the docs, printed from the table ----------------------------------------------------------

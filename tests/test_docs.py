@@ -89,13 +89,13 @@ def test_every_environment_variable_the_parser_reads_is_documented():
 
 def test_sample_config_sets_the_required_settings_and_every_value_parses(tmp_path):
     text = CONF.read_text()
-    set_keys = re.findall(r"^([a-z][a-z-]*)\s*=", text, re.M)
+    set_keys = re.findall(r"^([a-z][a-z0-9-]*)\s*=", text, re.M)
     assert sorted(set_keys) == sorted(s.name for s in SETTINGS if s.required)
     # Uncommented, every sample value is accepted by the parser: the pool's backends in place
     # of the single backend's host and port, which cannot be given with them; and backends
     # that tcplock runs (with their memory limit) in place of the restart command.
     supervised = r"(backend|backend-cmd|restart-above-rss)\b"
-    single = re.sub(rf"^#\s*((?!{supervised})[a-z][a-z-]*\s*=)", r"\1", text, flags=re.M)
+    single = re.sub(rf"^#\s*((?!{supervised})[a-z][a-z0-9-]*\s*=)", r"\1", text, flags=re.M)
     pool = re.sub(r"^(proxy-host|proxy-port|restart-cmd)\s*=.*$", "", single, flags=re.M)
     pool = re.sub(rf"^#\s*({supervised}\s*=)", r"\1", pool, flags=re.M)
     left_out_single = ("backend", "backend-cmd", "restart-above-rss")

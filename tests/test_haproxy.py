@@ -8,6 +8,7 @@ it; HAProxy's stats CSV shows what HAProxy believes about each instance.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,7 +21,15 @@ import gevent
 import pytest
 from gevent import subprocess
 
-from conftest import LOOPBACK, connect, http, recv_all, require_command, wait_until
+from conftest import (
+    LOOPBACK,
+    connect,
+    http,
+    recv_all,
+    require_command,
+    tcp_connections,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,10 +104,12 @@ def tagged_echo(tag: bytes):
 
 
 class Instance:
-    """One tcplock subprocess with its status and agent-check ports."""
+    """One tcplock subprocess with its status and agent-check ports, taking the PROXY line
+    HAProxy sends (send-proxy in the shipped config)."""
 
     def __init__(self, cli, backend_port):
         self.proc = cli(
+            "--accept-proxy",
             "--listen",
             f"{LOOPBACK}:0",
             "--proxy-host",
@@ -454,6 +465,37 @@ def test_a_dead_instance_loses_no_new_client(farm):
     f.wait_servers(lambda s: s["b"]["status"].startswith("DOWN"), "B down", timeout=10)
 
 
+def test_tcplock_sees_each_client_not_haproxy(farm):
+    """With send-proxy, tcplock's log and /status name the client. On loopback the client and
+    HAProxy share 127.0.0.1, so the port tells them apart: the client's own, not the port of
+    HAProxy's connection to tcplock."""
+    f = farm
+    clients = [Client(f.frontend, f"who-{i}".encode()) for i in range(2)]
+    for c in clients:
+        c.read_who()
+    instance = {b"A": f.a, b"B": f.b}
+    for c in clients:
+        port = c.sock.getsockname()[1]
+        (entry,) = instance[c.who].status()["active"]
+        assert entry["client"] == f"{LOOPBACK}:{port}"
+        # HAProxy's side of its connection to tcplock has a port of its own.
+        listen = instance[c.who].port
+        haproxy_ports = {remote for local, remote, *_ in tcp_connections(listen) if local == listen}
+        assert haproxy_ports and port not in haproxy_ports
+    for c in clients:
+        port = c.sock.getsockname()[1]
+        c.finish()
+        instance[c.who].proc.wait_for(rf"{LOOPBACK}:{port} queued=\S+ active=\S+ .* end=closed")
+    # A client that skips HAProxy sends no PROXY line: it is closed, never reaching a backend.
+    direct = connect(f.a.port)
+    direct.sendall(b"hello\n")
+    with contextlib.suppress(ConnectionResetError):  # "hello" unread: the close may be a reset
+        assert recv_all(direct) == b""
+    f.a.proc.wait_for(rf"{LOOPBACK}:{direct.getsockname()[1]} .* end=bad-proxy-header")
+    direct.close()
+    assert "bad-proxy-header" not in f.b.proc.output()
+
+
 def sections(text: str) -> dict:
     """{"defaults": [[word, ...], ...], "backend tcplock": [...], ...}, comments dropped."""
     out, current = {}, None
@@ -490,3 +532,4 @@ def test_shipped_config_keeps_the_promises_of_its_comments():
         # Health check and agent on the agent port: never a client in tcplock's queue.
         assert w[w.index("port") + 1] == w[w.index("agent-port") + 1]
         assert "check" in w and "agent-check" in w and "maxconn" not in w
+        assert "send-proxy" in w  # tcplock runs with --accept-proxy

@@ -51,7 +51,15 @@ RULES = {
         normal=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")),
         none=True,
     ),
+    "accept_proxy": dict(good=True, normal=True, none=False),
+    "trusted_proxy": dict(  # None: loopback
+        good=["10.0.0.5"], normal=(ipaddress.ip_network("10.0.0.5/32"),), none=True
+    ),
+    "proxy_header_timeout": DURATION,
+    "send_proxy": dict(good=True, normal=True, none=False),
+    "send_proxy_v2": dict(good=True, normal=True, none=False),
 }
+FLAGS = ["restart_on_timeout", "accept_proxy", "send_proxy", "send_proxy_v2"]
 DEFAULTS = {
     "slots": 1,
     "timeout": None,
@@ -74,6 +82,11 @@ DEFAULTS = {
     "restart_above_rss": None,
     "stop_timeout": 10.0,
     "allow": None,
+    "accept_proxy": False,
+    "trusted_proxy": None,
+    "proxy_header_timeout": 5.0,
+    "send_proxy": False,
+    "send_proxy_v2": False,
 }
 DURATIONS = [a for a, r in RULES.items() if r in (DURATION_OFF, DURATION, DURATION_ZERO)]
 NUMBERS = DURATIONS + ["slots", "max_queue", "restart_every", "restart_above_rss"]
@@ -122,23 +135,24 @@ def test_a_negative_number_is_refused(attr, value):
 @pytest.mark.parametrize("attr", sorted(RULES))
 @pytest.mark.parametrize("value", ["5", b"5", object(), 1j, [1], float("nan"), float("inf")])
 def test_a_value_of_the_wrong_kind_is_refused(attr, value):
-    if attr == "allow" and isinstance(value, list):
+    if attr in ("allow", "trusted_proxy") and isinstance(value, list):
         value = [object()]
     if attr in SHELLS and value == "5":
         value = " \t"  # any text is a command, but an empty one
     refused(attr, value)
 
 
-@pytest.mark.parametrize("attr", [a for a in RULES if a != "restart_on_timeout"])
+@pytest.mark.parametrize("attr", [a for a in RULES if a not in FLAGS])
 @pytest.mark.parametrize("value", [True, False])
 def test_a_bool_is_not_a_number_nor_a_hook(attr, value):
     refused(attr, value)
 
 
-def test_restart_on_timeout_must_be_a_bool():
-    assert validate("restart_on_timeout", False) is False
+@pytest.mark.parametrize("attr", FLAGS)
+def test_a_flag_must_be_a_bool(attr):
+    assert validate(attr, False) is False
     for value in (0, 1, "yes", None):
-        refused("restart_on_timeout", value)
+        refused(attr, value)
 
 
 @pytest.mark.parametrize("attr", DURATIONS)
@@ -311,6 +325,13 @@ def test_a_bad_size_is_one_line_naming_it(text):
     assert "\n" not in str(e.value) and "size" in str(e.value)
 
 
+def test_one_proxy_header_version_at_most_is_sent():
+    check_together({"send_proxy": True, "send_proxy_v2": False})
+    check_together({"send_proxy": False, "send_proxy_v2": True})
+    with pytest.raises(ValueError, match="send_proxy and send_proxy_v2"):
+        check_together({"send_proxy": True, "send_proxy_v2": True})
+
+
 def test_what_may_change_on_a_running_lock():
     fixed = {s.name for s in SETTINGS if not s.reload}
     assert fixed == {"config", "listen", "status", "agent-check", "demo", "backend-cmd"}
@@ -319,7 +340,7 @@ def test_what_may_change_on_a_running_lock():
 def test_every_setting_is_in_the_readme_table_and_the_sample_config():
     section = (ROOT / "README.md").read_text().split("\n## Settings\n", 1)[1].split("\n## ")[0]
     conf = (ROOT / "contrib" / "tcplock.conf").read_text()
-    conf_keys = re.findall(r"^(?:# )?([a-z][a-z-]*) = ", conf, re.M)
+    conf_keys = re.findall(r"^(?:# )?([a-z][a-z0-9-]*) = ", conf, re.M)
     for s in SETTINGS:
         row = next(line for line in section.splitlines() if line.startswith(f"| `{s.flags[0]}`"))
         assert f"`{s.name}`" in row and f"`{s.env}`" in row and s.help in row
