@@ -355,7 +355,14 @@ class Reloader:
         old = self.args
         log.warning("reloading: reading %s and the environment", old.config or "no config file")
         try:
-            new = resolve(self.command_line, os.environ).args
+            resolved = resolve(self.command_line, os.environ)
+            new = resolved.args
+            if new.demo and self.demo is None:
+                # The demo's backend starts only with tcplock, and a file that turns the demo
+                # on names no other: there would be no pool to relay to.
+                raise UsageError(
+                    f"{resolved.sources['demo']}: demo: switching it on needs a restart"
+                )
             hooks = load_hooks(new)
             check_hooks(new, hooks)
             backends = None if self.demo is not None else backends_of(new)

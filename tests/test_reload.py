@@ -109,6 +109,33 @@ def test_a_config_with_a_mistake_is_logged_with_file_and_line_and_the_old_one_st
     waiting.close()
 
 
+def test_switching_the_demo_on_is_refused_whole_and_the_old_settings_stay(cli, make_backend, conf):
+    # The demo's backend starts only with tcplock: a file that turns it on (and so names no
+    # backend) cannot be taken, and nothing of it may be applied, slots included.
+    backend = make_backend("echo")
+    port_setting = {"proxy-port": backend.server_port}
+    conf.write(**port_setting, slots=1)
+    p = cli("-c", str(conf.path))
+    port = p.wait_ready()
+    active = connect(port)
+    assert echoes(active, b"one")
+    waiting = connect(port)
+    waiting.sendall(b"two")
+    assert still_waiting(waiting)
+    line = reload(p, conf, **{"proxy-host": None, "demo": "true", "slots": 2})
+    assert line.endswith(
+        f"ERROR reload failed; the running settings stay: {conf.path}, line 2: demo: "
+        "switching it on needs a restart"
+    ), p.output()
+    assert still_waiting(waiting)  # slots is still 1
+    assert echoes(active, b"three")
+    assert reload(p, conf, **port_setting, slots=2).endswith("reloaded: slots 1 -> 2")
+    assert recv_exactly(waiting, 3) == b"two"
+    active.close()
+    waiting.close()
+    assert "Traceback" not in p.output()
+
+
 def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_then_gets_none(
     cli, make_backend, conf
 ):
