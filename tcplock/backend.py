@@ -290,11 +290,21 @@ class Backend:
                     if lock.draining:
                         log.error("restart failed: %s; not retried: tcplock is stopping", e)
                         return
+                    if self.leaving:  # no client is coming for it: let it leave
+                        log.error(
+                            "restart of %s failed: %s; not retried: it is leaving the pool",
+                            self.label,
+                            e,
+                        )
+                        return
                     log.error("restart failed: %s; retrying in %gs", e, delay)
                     gevent.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     if lock.draining:
                         log.warning("restart abandoned: tcplock is stopping")
+                        return
+                    if self.leaving:
+                        log.warning("restart of %s abandoned: it is leaving the pool", self.label)
                         return
                     continue
                 self.restarts += 1

@@ -11,6 +11,7 @@ import pytest
 from gevent import socket
 
 from conftest import connect, http, recv_exactly, wait_until
+from tcplock.hooks import CommandHook
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -267,3 +268,28 @@ def test_a_leaving_backend_named_again_stays_and_bad_pools_change_nothing(make_l
     c = connect(lock.server_port)
     assert echoes(c, b"c")  # both still serve
     c.close()
+
+
+def test_a_leaving_backend_whose_restart_fails_leaves_instead_of_retrying(make_lock, make_backend):
+    # A backend taken out of the pool may be gone for good: a restart of it that fails is not
+    # retried (which would keep it in the pool as "leaving" for ever).
+    a, b = make_backend("echo"), make_backend("echo")
+    lock = make_lock(
+        [a, b],
+        slots=1,
+        restart=CommandHook("exit 1", "restart"),
+        restart_every=1,
+        ready_timeout=None,
+    )
+    lock.restart_retry_delay = 0.01
+    c = connect(lock.server_port)
+    assert echoes(c, b"a")
+    held = next(x for x in lock.backends if x.held)
+    other = next(x for x in lock.backends if x is not held)
+    lock.set_backends([other.address])
+    c.close()  # its restart is due: it runs once, fails, and the backend leaves
+    wait_until(lambda: [x.address for x in lock.backends] == [other.address], what="it to leave")
+    assert held.restart_failures == 1
+    d = connect(lock.server_port)
+    assert echoes(d, b"d")
+    d.close()
