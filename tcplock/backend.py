@@ -379,7 +379,8 @@ class Backend:
             self.restart_now(None, lambda: None).start()
 
     def _restart(self, conn) -> bool:
-        """The restart: True once it succeeded, False if abandoned because tcplock stops."""
+        """The restart: True once it succeeded, False if abandoned because tcplock stops or
+        the backend leaves the pool."""
         lock = self.lock
         delay = lock.restart_retry_delay
         attempt = 0
@@ -421,11 +422,22 @@ class Backend:
                     if lock.draining:
                         log.error("%s failed: %s; not retried: tcplock is stopping", what, e)
                         return False
+                    if self.leaving:  # no client is coming for it: let it leave
+                        log.error(
+                            "%s of %s failed: %s; not retried: it is leaving the pool",
+                            what,
+                            self.label,
+                            e,
+                        )
+                        return False
                     log.error("%s failed: %s; retrying in %gs", what, e, delay)
                     gevent.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     if lock.draining:
                         log.warning("%s abandoned: tcplock is stopping", what)
+                        return False
+                    if self.leaving:
+                        log.warning("%s of %s abandoned: it is leaving the pool", what, self.label)
                         return False
                     continue
                 self.since_restart = 0

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import configargparse
 
@@ -49,6 +49,11 @@ log = logging.getLogger("tcplock")
 #: The settings whose value is a shell command run as a hook (on-activate, on-timeout,
 #: restart-cmd); a Python file given with --hooks may define the same hooks instead.
 _COMMANDS = tuple(s for s in SETTINGS if s.kind == "command")
+
+
+def _option(dest: str) -> str:
+    """A setting's long option (how a message names one given on the command line)."""
+    return next(s.flags[-1] for s in SETTINGS if s.dest == dest)
 
 
 def _one_line(text: str) -> str:
@@ -127,13 +132,19 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
     return load(argv, env).args
 
 
-def load_hooks(args) -> dict:
+def load_hooks(args, named: Optional[Callable[[str], str]] = None) -> dict:
     """The hooks to use: shell commands from the options, Python functions from --hooks.
 
     The Python file is run once, at start-up, so that a mistake in it is reported before the
-    first client arrives. Raises UsageError with a one-line message.
+    first client arrives. Raises UsageError with a one-line message, naming each setting as
+    ``named(dest)`` does (:meth:`~tcplock.config.Resolved.named`: where it was given; its
+    option by default).
     """
     from .hooks import CommandHook
+
+    if named is None:
+        named = _option
+    where = named("hooks")
 
     hooks = {}
     for setting in _COMMANDS:  # labelled by the hook they are: on-activate, on-timeout, restart
@@ -148,26 +159,26 @@ def load_hooks(args) -> dict:
     try:
         namespace = runpy.run_path(args.hooks, run_name="tcplock_hooks")
     except FileNotFoundError:
-        raise UsageError(f"--hooks: no such file: {args.hooks}") from None
+        raise UsageError(f"{where}: no such file: {args.hooks}") from None
     except SyntaxError as e:
-        raise UsageError(f"--hooks: {args.hooks}, line {e.lineno}: {e.msg}") from None
+        raise UsageError(f"{where}: {args.hooks}, line {e.lineno}: {e.msg}") from None
     except BaseException as e:  # the file's own code failed: report it, do not crash
-        raise UsageError(f"--hooks: {args.hooks} failed to load: {type(e).__name__}: {e}") from None
+        raise UsageError(f"{where}: {args.hooks} failed to load: {type(e).__name__}: {e}") from None
     found = 0
     for setting in _COMMANDS:
-        name, flag = setting.attr, setting.flags[-1]
+        name, flag = setting.attr, named(setting.dest)
         fn = namespace.get(name)
         if fn is None:
             continue
         if not callable(fn):
-            raise UsageError(f"--hooks: {name} in {args.hooks} is not a function")
+            raise UsageError(f"{where}: {name} in {args.hooks} is not a function")
         if hooks[name] is not None:
-            raise UsageError(f"--hooks: {args.hooks} defines {name}, and {flag} is given too")
+            raise UsageError(f"{where}: {args.hooks} defines {name}, and {flag} is given too")
         hooks[name] = fn
         found += 1
     if not found:
         names = ", ".join(s.attr for s in _COMMANDS)
-        raise UsageError(f"--hooks: {args.hooks} defines none of {names}")
+        raise UsageError(f"{where}: {args.hooks} defines none of {names}")
     return hooks
 
 
@@ -365,8 +376,15 @@ class Reloader:
         old = self.args
         log.warning("reloading: reading %s and the environment", old.config or "no config file")
         try:
-            new = resolve(self.command_line, os.environ).args
-            hooks = load_hooks(new)
+            resolved = resolve(self.command_line, os.environ)
+            new = resolved.args
+            if new.demo and self.demo is None:
+                # The demo's backend starts only with tcplock, and a file that turns the demo
+                # on names no other: there would be no pool to relay to.
+                raise UsageError(
+                    f"{resolved.sources['demo']}: demo: switching it on needs a restart"
+                )
+            hooks = load_hooks(new, resolved.named)
             check_hooks(new, hooks)
             backends = None if self.demo is not None else backends_of(new)
             count = len(backends or self.lock.backends)
@@ -453,7 +471,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .server import LOOPBACK, TCPLock, format_address
 
     try:
-        hooks = load_hooks(args)
+        hooks = load_hooks(args, loaded.named)
         check_hooks(args, hooks)
     except UsageError as e:
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)

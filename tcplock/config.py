@@ -57,6 +57,12 @@ class Resolved:
     #: What the command line gave (dest -> value): a reload reads the rest again over it.
     command_line: Dict[str, Any] = field(default_factory=dict)
 
+    def named(self, dest: str) -> str:
+        """How a message names the setting ``dest``: by where it was given (``TCPLOCK_HOOKS``,
+        ``hooks (/etc/tcplock.conf, line 3)``), by its option if on the command line or not
+        given."""
+        return _named(BY_DEST[dest], self.sources.get(dest, "command line"))
+
 
 def _short(text: str) -> str:
     text = repr(text)
@@ -311,8 +317,10 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
     if (args.restart_every or args.restart_on_timeout) and not (
         args.restart_cmd or args.hooks or args.backend_cmd
     ):
+        given = [named(d) for d in ("restart_every", "restart_on_timeout") if getattr(args, d)]
         raise ConfigError(
-            "--restart-every and --restart-on-timeout need --backend-cmd or --restart-cmd "
+            f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --backend-cmd or "
+            "--restart-cmd "
             "(or a restart() in --hooks)"
         )
     if args.send_proxy and args.send_proxy_v2:

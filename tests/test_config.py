@@ -43,6 +43,14 @@ def one_error_line(status, err):
             "::1/128)",
         ),
         (
+            {"TCPLOCK_HOOKS": "/nonexistent/hooks.py"},
+            "TCPLOCK_HOOKS: no such file: /nonexistent/hooks.py",
+        ),
+        (
+            {"TCPLOCK_RESTART_ON_TIMEOUT": "yes"},
+            "TCPLOCK_RESTART_ON_TIMEOUT needs --restart-cmd (or a restart() in --hooks)",
+        ),
+        (
             {"TCPLOCK_CONFIG": "/nonexistent/tcplock.conf"},
             "TCPLOCK_CONFIG: cannot read config file /nonexistent/tcplock.conf: "
             "No such file or directory",
@@ -102,6 +110,14 @@ def conf_error(tmp_path, text, *args):
         (
             b"listen = 9000\nslots = \xff\n",
             "FILE, line 2: not valid UTF-8 text (invalid start byte)",
+        ),
+        (
+            "listen = 9000\nproxy-port = 1\nhooks = /nonexistent/hooks.py\n",
+            "hooks (FILE, line 3): no such file: /nonexistent/hooks.py",
+        ),
+        (
+            "listen = 9000\nproxy-port = 1\nrestart-every = 5\n",
+            "restart-every (FILE, line 3) needs --restart-cmd (or a restart() in --hooks)",
         ),
         (
             "listen = 9000\nproxy-host = 127.0.0.1\nbackend = [127.0.0.1:2]\n",

@@ -11,6 +11,7 @@ import pytest
 from gevent import socket
 
 from conftest import connect, http, recv_exactly, wait_until
+from tcplock.hooks import CommandHook
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,6 +108,33 @@ def test_a_config_with_a_mistake_is_logged_with_file_and_line_and_the_old_one_st
     assert echoes(active, b"three")
     active.close()
     waiting.close()
+
+
+def test_switching_the_demo_on_is_refused_whole_and_the_old_settings_stay(cli, make_backend, conf):
+    # The demo's backend starts only with tcplock: a file that turns it on (and so names no
+    # backend) cannot be taken, and nothing of it may be applied, slots included.
+    backend = make_backend("echo")
+    port_setting = {"proxy-port": backend.server_port}
+    conf.write(**port_setting, slots=1)
+    p = cli("-c", str(conf.path))
+    port = p.wait_ready()
+    active = connect(port)
+    assert echoes(active, b"one")
+    waiting = connect(port)
+    waiting.sendall(b"two")
+    assert still_waiting(waiting)
+    line = reload(p, conf, **{"proxy-host": None, "demo": "true", "slots": 2})
+    assert line.endswith(
+        f"ERROR reload failed; the running settings stay: {conf.path}, line 2: demo: "
+        "switching it on needs a restart"
+    ), p.output()
+    assert still_waiting(waiting)  # slots is still 1
+    assert echoes(active, b"three")
+    assert reload(p, conf, **port_setting, slots=2).endswith("reloaded: slots 1 -> 2")
+    assert recv_exactly(waiting, 3) == b"two"
+    active.close()
+    waiting.close()
+    assert "Traceback" not in p.output()
 
 
 def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_then_gets_none(
@@ -240,3 +268,28 @@ def test_a_leaving_backend_named_again_stays_and_bad_pools_change_nothing(make_l
     c = connect(lock.server_port)
     assert echoes(c, b"c")  # both still serve
     c.close()
+
+
+def test_a_leaving_backend_whose_restart_fails_leaves_instead_of_retrying(make_lock, make_backend):
+    # A backend taken out of the pool may be gone for good: a restart of it that fails is not
+    # retried (which would keep it in the pool as "leaving" for ever).
+    a, b = make_backend("echo"), make_backend("echo")
+    lock = make_lock(
+        [a, b],
+        slots=1,
+        restart=CommandHook("exit 1", "restart"),
+        restart_every=1,
+        ready_timeout=None,
+    )
+    lock.restart_retry_delay = 0.01
+    c = connect(lock.server_port)
+    assert echoes(c, b"a")
+    held = next(x for x in lock.backends if x.held)
+    other = next(x for x in lock.backends if x is not held)
+    lock.set_backends([other.address])
+    c.close()  # its restart is due: it runs once, fails, and the backend leaves
+    wait_until(lambda: [x.address for x in lock.backends] == [other.address], what="it to leave")
+    assert held.restart_failures == 1
+    d = connect(lock.server_port)
+    assert echoes(d, b"d")
+    d.close()
