@@ -48,7 +48,8 @@ def one_error_line(status, err):
         ),
         (
             {"TCPLOCK_RESTART_ON_TIMEOUT": "yes"},
-            "TCPLOCK_RESTART_ON_TIMEOUT needs --restart-cmd (or a restart() in --hooks)",
+            "TCPLOCK_RESTART_ON_TIMEOUT needs --backend-cmd or --restart-cmd "
+            "(or a restart() in --hooks)",
         ),
         (
             {"TCPLOCK_CONFIG": "/nonexistent/tcplock.conf"},
@@ -117,7 +118,8 @@ def conf_error(tmp_path, text, *args):
         ),
         (
             "listen = 9000\nproxy-port = 1\nrestart-every = 5\n",
-            "restart-every (FILE, line 3) needs --restart-cmd (or a restart() in --hooks)",
+            "restart-every (FILE, line 3) needs --backend-cmd or --restart-cmd "
+            "(or a restart() in --hooks)",
         ),
         (
             "listen = 9000\nproxy-host = 127.0.0.1\nbackend = [127.0.0.1:2]\n",

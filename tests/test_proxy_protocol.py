@@ -556,7 +556,11 @@ def test_the_library_refuses_bad_proxy_settings():
     "args, env, names",
     [
         (["--send-proxy", "--send-proxy-v2"], {}, "--send-proxy and --send-proxy-v2"),
-        (["--send-proxy"], {"TCPLOCK_SEND_PROXY_V2": "true"}, "--send-proxy and TCPLOCK_SEND_PROXY_V2"),
+        (
+            ["--send-proxy"],
+            {"TCPLOCK_SEND_PROXY_V2": "true"},
+            "--send-proxy and TCPLOCK_SEND_PROXY_V2",
+        ),
         (["--trusted-proxy", "banana"], {}, "--trusted-proxy"),
         (["--trusted-proxy", "10.0.0.0/33"], {}, "--trusted-proxy"),
         (["--proxy-header-timeout", "0"], {}, "--proxy-header-timeout"),
