@@ -473,13 +473,25 @@ class Backend:
         else:
             # In a greenlet of its own, waited for: a gevent.Timeout the hook leaves running
             # dies with it, and cannot cut the readiness wait or the retry that follow here.
+            # The failure is returned, not raised: gevent prints a traceback for a greenlet
+            # that dies raising, and a failed hook is one log line.
             call = (lambda r: hook(r, self)) if _takes_backend(hook) else hook
-            runner = gevent.spawn(call_hook, "restart", call, reason, timeout)
+
+            def run():
+                try:
+                    call_hook("restart", call, reason, timeout)
+                except HookFailed as e:
+                    return e
+                return None
+
+            runner = gevent.spawn(run)
             try:
-                runner.get()
+                failed = runner.get()
             except BaseException:
                 runner.kill()  # (stopped: the hook goes with it)
                 raise
+            if failed is not None:
+                raise failed
 
     def wait_ready(self, timeout: Optional[float]) -> None:
         """Block this greenlet until the backend is ready (within ``timeout``; None or 0: do

@@ -148,6 +148,8 @@ def read_config(path: str) -> Dict[str, Tuple[Any, str]]:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        data = data[3:]
     found: Dict[str, Tuple[Any, str]] = {}
     lines: Dict[str, int] = {}
     for number, raw in enumerate(data.split(b"\n"), 1):

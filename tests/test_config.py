@@ -153,6 +153,13 @@ def test_an_unknown_tcplock_variable_is_warned_about_once_at_start(cli, make_bac
     )
 
 
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path):
+    conf = tmp_path / "tcplock.conf"
+    conf.write_bytes(b"\xef\xbb\xbflisten = 9000\nproxy-port = 8100\n")
+    args = parse_args(["-c", str(conf)], env={})
+    assert args.listen == ("127.0.0.1", 9000) and args.proxy_port == 8100
+
+
 def test_config_file_values_comments_quotes_and_lists(tmp_path):
     conf = tmp_path / "tcplock.conf"
     conf.write_text(

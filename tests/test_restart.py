@@ -297,6 +297,26 @@ def test_python_restart_hook_from_cli(cli, make_backend, tmp_path):
     ]
 
 
+def test_a_python_restart_hook_that_raises_is_one_log_line_per_attempt(cli, make_backend, tmp_path):
+    backend = make_backend("echo")
+    count = tmp_path / "count"
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(
+        "def restart(reason):\n"
+        f"    with open({str(count)!r}, 'a') as f:\n"
+        "        f.write('x')\n"
+        "    raise RuntimeError('the service will not stop')\n"
+    )
+    p = cli.to(backend, "--hooks", str(hooks), "--restart-every", "1")
+    port = p.wait_ready()
+    echo_once(port)
+    wait_until(lambda: count.exists() and len(count.read_text()) >= 2, what="a retried restart")
+    p.wait_for("RuntimeError: the service will not stop; retrying")
+    p.signal(signal.SIGINT)
+    assert p.wait() == 0
+    assert "Traceback" not in p.output(), p.output()
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
