@@ -2,9 +2,12 @@
 
 What it owns: the backend's address and the one routine that connects to it (:class:`Connect`,
 driven by the event loop, for clients and readiness checks alike), its state (``up`` or
-``restarting``), its restart policy and its counters. The rule it keeps: once a restart is due,
-no new client reaches the backend; the restart runs while the last connection using it still
-holds its slot, and nobody is let in until the backend accepts connections again.
+``restarting``), its restart policy and its counters, and, for a backend that tcplock runs
+itself (``backend_cmd``), when its process is started, restarted and checked (the process
+group itself is :class:`~tcplock.supervise.BackendProcess`'s). The rule it keeps: once a
+restart is due, no new client reaches the backend; the restart runs while the last connection
+using it still holds its slot, and nobody is let in until the backend is ready again. The first
+start of a supervised backend, and its start after a crash, take the same path.
 
 A single backend is a pool of one: the lock asks :meth:`Backend.for_grant` style questions of
 its backends, never of a fixed address.
@@ -26,22 +29,37 @@ from gevent.event import AsyncResult
 
 from .hooks import CommandHook, HookFailed, call_hook
 from .peer import PeerCheck
+from .settings import format_size
 from .steps import Step
+from .supervise import BackendProcess, describe_status, probe
 
-__all__ = ["Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "DRAINING"]
+__all__ = [
+    "Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "STARTING", "DRAINING",
+]  # fmt: skip
 
 log = logging.getLogger("tcplock.server")
 
 UP = "up"
 DOWN = "down"
 RESTARTING = "restarting"
+STARTING = "starting"  # a supervised backend's first start
 DRAINING = "draining"
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 # Where the platform has it, a backend socket is made non-blocking by socket() itself.
 _NONBLOCK = getattr(_socket, "SOCK_NONBLOCK", 0)
 
-_RESTART_WHY = {"count": "after the set number of uses", "ttl": "after a connection timed out"}
+_RESTART_WHY = {
+    "count": "after the set number of uses",
+    "ttl": "after a connection timed out",
+    "rss": "over its memory limit",
+    "crash": "its command ended",
+}
+#: How often a ready command is tried while waiting for a backend to be ready.
+READY_INTERVAL = 0.5
+#: A supervised backend that was ready this long before its command ended starts again after
+#: the first pause; one that ends sooner waits twice as long as the time before, up to 30 s.
+STABLE_AFTER = 30.0
 
 
 def format_address(addr) -> str:
@@ -94,7 +112,13 @@ class Backend:
         self.last_end: Optional[str] = None
         self.peer_check = PeerCheck()
         self._checks = None  # the timer of the down-backend check
-        self._check: Optional[Connect] = None
+        self._check = None  # a check under way: a Connect, or a Step running the ready command
+        #: The process group running it, if tcplock runs it (``backend_cmd``).
+        self.process: Optional[BackendProcess] = (
+            BackendProcess(self) if lock.backend_cmd is not None else None
+        )
+        #: The pause before a supervised backend whose command ended is started again.
+        self.crash_delay = lock.restart_retry_delay
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -110,14 +134,18 @@ class Backend:
 
     @property
     def state(self) -> str:
-        """``draining``, ``restarting``, ``down`` or ``up``, the first that holds."""
+        """``draining``, ``starting`` (a supervised backend's first start), ``restarting``,
+        ``down`` or ``up``, the first that holds."""
         if self.draining:
             return DRAINING
+        if self.restart_reason == "start":
+            return STARTING
         if self.restart_reason is not None:
             return RESTARTING
         return UP if self.up else DOWN
 
     def status(self) -> dict:
+        process = self.process
         return {
             "address": self.label,
             "slots": self.slots,
@@ -127,6 +155,8 @@ class Backend:
             "restarts": self.restarts,
             "restart_failures": self.restart_failures,
             "last_end": self.last_end,
+            "pid": process.pid if process is not None else None,
+            "rss_bytes": process.rss() if process is not None else None,
         }
 
     def env(self) -> dict:
@@ -171,7 +201,13 @@ class Backend:
     def _check_now(self) -> None:
         if self._check is not None:
             return  # the last one has yet to answer
-        limit = min(self.lock.check_interval, self.lock.connect_timeout)
+        lock = self.lock
+        if lock.ready_cmd is not None:
+            limit = lock.ready_timeout or lock.check_interval
+            args = (lock.ready_cmd, self._command_env(), limit)
+            self._check = Step(probe, args, self._probed).start()
+            return
+        limit = min(lock.check_interval, lock.connect_timeout)
         self._check = Connect(self, time.monotonic() + limit, self._checked)
         self._check.start()
 
@@ -179,6 +215,11 @@ class Backend:
         self._check = None
         if sock is not None:
             sock.close()
+            self.mark_up()
+
+    def _probed(self, result, _error) -> None:
+        self._check = None
+        if result is not None and result[0]:
             self.mark_up()
 
     def _stop_checks(self) -> None:
@@ -202,14 +243,68 @@ class Backend:
 
     def request_restart(self, reason: str) -> None:
         """Call for a restart: no new client reaches this backend until it is done."""
-        if self.lock.restart is None:
+        if self.lock.restart is None and self.process is None:
             return
         if self.restart_reason is not None:
-            if reason == "ttl":
+            if reason in ("ttl", "crash") and self.restart_step is None:
                 self.restart_reason = reason  # the more telling reason, for the command
             return
         self.restart_reason = reason
         self.lock._sync_gate()
+
+    def after_use(self) -> None:
+        """A connection that held this backend ends: a supervised backend over its memory
+        limit is to be restarted before its next client."""
+        limit = self.lock.restart_above_rss
+        process = self.process
+        if limit is None or process is None or self.restart_reason is not None:
+            return
+        rss = process.rss()
+        if rss is not None and rss > limit:
+            log.warning(
+                "backend %s uses %s (process group %d), more than its limit of %s: restarting "
+                "it before its next client",
+                self.label,
+                format_size(rss),
+                process.pgid,
+                format_size(limit),
+            )
+            self.request_restart("rss")
+
+    # -- a backend tcplock runs ----------------------------------------------------------------
+
+    def start_process(self) -> None:
+        """Start a supervised backend's command (when tcplock starts): as a restart with
+        nothing to stop, so that no client reaches it before it is ready."""
+        if self.process is None or self.restart_reason is not None:
+            return
+        self.restart_reason = "start"
+        self.lock._sync_gate()
+        self.restart_now(None, lambda: None).start()
+
+    def _process_exited(self, status: int) -> None:
+        """The command ended by itself (tcplock did not stop it): the backend is down, and is
+        started again once its connections have ended, after a pause that grows while it
+        keeps ending."""
+        lock = self.lock
+        process = self.process
+        log.warning("backend %s: its command %s", self.label, describe_status(status))
+        if lock._stopping:
+            return  # stop() stops what is left of the group
+        if process.ready_at is not None and time.monotonic() - process.ready_at >= STABLE_AFTER:
+            self.crash_delay = lock.restart_retry_delay
+        self.up = False
+        self._stop_checks()
+        if self.restart_step is not None:
+            return  # a start under way: it sees the end itself, and tries again
+        self.request_restart("crash")
+        self.lock._sync_gate()
+        # A client given this backend as it died waits again, at the head of the queue,
+        # rather than for connect_timeout; the restart runs once no client holds it.
+        for conn in lock.active:
+            if conn.backend is self:
+                conn.back_to_queue()
+        self.restart_if_orphaned()
 
     def last_holder(self) -> bool:
         """Whether every other slot of this backend is free or parked behind the restart, and
@@ -221,9 +316,13 @@ class Backend:
         retries until it succeeds or tcplock stops. Then the parked connections go on, in
         order, and ``then()`` (the holder's own next step), and the queue moves again."""
 
-        def restarted(_result, error) -> None:
+        def restarted(result, error) -> None:
             if error is not None and not isinstance(error, GreenletExit):
                 log.error("restart of %s ended by an error", self.label, exc_info=error)
+            if result and self.process is not None:
+                self.process.ready_at = time.monotonic()
+                self._stop_checks()
+                self.up = True
             self.restart_reason = None
             self.restart_step = None
             parked, self.parked = self.parked, []
@@ -251,49 +350,75 @@ class Backend:
         else:
             self.restart_now(None, lambda: None).start()
 
-    def _restart(self, conn) -> None:
+    def _restart(self, conn) -> bool:
+        """The restart: True once it succeeded, False if abandoned because tcplock stops."""
         lock = self.lock
         delay = lock.restart_retry_delay
         attempt = 0
         try:
+            if self.restart_reason == "crash":
+                pause = self.crash_delay
+                self.crash_delay = min(pause * 2, 30.0)
+                log.warning("backend %s: starting it again in %gs", self.label, pause)
+                gevent.sleep(pause)
+                if lock.draining:
+                    log.warning("restart abandoned: tcplock is stopping")
+                    return False
             while True:
                 attempt += 1
                 reason = self.restart_reason
-                log.warning(
-                    "restarting backend%s (%s)%s",
-                    " " + self.label if len(lock.backends) > 1 else "",
-                    _RESTART_WHY.get(reason, reason),
-                    f", attempt {attempt}" if attempt > 1 else "",
-                )
+                if reason == "start":
+                    log.info(
+                        "starting backend %s%s",
+                        self.label,
+                        f", attempt {attempt}" if attempt > 1 else "",
+                    )
+                else:
+                    log.warning(
+                        "restarting backend%s (%s)%s",
+                        " " + self.label if len(lock.backends) > 1 or self.process else "",
+                        _RESTART_WHY.get(reason, reason),
+                        f", attempt {attempt}" if attempt > 1 else "",
+                    )
                 started = time.monotonic()
                 try:
                     self._run_restart_hook(conn, reason)
                     self.wait_ready(lock.ready_timeout)
                 except HookFailed as e:
+                    what = "start" if reason == "start" else "restart"
                     self.restart_failures += 1
                     if lock.draining:
-                        log.error("restart failed: %s; not retried: tcplock is stopping", e)
-                        return
-                    log.error("restart failed: %s; retrying in %gs", e, delay)
+                        log.error("%s failed: %s; not retried: tcplock is stopping", what, e)
+                        return False
+                    log.error("%s failed: %s; retrying in %gs", what, e, delay)
                     gevent.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     if lock.draining:
-                        log.warning("restart abandoned: tcplock is stopping")
-                        return
+                        log.warning("%s abandoned: tcplock is stopping", what)
+                        return False
                     continue
-                self.restarts += 1
                 self.since_restart = 0
+                if reason == "start":
+                    log.info("backend %s ready in %.2fs", self.label, time.monotonic() - started)
+                    return True
+                self.restarts += 1
                 log.warning(
-                    "backend restarted in %.2fs (restart #%d)",
+                    "backend%s restarted in %.2fs (restart #%d)",
+                    " " + self.label if self.process is not None else "",
                     time.monotonic() - started,
                     self.restarts,
                 )
-                return
+                return True
         except GreenletExit:
             log.warning("restart abandoned: tcplock is stopping")
             raise
 
     def _run_restart_hook(self, conn, reason: str) -> None:
+        process = self.process
+        if process is not None:  # tcplock runs it: stop the group, start the command again
+            process.stop(self.lock.stop_timeout)
+            process.start()
+            return
         hook = self.lock.restart
         timeout = self.lock.hook_timeout
         if hook is None:
@@ -314,14 +439,21 @@ class Backend:
                 raise
 
     def wait_ready(self, timeout: Optional[float]) -> None:
-        """Block this greenlet until the backend accepts a connection (within ``timeout``; None
-        or 0: do not wait). Raises HookFailed if it does not."""
+        """Block this greenlet until the backend is ready (within ``timeout``; None or 0: do
+        not wait): its ``ready_cmd`` exits with status 0, or without one, it accepts a
+        connection. Raises HookFailed if it is not, or if its supervised command ends first."""
         if not timeout:
             return
+        if self.lock.ready_cmd is not None:
+            return self._wait_ready_cmd(timeout)
         result = AsyncResult()
         attempt = Connect(self, time.monotonic() + timeout, lambda s, e: result.set((s, e)))
         attempt.start()
         try:
+            if self.process is not None:
+                gevent.wait([result, self.process.exited], count=1)
+                if not result.ready():
+                    raise HookFailed(self._ended_early())
             sock, error = result.get()
         finally:
             attempt.cancel()
@@ -331,6 +463,35 @@ class Backend:
                 f"backend not accepting connections {timeout:g}s after the restart ({reason})"
             )
         sock.close()
+
+    def _wait_ready_cmd(self, timeout: float) -> None:
+        command = self.lock.ready_cmd
+        env = self._command_env()
+        deadline = time.monotonic() + timeout
+        process = self.process
+        while True:
+            if process is not None and process.exited.is_set():
+                raise HookFailed(self._ended_early())
+            ready, why = probe(command, env, max(deadline - time.monotonic(), 0.001))
+            if ready:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HookFailed(f"backend {self.label} not ready after {timeout:g}s ({why})")
+            if process is not None:
+                process.exited.wait(min(READY_INTERVAL, left))
+            else:
+                gevent.sleep(min(READY_INTERVAL, left))
+
+    def _ended_early(self) -> str:
+        status = self.process.status
+        how = describe_status(status) if status is not None else "is not running"
+        return f"backend {self.label}: its command {how} before it was ready"
+
+    def _command_env(self) -> dict:
+        env = dict(os.environ)
+        env.update(self.env())
+        return env
 
     # -- addresses ---------------------------------------------------------------------------
 

@@ -132,6 +132,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
     if args.demo:
         if args.proxy_port is not None:
             parser.error("--demo relays to its own backend: leave out -p/--proxy-port")
+        if args.backend_cmd:
+            parser.error("--demo relays to its own backend: leave out --backend-cmd")
         if args.listen is None:
             args.listen = ("127.0.0.1", 9000)
     else:
@@ -144,11 +146,20 @@ def parse_args(argv: Optional[Sequence[str]] = None, env=None) -> argparse.Names
         ]
         if missing:
             parser.error("the following arguments are required: " + ", ".join(missing))
-    if (args.restart_every or args.restart_on_timeout) and not (args.restart_cmd or args.hooks):
+    if args.backend_cmd and args.restart_cmd:
         parser.error(
-            "--restart-every and --restart-on-timeout need --restart-cmd "
+            "--backend-cmd and --restart-cmd exclude each other: tcplock restarts the backends "
+            "it runs"
+        )
+    if (args.restart_every or args.restart_on_timeout) and not (
+        args.restart_cmd or args.hooks or args.backend_cmd
+    ):
+        parser.error(
+            "--restart-every and --restart-on-timeout need --backend-cmd or --restart-cmd "
             "(or a restart() in --hooks)"
         )
+    if args.restart_above_rss is not None and not args.backend_cmd:
+        parser.error("--restart-above-rss needs --backend-cmd (a backend tcplock runs)")
     return args
 
 
@@ -285,7 +296,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    if (args.restart_every or args.restart_on_timeout) and hooks["restart"] is None:
+    if args.backend_cmd and hooks["restart"] is not None:
+        print(
+            f"tcplock: error: {args.hooks} defines restart(), and --backend-cmd is given: "
+            "tcplock restarts the backends it runs",
+            file=sys.stderr,
+        )
+        return 2
+    if (
+        (args.restart_every or args.restart_on_timeout)
+        and hooks["restart"] is None
+        and not args.backend_cmd
+    ):
         print(
             f"tcplock: error: {args.hooks} defines no restart(reason), which "
             "--restart-every and --restart-on-timeout need",

@@ -293,6 +293,17 @@ class Connection:
         )
         attempt.start()
 
+    def back_to_queue(self) -> bool:
+        """If it is connecting, give up and go back to the head of the queue (its backend's
+        command ended: it is to be started again, or another backend takes the client)."""
+        if self.state is not CONNECTING:
+            return False
+        attempt, self.pending = self.pending, None
+        if attempt is not None:
+            attempt.cancel()
+        self.lock._requeue(self)
+        return True
+
     def _backend_down(self, error) -> bool:
         # Asked by the connect after each failed round: True sends the client elsewhere.
         return self.lock._backend_failed(self.backend, error)
@@ -399,6 +410,7 @@ class Connection:
     def _wind_up(self) -> None:
         lock = self.lock
         backend = self.backend
+        backend.after_use()
         if self.end == "ttl" and lock.restart_on_timeout:
             backend.request_restart("ttl")
         settled = self.end == "ttl"  # (finish() settled it before the TTL hook)

@@ -169,7 +169,7 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line, with ``time`` and ``level``. A connection's line carries
     ``conn.fields()`` as they are (``id``, ``client``, ``backend``, ``activation``,
     ``queued_seconds``, ``active_seconds``, ``bytes_up``, ``bytes_down``, ``end``); other
-    lines carry ``message``."""
+    lines carry ``message``, and a line that a supervised backend printed, its ``backend``."""
 
     def format(self, record: logging.LogRecord) -> str:
         data = {"time": self._time(record), "level": record.levelname}
@@ -178,6 +178,9 @@ class JSONFormatter(logging.Formatter):
             data.update(conn.fields())
         else:
             data["message"] = record.getMessage()
+            backend = getattr(record, "backend", None)
+            if backend is not None:
+                data["backend"] = backend
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)

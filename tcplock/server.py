@@ -623,6 +623,8 @@ class TCPLock(StreamServer):
         if self._sweeper is None:
             self._sweeper = self.loop.timer(self.sweep_interval, self.sweep_interval)
             self._sweeper.start(self._sweep)
+        for backend in self.backends:  # clients wait in the queue until one is ready
+            backend.start_process()
 
     def close(self) -> None:
         """Stop listening. Connections already accepted go on (stop() drains them); the sweep
@@ -683,6 +685,8 @@ class TCPLock(StreamServer):
             self.close()
         self.gate.cancel_all("shutdown")
         for backend in self.backends:
+            if backend.process is not None and backend.restart_step is not None:
+                backend.restart_step.kill()  # a backend tcplock runs is stopped, not restarted
             for conn in list(backend.parked):  # no restart is coming for them now
                 conn.unpark()
         deadline = time.monotonic() + timeout
@@ -704,6 +708,14 @@ class TCPLock(StreamServer):
         self._stop_sweeper()
         for backend in self.backends:
             backend.close()
+        # The backends tcplock runs, all at once: each gets stop_timeout after SIGTERM, and
+        # this returns only once every one of their processes is gone.
+        stopping = [
+            gevent.spawn(b.process.stop, self.stop_timeout)
+            for b in self.backends
+            if b.process is not None
+        ]
+        gevent.joinall(stopping)
 
     def _restarts_over(self, deadline: float) -> bool:
         while any(b.restart_step is not None for b in self.backends):

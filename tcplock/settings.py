@@ -36,6 +36,8 @@ __all__ = [
     "default",
     "check_together",
     "parse_duration",
+    "parse_size",
+    "format_size",
     "parse_address",
     "parse_port",
     "render_markdown",
@@ -71,6 +73,58 @@ def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = Fal
         hint = " (use 'off' for no limit)" if allow_off else ""
         raise argparse.ArgumentTypeError(f"duration must be more than zero{hint}")
     return value
+
+
+#: The largest size any setting takes, in bytes (1 EiB).
+MAX_BYTES = 1 << 60
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, *, allow_off: bool = True) -> Optional[int]:
+    """A number of bytes: ``800M``, ``2G``, ``1.5G``, ``512K``, ``1T`` (binary multiples:
+    1K is 1024 bytes; ``800MB`` and ``800MiB`` read the same) or a bare number of bytes;
+    ``off`` where allowed."""
+    if allow_off and text.strip().lower() in _OFF:
+        return None
+    m = _SIZE.fullmatch(text)
+    if not m:
+        extra = " or 'off'" if allow_off else ""
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (use e.g. 800M, 2G, 512K or a number of bytes{extra})"
+        )
+    unit = (m.group(2) or m.group(3) or "").lower()
+    value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if value > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too large")
+    if int(value) < 1:
+        raise argparse.ArgumentTypeError("size must be at least one byte (use 'off' for no limit)")
+    return int(value)
+
+
+def _size(text: str) -> Optional[int]:
+    return parse_size(text)
+
+
+_size.__name__ = "size"
+
+
+def format_size(value: int) -> str:
+    """Bytes as people read them: ``812.4 MiB``, ``2.0 GiB``, ``512 B``."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"
+
+
+def _shell(text: str) -> str:
+    """A shell command: any text but an empty one."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the command is empty")
+    return text
+
+
+_shell.__name__ = "shell"
 
 
 def _duration(**kw):
@@ -210,6 +264,25 @@ def _check_count(minimum: int, none: Optional[str]) -> Callable[[Any], Optional[
     return check
 
 
+def _check_size(value):
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if 1 <= value <= MAX_BYTES:
+            return int(value)
+    raise ValueError(
+        f"must be a number of bytes from 1 to 2**60, or None for no limit, not {_shown(value)}"
+    )
+
+
+def _check_shell(value):
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() and "\0" not in value:
+        return value
+    raise ValueError(f"must be a shell command (a non-empty string) or None, not {_shown(value)}")
+
+
 def _check_bool(value):
     if isinstance(value, bool):
         return value
@@ -282,8 +355,9 @@ class Setting:
     flags: Tuple[str, ...]
     #: What it does, in one line, without its default (:attr:`help_text` adds that).
     help: str
-    #: What the value is: duration, count, address, port, host, networks, command, file,
-    #: choice or flag.
+    #: What the value is: duration, count, size, address, port, host, networks, command (a
+    #: hook: a shell command or, in the library, a callable), shell (a shell command that
+    #: is not a hook), file, choice or flag.
     kind: str
     #: The TCPLock keyword argument and attribute, or None for a setting of the command only.
     attr: Optional[str] = None
@@ -326,8 +400,8 @@ class Setting:
             return _show_duration(self.default)
         if self.kind == "flag":
             return _show_flag(self.default)
-        if self.kind == "address" and self.default is None:
-            return "off"  # an address not given is a server not started
+        if self.kind in ("address", "size") and self.default is None:
+            return "off"  # an address not given is a server not started; a size, no limit
         return None if self.default is None else str(self.default)
 
     @property
@@ -370,6 +444,21 @@ def _command_setting(name, attr, help, example) -> Setting:
         check=_check_hook,
         example=example,
         reload=True,
+    )
+
+
+def _shell_setting(name, attr, help, example, reload) -> Setting:
+    return Setting(
+        name,
+        (f"--{name}",),
+        help,
+        kind="shell",
+        attr=attr,
+        metavar="CMD",
+        parse=_shell,
+        check=_check_shell,
+        example=example,
+        reload=reload,
     )
 
 
@@ -565,11 +654,51 @@ SETTINGS: Tuple[Setting, ...] = (
     _duration_setting(
         "ready-timeout",
         ("--ready-timeout",),
-        help="after a restart, wait this long for the backend to accept connections before "
-        "letting the next client in; if it does not, the restart is retried",
+        help="after a restart (or a start of --backend-cmd), wait this long for the backend to "
+        "be ready before letting the next client in; if it is not, the restart is retried",
         attr="ready_timeout",
         off=True,
         default=30.0,
+    ),
+    _shell_setting(
+        "backend-cmd",
+        "backend_cmd",
+        "shell command that runs a backend, started by tcplock for each backend (environment: "
+        "TCPLOCK_BACKEND_HOST, _PORT, _INDEX) and restarted when a restart is due or it exits; "
+        "replaces --restart-cmd",
+        "unoserver --port $TCPLOCK_BACKEND_PORT",
+        reload=False,
+    ),
+    _shell_setting(
+        "ready-cmd",
+        "ready_cmd",
+        "shell command that tells whether a backend is ready (exit status 0), tried every "
+        "0.5s after a start or restart and by the check of a backend that is down; without "
+        "it, ready means accepting a TCP connection",
+        "unoping --port $TCPLOCK_BACKEND_PORT",
+        reload=True,
+    ),
+    Setting(
+        "restart-above-rss",
+        ("--restart-above-rss",),
+        "restart a --backend-cmd backend before its next client once its processes use more "
+        "memory than this (resident, summed over its process group), e.g. 800M or 2G",
+        kind="size",
+        attr="restart_above_rss",
+        metavar="SIZE",
+        parse=_size,
+        check=_check_size,
+        example="800M",
+        reload=True,
+    ),
+    _duration_setting(
+        "stop-timeout",
+        ("--stop-timeout",),
+        help="when a --backend-cmd backend is stopped (a restart, tcplock stopping), how long "
+        "its process group has after SIGTERM before it gets SIGKILL",
+        attr="stop_timeout",
+        zero=True,
+        default=10.0,
     ),
     Setting(
         "hooks",
@@ -661,10 +790,22 @@ def validate(attr: str, value):
 
 
 def check_together(values: Dict[str, Any]) -> None:
-    """The rules between settings: restarting after a count or a timeout needs a restart."""
+    """The rules between settings: restarting after a count or a timeout needs a restart (a
+    callable, or a backend tcplock runs itself); a backend tcplock runs is restarted by
+    tcplock, not by a restart callable; a memory limit needs a backend tcplock runs."""
+    supervised = values.get("backend_cmd") is not None
+    if supervised and values.get("restart") is not None:
+        raise ValueError(
+            "backend_cmd and restart exclude each other: tcplock restarts the "
+            "backends it runs itself"
+        )
     wants = values.get("restart_every") or values.get("restart_on_timeout")
-    if wants and values.get("restart") is None:
-        raise ValueError("restart_every and restart_on_timeout need a restart callable")
+    if wants and values.get("restart") is None and not supervised:
+        raise ValueError(
+            "restart_every and restart_on_timeout need a restart callable or backend_cmd"
+        )
+    if values.get("restart_above_rss") is not None and not supervised:
+        raise ValueError("restart_above_rss needs backend_cmd (a backend tcplock runs)")
 
 
 # -- the docs, printed from the table ----------------------------------------------------------

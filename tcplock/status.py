@@ -141,6 +141,19 @@ class _LockCollector:
             for b in lock.backends:
                 family.add_metric([b.label], value(b))
             yield family
+        supervised = [b for b in lock.backends if b.process is not None]
+        if supervised:
+            rss = GaugeMetricFamily(
+                "tcplock_backend_rss_bytes",
+                "Resident memory of the processes of a backend tcplock runs (--backend-cmd), "
+                "summed over its process group.",
+                labels=["backend"],
+            )
+            for b in supervised:
+                value = b.process.rss()
+                if value is not None:
+                    rss.add_metric([b.label], value)
+            yield rss
         relayed = CounterMetricFamily(
             "tcplock_bytes",
             "Bytes relayed, by direction (up: client to backend).",

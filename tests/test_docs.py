@@ -89,16 +89,19 @@ def test_sample_config_sets_the_required_settings_and_every_value_parses(tmp_pat
     set_keys = re.findall(r"^([a-z][a-z-]*)\s*=", text, re.M)
     assert sorted(set_keys) == sorted(s.name for s in SETTINGS if s.required)
     # Uncommented, every sample value is accepted by the parser: the pool's backends in place
-    # of the single backend's host and port, which cannot be given with them.
-    single = re.sub(r"^#\s*((?!backend\b)[a-z][a-z-]*\s*=)", r"\1", text, flags=re.M)
-    pool = re.sub(r"^(proxy-host|proxy-port)\s*=.*$", "", single, flags=re.M)
-    pool = re.sub(r"^#\s*(backend\s*=)", r"\1", pool, flags=re.M)
-    for variant, left_out in ((single, "backend"), (pool, "proxy-port")):
+    # of the single backend's host and port, which cannot be given with them; and backends
+    # that tcplock runs (with their memory limit) in place of the restart command.
+    supervised = r"(backend|backend-cmd|restart-above-rss)\b"
+    single = re.sub(rf"^#\s*((?!{supervised})[a-z][a-z-]*\s*=)", r"\1", text, flags=re.M)
+    pool = re.sub(r"^(proxy-host|proxy-port|restart-cmd)\s*=.*$", "", single, flags=re.M)
+    pool = re.sub(rf"^#\s*({supervised}\s*=)", r"\1", pool, flags=re.M)
+    left_out_single = ("backend", "backend-cmd", "restart-above-rss")
+    for variant, left_out in ((single, left_out_single), (pool, ("proxy-port", "restart-cmd"))):
         path = tmp_path / "sample.conf"
         path.write_text(variant)
         args = parse_args(["-c", str(path)], env={})
         assert isinstance(args, argparse.Namespace)
         for setting in SETTINGS:
-            if setting.example is not None and setting.name not in ("config", left_out):
+            if setting.example is not None and setting.name not in ("config", *left_out):
                 assert getattr(args, setting.dest) not in (None, False), setting.name
     assert args.backend == [("127.0.0.1", 2003), ("127.0.0.1", 2004)]

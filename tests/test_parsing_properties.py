@@ -231,7 +231,10 @@ def check_namespace(args):
         and all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)) for n in args.allow)
     )
     if args.restart_every or args.restart_on_timeout:
-        assert args.restart_cmd or args.hooks
+        assert args.restart_cmd or args.hooks or args.backend_cmd
+    assert not (args.backend_cmd and args.restart_cmd)
+    if args.restart_above_rss is not None:
+        assert args.backend_cmd
     # Every option, by its kind (so options added later are covered too).
     for name in DURATIONS:
         check_duration(name, getattr(args, name))

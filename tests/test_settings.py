@@ -24,6 +24,7 @@ DURATION_OFF = dict(good=2, normal=2.0, none=True)  # the CLI takes "off"
 DURATION = dict(good=0.5, normal=0.5, none=False)  # neither "off" nor 0
 DURATION_ZERO = dict(good=0, normal=0.0, none=False)  # 0, but not "off"
 HOOK = dict(good=print, normal=print, none=True)
+SHELL = dict(good="unoserver --port 2003", normal="unoserver --port 2003", none=True)
 RULES = {
     "slots": dict(good=3, normal=3, none=False),
     "timeout": DURATION_OFF,
@@ -41,6 +42,10 @@ RULES = {
     "restart_every": dict(good=1, normal=1, none=True),
     "restart_on_timeout": dict(good=True, normal=True, none=False),
     "ready_timeout": DURATION_OFF,
+    "backend_cmd": SHELL,
+    "ready_cmd": SHELL,
+    "restart_above_rss": dict(good=800 << 20, normal=800 << 20, none=True),
+    "stop_timeout": DURATION_ZERO,
     "allow": dict(
         good=["10.0.0.0/8", ipaddress.ip_network("::1/128")],
         normal=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")),
@@ -64,10 +69,15 @@ DEFAULTS = {
     "restart_every": None,
     "restart_on_timeout": False,
     "ready_timeout": 30.0,
+    "backend_cmd": None,
+    "ready_cmd": None,
+    "restart_above_rss": None,
+    "stop_timeout": 10.0,
     "allow": None,
 }
 DURATIONS = [a for a, r in RULES.items() if r in (DURATION_OFF, DURATION, DURATION_ZERO)]
-NUMBERS = DURATIONS + ["slots", "max_queue", "restart_every"]
+NUMBERS = DURATIONS + ["slots", "max_queue", "restart_every", "restart_above_rss"]
+SHELLS = [a for a, r in RULES.items() if r is SHELL]
 
 
 def refused(attr, value):
@@ -114,6 +124,8 @@ def test_a_negative_number_is_refused(attr, value):
 def test_a_value_of_the_wrong_kind_is_refused(attr, value):
     if attr == "allow" and isinstance(value, list):
         value = [object()]
+    if attr in SHELLS and value == "5":
+        value = " \t"  # any text is a command, but an empty one
     refused(attr, value)
 
 
@@ -210,6 +222,10 @@ def test_any_value_is_taken_or_refused_with_a_value_error_naming_the_setting(att
         assert isinstance(result, float) and math.isfinite(result) and result >= 0
     if attr in ("slots", "max_queue", "restart_every") and result is not None:
         assert type(result) is int and result >= 0
+    if attr == "restart_above_rss" and result is not None:
+        assert type(result) is int and 1 <= result <= 1 << 60
+    if attr in SHELLS and result is not None:
+        assert isinstance(result, str) and result.strip() and "\0" not in result
 
 
 @pytest.mark.parametrize("attr", DURATIONS)
@@ -251,9 +267,48 @@ def test_a_lock_made_without_settings_has_the_defaults():
 def test_restarting_after_a_count_or_a_timeout_needs_a_restart():
     check_together({"restart_every": 2, "restart": print})
     check_together({"restart_every": None, "restart_on_timeout": False})
+    check_together({"restart_every": 2, "restart_on_timeout": True, "backend_cmd": "x"})
     for values in ({"restart_every": 2}, {"restart_on_timeout": True, "restart": None}):
         with pytest.raises(ValueError, match="restart_every and restart_on_timeout"):
             check_together(values)
+
+
+def test_a_backend_tcplock_runs_takes_no_restart_callable_and_a_memory_limit_needs_one():
+    check_together({"backend_cmd": "x", "restart_above_rss": 1 << 20})
+    with pytest.raises(ValueError, match="backend_cmd and restart"):
+        check_together({"backend_cmd": "x", "restart": print})
+    with pytest.raises(ValueError, match="restart_above_rss needs backend_cmd"):
+        check_together({"restart_above_rss": 1 << 20})
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("800M", 800 << 20),
+        ("2G", 2 << 30),
+        ("1.5g", 3 << 29),
+        ("512K", 512 << 10),
+        ("1T", 1 << 40),
+        ("800MB", 800 << 20),
+        (" 800 MiB ", 800 << 20),
+        ("4096", 4096),
+        ("100b", 100),
+        ("off", None),
+    ],
+)
+def test_sizes_take_binary_multiples(text, size):
+    assert LIBRARY["restart_above_rss"].parse(text) == size
+
+
+@pytest.mark.parametrize(
+    "text", ["", "M", "-1M", "0", "0.1", "2X", "1.5.5G", "2 G B", "2^30", "1e9"]
+)
+def test_a_bad_size_is_one_line_naming_it(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        LIBRARY["restart_above_rss"].parse(text)
+    assert "\n" not in str(e.value) and "size" in str(e.value)
 
 
 def test_what_may_change_on_a_running_lock():
@@ -267,6 +322,7 @@ def test_what_may_change_on_a_running_lock():
         "status",
         "agent-check",
         "demo",
+        "backend-cmd",
     }
 
 
