@@ -253,11 +253,18 @@ class Backend:
         self.lock._sync_gate()
 
     def after_use(self) -> None:
-        """A connection that held this backend ends: a supervised backend over its memory
-        limit is to be restarted before its next client."""
-        limit = self.lock.restart_above_rss
+        """A connection that held this backend ends: a supervised backend whose command has
+        just ended is to be started again (its connection may close before tcplock hears of
+        the end), and one over its memory limit restarted, before its next client."""
         process = self.process
-        if limit is None or process is None or self.restart_reason is not None:
+        if process is None or self.restart_reason is not None:
+            return
+        if process.main_ended():
+            self.up = False
+            self.request_restart("crash")  # its exit, when it comes, is logged
+            return
+        limit = self.lock.restart_above_rss
+        if limit is None:
             return
         rss = process.rss()
         if rss is not None and rss > limit:
@@ -287,12 +294,9 @@ class Backend:
         started again once its connections have ended, after a pause that grows while it
         keeps ending."""
         lock = self.lock
-        process = self.process
         log.warning("backend %s: its command %s", self.label, describe_status(status))
         if lock._stopping:
             return  # stop() stops what is left of the group
-        if process.ready_at is not None and time.monotonic() - process.ready_at >= STABLE_AFTER:
-            self.crash_delay = lock.restart_retry_delay
         self.up = False
         self._stop_checks()
         if self.restart_step is not None:
@@ -320,7 +324,7 @@ class Backend:
             if error is not None and not isinstance(error, GreenletExit):
                 log.error("restart of %s ended by an error", self.label, exc_info=error)
             if result and self.process is not None:
-                self.process.ready_at = time.monotonic()
+                self.process.found_ready()
                 self._stop_checks()
                 self.up = True
             self.restart_reason = None
@@ -357,6 +361,9 @@ class Backend:
         attempt = 0
         try:
             if self.restart_reason == "crash":
+                ready_at = self.process.ready_at
+                if ready_at is not None and time.monotonic() - ready_at >= STABLE_AFTER:
+                    self.crash_delay = lock.restart_retry_delay
                 pause = self.crash_delay
                 self.crash_delay = min(pause * 2, 30.0)
                 log.warning("backend %s: starting it again in %gs", self.label, pause)

@@ -46,6 +46,7 @@ MAX_LINE = 1 << 16
 #: How often the whole process table is read for the members of a group (between two reads,
 #: the members found last are read again, which costs a few file reads instead of hundreds).
 RESCAN_INTERVAL = 5.0
+_PF_EXITING = 0x4
 #: How often a stopping group is looked at.
 _POLL = 0.05
 
@@ -62,8 +63,9 @@ def describe_status(status: int) -> str:
     return f"was killed by {name}"
 
 
-def _stat(pid: int) -> Optional[Tuple[str, int, int]]:
-    """(state, process group, resident pages) of a process, or None if it is gone."""
+def _stat(pid: int) -> Optional[Tuple[str, int, int, int, int, int]]:
+    """(state, process group, resident pages, parent, start time, flags) of a process, or None
+    if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -71,14 +73,21 @@ def _stat(pid: int) -> Optional[Tuple[str, int, int]]:
         return None
     fields = data[data.rindex(b")") + 2 :].split()
     try:
-        return fields[0].decode(), int(fields[2]), int(fields[21])
+        return (
+            fields[0].decode(),
+            int(fields[2]),
+            int(fields[21]),
+            int(fields[1]),
+            int(fields[19]),
+            int(fields[6]),
+        )
     except (IndexError, ValueError):  # pragma: no cover - a kernel with another layout
         return None
 
 
-def group_members(pgid: int) -> Dict[int, int]:
-    """Every live process of the process group ``pgid`` (zombies left out), with its resident
-    memory in bytes; read from /proc (empty where there is none)."""
+def group_members(pgid: int) -> Dict[int, tuple]:
+    """Every live process of the process group ``pgid`` (zombies left out), with what
+    :func:`_stat` says of it; read from /proc (empty where there is none)."""
     members = {}
     try:
         names = os.listdir("/proc")
@@ -89,7 +98,7 @@ def group_members(pgid: int) -> Dict[int, int]:
             continue
         stat = _stat(int(name))
         if stat is not None and stat[1] == pgid and stat[0] != "Z":
-            members[int(name)] = stat[2] * _PAGE
+            members[int(name)] = stat
     return members
 
 
@@ -135,6 +144,8 @@ class BackendProcess:
         self._stop_done: Optional[Event] = None
         self._known: Dict[int, None] = {}
         self._scanned_at = 0.0
+        #: The command's own process (the watcher's first child), once found.
+        self.main_pid: Optional[int] = None
 
     @property
     def pid(self) -> Optional[int]:
@@ -173,6 +184,7 @@ class BackendProcess:
         self._stopping = False
         self._known = {}
         self._scanned_at = 0.0
+        self.main_pid = None
         log.info("backend %s: started its command (process group %d)", backend.label, proc.pid)
         Step(_pass_on, (proc.stdout, backend.label), _closed).start()
         Step(proc.wait, (), self._ended).start()
@@ -238,6 +250,38 @@ class BackendProcess:
         if self.pgid is not None and self.exited.is_set():
             _signal_group(self.pgid, signal.SIGKILL)
 
+    def found_ready(self) -> None:
+        """The backend is ready: note when, and which process is the command's own (the
+        oldest child of the watcher), for :meth:`main_ended`."""
+        self.ready_at = time.monotonic()
+        pgid = self.pgid
+        if pgid is None:
+            return
+        members = self._scan(pgid)
+        children = [(stat[4], pid) for pid, stat in members.items() if stat[3] == pgid]
+        self.main_pid = min(children)[1] if children else None
+
+    def main_ended(self) -> bool:
+        """Whether the command's own process has ended, although tcplock may not have heard
+        yet (its connections close first). Cheap: one file read."""
+        if self.exited.is_set():
+            return True
+        pid = self.main_pid
+        if pid is None:
+            return False
+        stat = _stat(pid)
+        # (Its sockets are closed while it exits, before it is a zombie: PF_EXITING says so.)
+        return (
+            stat is None or stat[0] in ("Z", "X") or stat[5] & _PF_EXITING or stat[1] != self.pgid
+        )
+
+    def _scan(self, pgid: int) -> Dict[int, tuple]:
+        members = group_members(pgid)
+        members.pop(pgid, None)
+        self._known = dict.fromkeys(members)
+        self._scanned_at = time.monotonic()
+        return members
+
     def rss(self) -> Optional[int]:
         """The resident memory of the command's processes (the group, not counting the
         watcher), in bytes; None while it does not run."""
@@ -247,11 +291,7 @@ class BackendProcess:
         now = time.monotonic()
         total = 0
         if now - self._scanned_at >= RESCAN_INTERVAL:
-            members = group_members(pgid)
-            members.pop(pgid, None)
-            self._known = dict.fromkeys(members)
-            self._scanned_at = now
-            return sum(members.values())
+            return sum(stat[2] for stat in self._scan(pgid).values()) * _PAGE
         for pid in list(self._known):
             stat = _stat(pid)
             if stat is None or stat[1] != pgid or stat[0] == "Z":

@@ -399,14 +399,21 @@ def test_unit_command_uses_only_real_options_and_the_sample_config():
     assert f"contrib/{sample.name}" in readme and config in readme
 
 
-def test_unit_stop_timeout_covers_the_drain_time():
+def test_unit_stop_timeout_covers_the_drain_time_and_the_backends_stop():
     unit = parse_unit(UNIT)
     stop = seconds(unit_value(unit, "Service", "TimeoutStopSec"))
+    assert unit_value(unit, "Service", "KillMode") == "mixed"  # SIGTERM to tcplock alone
     _, args = exec_start()
     sample = (CONTRIB / Path(unit_config_path(args)).name).read_text()
-    m = re.search(r"^\s*drain-timeout\s*=\s*(\S+)", sample, re.M)
-    drain = seconds(m.group(1)) if m else 10.0  # tcplock's default
-    assert stop > drain, f"TimeoutStopSec={stop}s would SIGKILL tcplock while it drains ({drain}s)"
+
+    def configured(name):
+        m = re.search(rf"^\s*{name}\s*=\s*(\S+)", sample, re.M)
+        return seconds(m.group(1)) if m else 10.0  # tcplock's default for both
+
+    # tcplock drains, then stops the backends it runs (--backend-cmd), each group given
+    # stop-timeout after SIGTERM.
+    needed = configured("drain-timeout") + configured("stop-timeout")
+    assert stop > needed, f"TimeoutStopSec={stop}s would SIGKILL tcplock as it stops ({needed}s)"
 
 
 def _recv_notify(sock, timeout):

@@ -177,6 +177,7 @@ def test_a_killed_backend_is_started_again_and_later_clients_are_served(
     assert holder.recv(100) == b""
     holder.close()
     wait_until(lambda: any("its command was killed by SIGKILL" in m for m in conn_log.lines))
+    assert lock.queued == 1
     record = next(r for r in conn_log.records if "killed by SIGKILL" in r.getMessage())
     assert record.levelname == "WARNING"
     assert lock.backends[0].up is False
@@ -188,6 +189,9 @@ def test_a_killed_backend_is_started_again_and_later_clients_are_served(
     assert any("starting it again in 1s" in m for m in conn_log.lines)
     wait_until(lambda: lock.backends[0].state == "up")
     assert ask(lock.server_port)[0] == new_pid
+    # Ending again soon after, it waits twice as long before it is started again.
+    os.kill(new_pid, signal.SIGKILL)
+    wait_until(lambda: any("starting it again in 2s" in m for m in conn_log.lines))
     assert not any(r.exc_info for r in conn_log.records)
 
 
@@ -230,6 +234,42 @@ def test_a_backend_that_ignores_sigterm_is_killed_after_the_stop_timeout(pidfile
     assert 0.5 <= took < 5
     assert not alive(pid) and not alive(grandchild)
     assert any("still running 0.5s after SIGTERM" in m for m in conn_log.lines)
+
+
+def test_stopping_while_a_backend_is_not_yet_ready_stops_it(supervised, pidfile, conn_log):
+    lock = supervised(1, ready_cmd="false", stop_timeout=5)
+    wait_until(lambda: pids_in(pidfile), timeout=10, what="the pid server")
+    started = time.monotonic()
+    lock.stop(timeout=0)
+    assert time.monotonic() - started < 3
+    assert not any(alive(pid) for pid in pids_in(pidfile))
+
+
+def test_the_ready_command_also_decides_when_a_backend_that_was_down_is_back(make_lock, tmp_path):
+    from gevent.server import StreamServer
+
+    ready = tmp_path / "ready"
+    other = StreamServer((LOOPBACK, 0), lambda sock, _addr: sock.sendall(b"other\n"))
+    other.start()
+    port = free_port()
+    lock = make_lock([port, other.server_port], ready_cmd=f"test -e {ready}", check_interval=0.1)
+    try:
+        c = connect(lock.server_port)
+        assert c.recv(100) == b"other\n"  # the first refused: marked down
+        c.close()
+        first = lock.backends[0]
+        assert first.state == "down"
+        late = StreamServer((LOOPBACK, port), lambda sock, _addr: sock.sendall(b"back\n"))
+        late.start()
+        try:
+            gevent.sleep(0.5)  # it accepts connections, but is not ready yet
+            assert first.state == "down"
+            ready.touch()
+            wait_until(lambda: first.state == "up", timeout=5)
+        finally:
+            late.stop()
+    finally:
+        other.stop()
 
 
 def test_the_library_refuses_a_restart_callable_with_a_backend_command():
