@@ -1,19 +1,21 @@
-"""examples/libreoffice/, for real: LibreOffice driven by unoserver, behind tcplock.
+"""examples/libreoffice/, for real: a farm of unoservers (each with its LibreOffice) run and
+supervised by one tcplock command, the example's run-stack.sh.
 
 Installs what it needs on first use (Debian's LibreOffice without GUI, python3-uno, poppler's
-pdftotext, and a venv with unoserver, cached under ~/.cache/tcplock-tests), then:
+pdftotext, and a venv with unoserver from PyPI made by the example's install.sh, cached under
+~/.cache/tcplock-tests); outside CI a missing program skips the module with the reason. Then,
+against one farm of two unoservers shared by the tests (a LibreOffice start costs about 6 s):
 
-- runs many concurrent conversions through tcplock, which restarts unoserver every few
-  conversions with the example's own restart command, and checks every PDF;
-- freezes LibreOffice (SIGSTOP) in the middle of a conversion, which without tcplock hangs
-  every client for ever, and checks that the lifetime cut and the restart bring the service
-  back while the queued conversions are served;
-- checks that unoserver-ctl never leaves a LibreOffice behind, even when unoserver is killed
-  or its pid file is lost;
-- follows the README: run-stack.sh serves a conversion, and Ctrl-C stops it all.
+- many conversions at once, one LibreOffice killed with SIGKILL in the middle of a conversion:
+  at most that conversion fails, every other one gives its PDF, and tcplock starts the dead
+  unoserver again by itself;
+- a frozen LibreOffice (SIGSTOP) in the middle of a conversion: the other unoserver keeps
+  serving, the frozen request is cut at its lifetime and the frozen LibreOffice replaced;
+- the farm was started with SIGINT ignored, as `run-stack.sh &` in a script starts it, and
+  still stops on SIGINT, leaving no process behind.
 
-Each unoserver start costs about 5.5 s and each restart about 7.5 s (unoserver sleeps 5 s before
-it listens); the whole module takes about a minute and a half on two cores.
+Every process of the farm carries a mark in its environment (the farm's own UNO_STATE_DIR); a
+test finds them by it, and the fixture's finalizer kills every process group holding one.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ import gevent
 import pytest
 from gevent import socket, subprocess
 
-from conftest import LOOPBACK, require_command
+from conftest import LOOPBACK, ChildProcess, require_command
 
 pytestmark = [pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "libreoffice"
-CTL = EXAMPLE / "unoserver-ctl"
 PACKAGES = "libreoffice-core-nogui libreoffice-writer-nogui python3-uno python3-venv"
+UNO_PORT_OFFSET = 1000  # LibreOffice's UNO port: the unoserver's port + this (unoserver-backend)
+TTL = 10  # CONVERSION_TTL of the shared farm, in seconds
 
 CONN_LINE = re.compile(r"queued=([\d.]+)s active=([\d.]+)s up=(\d+) down=(\d+) end=(\S+)")
 
@@ -57,7 +60,7 @@ def uno_venv():
     require_command("soffice", PACKAGES)
     require_command("pdftotext", "poppler-utils")
     venv = Path(os.environ.get("UNO_VENV") or Path.home() / ".cache/tcplock-tests/uno-venv")
-    env = dict(os.environ, UNO_VENV=str(venv), PYTHON=sys.executable)
+    env = dict(os.environ, UNO_VENV=str(venv), PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [str(EXAMPLE / "install.sh")],
         env=env,
@@ -71,164 +74,164 @@ def uno_venv():
     return venv
 
 
-def _free_port(taken):
-    """A port no one listens on, outside the ephemeral range (so no client connection is
-    using it either) and away from a developer's own 2002/2003."""
+def _bindable(port):
+    s = socket.socket()
+    try:
+        s.bind((LOOPBACK, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_ports(count):
+    """``count`` consecutive free ports outside the ephemeral range, whose UNO ports (+1000)
+    are free too, and a port for tcplock."""
     rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 30000)
-        if port in taken:
-            continue
-        s = socket.socket()
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError:
-            continue
-        finally:
-            s.close()
-        taken.add(port)
-        return port
-    raise RuntimeError("no free port")
+    for _ in range(500):
+        base = rng.randrange(20000, 28000)
+        wanted = [base + i for i in range(count + 1)]
+        wanted += [p + UNO_PORT_OFFSET for p in wanted[:count]]
+        if all(_bindable(p) for p in wanted):
+            return wanted[:count], base + count
+    raise RuntimeError("no free ports")
 
 
-class Unoserver:
-    """One unoserver instance, driven through the example's unoserver-ctl."""
+def _proc_fields(pid):
+    """(state, pgid, comm, environ bytes) of a process, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    comm = stat.split("(", 1)[1].rsplit(")", 1)[0]
+    fields = stat.rsplit(") ", 1)[1].split()
+    return fields[0], int(fields[2]), comm, environ
+
+
+class Farm:
+    """run-stack.sh with two unoservers on free ports, its state under a directory of its own.
+    Started with SIGINT ignored (as `cmd &` in a script starts it) and in a session of its
+    own, with the checkout's tcplock."""
 
     def __init__(self, venv, state):
-        taken = set()
-        self.xmlrpc_port = _free_port(taken)
-        self.uno_port = _free_port(taken)
-        self.state = state
         self.venv = venv
-        self.env = {
-            "UNO_VENV": str(venv),
-            "UNO_XMLRPC_PORT": str(self.xmlrpc_port),
-            "UNO_PORT": str(self.uno_port),
-            "UNO_STATE_DIR": str(state),
-        }
-
-    def ctl(self, *args, timeout=120, check=True):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("UNO_", "TCPLOCK_"))}
-        env.update(self.env)
-        done = subprocess.run(
-            [str(CTL), *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check:
-            assert done.returncode == 0, (
-                f"unoserver-ctl {' '.join(args)}: status {done.returncode}\n"
-                f"{done.stdout}{done.stderr}\n--- unoserver log:\n{self.log()}"
-            )
-        return done
+        self.state = state
+        self.ports, self.port = free_ports(2)
+        self.mark = f"UNO_STATE_DIR={state}".encode()
+        self.stack = None
 
     def start(self):
-        self.ctl("start")
-        self.ctl("ready", timeout=120)
+        env = {
+            "UNO_VENV": str(self.venv),
+            "UNO_STATE_DIR": str(self.state),
+            "UNO_PORT_OFFSET": str(UNO_PORT_OFFSET),
+            "LISTEN_PORT": str(self.port),
+            "FIRST_PORT": str(self.ports[0]),
+            "UNOSERVERS": str(len(self.ports)),
+            "STATUS_PORT": "off",
+            "CONVERSION_TTL": f"{TTL}s",
+            "DRAIN_TIMEOUT": "20s",
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(ROOT),
+        }
 
-    def log(self):
-        try:
-            return (self.state / "unoserver.log").read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        def session_without_sigint():
+            os.setsid()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    def pgid(self):
-        try:
-            return int((self.state / "unoserver.pid").read_text())
-        except (OSError, ValueError):
-            return None
+        self.stack = ChildProcess(
+            [str(EXAMPLE / "run-stack.sh")], env=env, preexec_fn=session_without_sigint
+        )
+        self.stack.wait_for(rf"listening on {LOOPBACK}:{self.port}\b", timeout=60)
+        for port in self.ports:
+            self.wait_answering(port, timeout=120)
+
+    @property
+    def running(self):
+        return self.stack is not None and self.stack.proc.poll() is None
+
+    def wait_answering(self, port, timeout):
+        """Until the unoserver on ``port`` answers a real call (directly, not through tcplock)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(
+                [str(self.venv / "bin" / "unoping"), "--host", LOOPBACK, "--port", str(port)],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+            )
+            if done.returncode == 0:
+                return
+            assert time.monotonic() < deadline, (
+                f"the unoserver on {port} does not answer:\n{self.output()}"
+            )
+            gevent.sleep(0.3)
 
     def processes(self):
-        """{pid: comm} of every live process of this instance: in its process group, or
-        naming its temporary directory on its command line (what unoserver-ctl looks for)."""
-        pg = self.pgid()
-        mark = str(self.state / "tmp").encode()
+        """{pid: comm} of every live process of this farm (tcplock, the unoservers, their
+        LibreOffices and whatever runs them): all carry its mark in their environment."""
         found = {}
         for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                stat = (d / "stat").read_text()
-                cmdline = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            state, _ppid, pgrp = stat.rsplit(") ", 1)[1].split()[:3]
-            if state == "Z":
-                continue
-            if (pg is not None and int(pgrp) == pg) or mark in cmdline:
-                found[int(d.name)] = stat.split("(", 1)[1].rsplit(")", 1)[0]
+            if d.name.isdigit():
+                f = _proc_fields(int(d.name))
+                if f and f[0] != "Z" and self.mark in f[3].split(b"\0"):
+                    found[int(d.name)] = f[2]
         return found
 
-    def pids_of(self, comm):
-        return [pid for pid, c in self.processes().items() if c == comm]
+    def soffice(self, port):
+        """The pids of the soffice.bin of the unoserver on ``port``."""
+        found = []
+        want = f"TCPLOCK_BACKEND_PORT={port}".encode()
+        for pid, comm in self.processes().items():
+            f = _proc_fields(pid)
+            if comm == "soffice.bin" and f and want in f[3].split(b"\0"):
+                found.append(pid)
+        return found
 
-    def stop_for_good(self):
-        """Used by the fixture's finalizer: unoserver-ctl stop, then SIGKILL whatever is
-        still there, so that no LibreOffice outlives the test."""
-        try:
-            self.ctl("stop", timeout=180, check=False)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in self.processes():
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
+    def lines_since(self, index):
+        return self.stack.lines[index:]
+
+    def output(self):
+        return self.stack.output() if self.stack else ""
+
+    def kill_all(self):
+        """SIGCONT and SIGKILL every process group holding a process of this farm."""
+        for _ in range(3):
+            groups = {f[1] for f in map(_proc_fields, self.processes()) if f}
+            if not groups:
+                break
+            for pg in groups:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.killpg(pg, sig)
+                    except OSError:
+                        pass
+            gevent.sleep(0.2)
+        if self.stack is not None:
+            self.stack.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_farm(uno_venv, tmp_path_factory):
+    farm = Farm(uno_venv, tmp_path_factory.mktemp("farm") / "state")
+    yield farm
+    farm.kill_all()
 
 
 @pytest.fixture
-def unoserver(uno_venv, tmp_path):
-    server = Unoserver(uno_venv, tmp_path / "unoserver")
-    yield server
-    server.stop_for_good()
-
-
-def start_tcplock(cli, uno, *args):
-    lock = cli(
-        "--listen",
-        f"{LOOPBACK}:0",
-        "--proxy-host",
-        LOOPBACK,
-        "--proxy-port",
-        str(uno.xmlrpc_port),
-        "--restart-cmd",
-        f"{CTL} restart",
-        "--hook-timeout",
-        "150s",
-        *args,
-        env=uno.env,
-    )
-    lock.wait_ready()
-    return lock
-
-
-def stop_tcplock(lock, uno):
-    """Let a restart in progress finish, then stop tcplock the way an operator would."""
-    deadline = time.monotonic() + 120
-    while count(lock, "restarting backend") > count(lock, "backend restarted"):
-        assert time.monotonic() < deadline, "a restart never finished:\n" + lock.output()
-        gevent.sleep(0.2)
-    lock.signal(signal.SIGTERM)
-    assert lock.wait(timeout=30) == 0, lock.output()
+def farm(shared_farm):
+    """The module's farm, started if it does not run (the first test, or after the stop test)."""
+    if not shared_farm.running:
+        shared_farm.kill_all()
+        shared_farm.start()
+    return shared_farm
 
 
 def alive(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def count(lock, text):
-    return sum(text in line for line in lock.lines)
-
-
-def conn_ends(lock):
-    return [m.group(5) for m in map(CONN_LINE.search, lock.lines) if m]
+    f = _proc_fields(pid)
+    return f is not None and f[0] != "Z"
 
 
 # -- conversions ------------------------------------------------------------------------------
@@ -248,12 +251,12 @@ class Conversion:
     """One unoconvert run through tcplock, in the background (a gevent subprocess, so that
     tcplock's log keeps being read meanwhile)."""
 
-    def __init__(self, uno, port, src, dst):
+    def __init__(self, venv, port, src, dst):
         self.src, self.dst = src, dst
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [
-                str(uno.venv / "bin" / "unoconvert"),
+                str(venv / "bin" / "unoconvert"),
                 "--host",
                 LOOPBACK,
                 "--port",
@@ -286,11 +289,40 @@ class Conversion:
         self.output = out.decode(errors="replace")
         return self.rc
 
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def describe(self):
-        return f"{self.src.name}: rc={self.rc} after {self.seconds:.1f}s\n{self.output}"
+        seconds = "?" if self.seconds is None else f"{self.seconds:.1f}"
+        return f"{self.src.name}: rc={self.rc} after {seconds}s\n{self.output[-2000:]}"
 
 
-def assert_pdf_of(conv, marker):
+@pytest.fixture
+def convert(uno_venv, tmp_path):
+    """convert(port, marker, lines) -> a running Conversion of a text holding ``marker``; every
+    one still running at the end of the test is killed."""
+    started = []
+
+    def run(port, marker, lines=20):
+        src = tmp_path / f"{marker}.txt"
+        write_text(src, marker, lines)
+        conv = Conversion(uno_venv, port, src, tmp_path / f"{marker}.pdf")
+        conv.marker = marker
+        started.append(conv)
+        return conv
+
+    yield run
+    for conv in started:
+        conv.kill()
+
+
+def wait_all(convs, timeout):
+    gevent.joinall([gevent.spawn(c.wait, timeout) for c in convs])
+
+
+def assert_pdf(conv):
     assert conv.rc == 0, conv.describe()
     data = conv.dst.read_bytes()
     assert data.startswith(b"%PDF-"), conv.describe()
@@ -299,190 +331,131 @@ def assert_pdf_of(conv, marker):
         ["pdftotext", str(conv.dst), "-"], capture_output=True, text=True, timeout=60
     )
     assert text.returncode == 0, text.stderr
-    assert marker in text.stdout, f"{conv.dst.name} does not contain {marker!r}"
+    assert conv.marker in text.stdout, f"{conv.dst.name} does not contain {conv.marker!r}"
 
 
-def marker_of(i):
-    return f"Document-{i:02d}-{random.Random(i).randrange(10**6):06d}"
+def wait_line(farm, since, pattern, timeout):
+    """The first line of the farm's log after line ``since`` that matches ``pattern``."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in farm.lines_since(since):
+            if rx.search(line):
+                return line
+        assert time.monotonic() < deadline, f"no line matching {pattern!r}:\n{farm.output()}"
+        assert farm.running, f"the farm stopped:\n{farm.output()}"
+        gevent.sleep(0.05)
+
+
+def converting_on(farm, since, timeout):
+    """The port of the unoserver that has just begun a conversion: unoserver logs "Opening
+    <its temporary directory>/... for input" as it hands a document to LibreOffice."""
+    ports = "|".join(map(str, farm.ports))
+    line = wait_line(farm, since, rf"Opening {re.escape(str(farm.state))}/({ports})/", timeout)
+    return int(re.search(rf"/({ports})/", line).group(1))
+
+
+def new_soffice(farm, port, old, timeout):
+    """Wait until the unoserver on ``port`` runs a LibreOffice other than ``old`` and answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = farm.soffice(port)
+        if pids and old not in pids:
+            break
+        assert time.monotonic() < deadline, f"no new LibreOffice on {port}:\n{farm.output()}"
+        gevent.sleep(0.2)
+    farm.wait_answering(port, timeout=max(1.0, deadline - time.monotonic()))
+    return pids
 
 
 # -- tests ------------------------------------------------------------------------------------
 
 
-def test_concurrent_conversions_with_restarts_every_few(unoserver, cli, tmp_path):
-    """Nine clients at once through one tcplock that restarts unoserver every 3 conversions:
-    every client gets its own document back as a PDF, and the restarts really happen."""
-    unoserver.start()
-    # One unoconvert = two connections (info, then convert): every 6 connections is every 3
-    # conversions.
-    lock = start_tcplock(cli, unoserver, "--timeout", "60s", "--restart-every", "6")
-    n = 9
-    convs = []
-    for i in range(n):
-        src = tmp_path / f"in_{i}.txt"
-        write_text(src, marker_of(i), lines=20 + 10 * i)
-        convs.append(Conversion(unoserver, lock.port, src, tmp_path / f"out_{i}.pdf"))
-    gevent.joinall([gevent.spawn(c.wait, 240) for c in convs])
-    for i, c in enumerate(convs):
-        assert_pdf_of(c, marker_of(i))
+def test_a_killed_libreoffice_costs_at_most_its_own_conversion(farm, convert):
+    """Fourteen conversions at once through the two unoservers; one LibreOffice is killed with
+    SIGKILL while it converts; four more conversions are sent while it is down. At most the
+    conversion it was running fails; every other one gives its own PDF; tcplock starts that
+    unoserver again by itself, and it converts again."""
+    since = len(farm.stack.lines)
+    first = [convert(farm.port, f"Batch1-{i:02d}", lines=60 + 20 * i) for i in range(14)]
 
-    # Every request got through unbroken: 2 connections a conversion, all ended normally.
-    deadline = time.monotonic() + 30
-    while len(conn_ends(lock)) < 2 * n and time.monotonic() < deadline:
-        gevent.sleep(0.1)
-    assert conn_ends(lock) == ["closed"] * (2 * n), lock.output()
-    assert count(lock, "backend restarted") >= 2, lock.output()
-    assert count(lock, "restart failed") == 0, lock.output()
-    assert count(lock, "]: restarted in") >= 2, lock.output()  # unoserver-ctl's own line
+    victim = converting_on(farm, since, timeout=120)
+    [killed] = farm.soffice(victim)
+    os.kill(killed, signal.SIGKILL)
+    later = [convert(farm.port, f"Later-{i:02d}", lines=40) for i in range(4)]
 
-    stop_tcplock(lock, unoserver)
-    unoserver.ctl("stop")
-    assert unoserver.processes() == {}
+    wait_all(first + later, timeout=240)
+    failed = [c for c in first + later if c.rc != 0]
+    assert len(failed) <= 1, "\n".join(c.describe() for c in failed) + "\n" + farm.output()
+    for c in first + later:
+        if c not in failed:
+            assert_pdf(c)
+    for c in later:
+        assert_pdf(c)
 
-
-def test_frozen_libreoffice_is_cut_and_restarted_while_the_queue_moves(unoserver, cli, tmp_path):
-    """SIGSTOP LibreOffice in the middle of a conversion. Without tcplock, that conversion and
-    every later one hang for ever (unoconvert has no timeout, and unoserver serves one request
-    at a time). With it, the connection is cut at its lifetime, unoserver is restarted, and the
-    conversions queued behind it are served."""
-    unoserver.start()
-    ttl = 8
-    lock = start_tcplock(cli, unoserver, "--timeout", f"{ttl}s", "--restart-on-timeout")
-    log = unoserver.state / "unoserver.log"
-    log_start = log.stat().st_size
-
-    # About 400 KB of text: a conversion of a couple of seconds, long enough to freeze it in
-    # the middle, and short enough that its retry fits in the lifetime.
-    big = tmp_path / "big.txt"
-    write_text(big, "BigDocument", lines=5000)
-    frozen_conv = Conversion(unoserver, lock.port, big, tmp_path / "big.pdf")
-
-    # unoserver logs "Opening ..." when it hands the document to LibreOffice.
-    deadline = time.monotonic() + 60
-    while b"for input" not in log.read_bytes()[log_start:]:
-        assert time.monotonic() < deadline, "the conversion never started:\n" + unoserver.log()
-        assert frozen_conv.proc.poll() is None, "the conversion ended before it was frozen"
-        gevent.sleep(0.02)
-    frozen = unoserver.pids_of("soffice.bin")
-    assert len(frozen) == 1, unoserver.processes()
-    os.kill(frozen[0], signal.SIGSTOP)
-    stopped_at = time.monotonic()
-
-    queued = []
-    for i in range(3):
-        src = tmp_path / f"queued_{i}.txt"
-        write_text(src, marker_of(i))
-        queued.append(Conversion(unoserver, lock.port, src, tmp_path / f"queued_{i}.pdf"))
-
-    lock.wait_for(r"restarting backend \(after a connection timed out\)", timeout=ttl + 30)
-    lock.wait_for(r"backend restarted in", timeout=150)
-    lock.wait_for(r"end=ttl", timeout=30)
-
-    gevent.joinall([gevent.spawn(c.wait, 180) for c in queued])
-    for i, c in enumerate(queued):
-        assert_pdf_of(c, marker_of(i))
-    # They waited for the cut and the restart, not for ever.
-    assert max(c.seconds for c in queued) < ttl + 150
-
-    # The frozen client: tcplock reset its connection. Python's XML-RPC client then re-sends
-    # the request once on a new connection, which waits its turn and is served by the new
-    # LibreOffice; so it usually succeeds. Either way it ends, and cleanly.
-    frozen_conv.wait(180)
-    print(f"frozen client: rc={frozen_conv.rc} after {frozen_conv.seconds:.1f}s")
-    assert frozen_conv.rc != "hung", frozen_conv.describe()
-    if frozen_conv.rc == 0:
-        assert_pdf_of(frozen_conv, "BigDocument")
-    else:
-        assert "Traceback" in frozen_conv.output or "Error" in frozen_conv.output
-
-    # The frozen request was cut at the lifetime, with no answer. (On a slow machine its repeat
-    # may outlive the lifetime too, and be cut a second time.) The frozen LibreOffice is gone.
-    cut = [m for m in map(CONN_LINE.search, lock.lines) if m and m.group(5) == "ttl"]
-    assert 1 <= len(cut) <= 2, lock.output()
-    assert float(cut[0].group(2)) == pytest.approx(ttl, abs=1.0)
-    assert int(cut[0].group(4)) == 0
-    assert time.monotonic() - stopped_at < 300
-    assert not alive(frozen[0]), "the frozen LibreOffice is still there"
-    assert unoserver.pids_of("soffice.bin"), "no LibreOffice after the restart"
-
-    stop_tcplock(lock, unoserver)
-    unoserver.ctl("stop")
-    assert unoserver.processes() == {}
+    # Started again without help, with a LibreOffice of its own, and converting again.
+    assert not alive(killed)
+    new_soffice(farm, victim, killed, timeout=120)
+    restarted = len(farm.stack.lines)
+    again = [convert(farm.port, f"Again-{i:02d}", lines=40) for i in range(6)]
+    wait_all(again, timeout=180)
+    for c in again:
+        assert_pdf(c)
+    served = rf"Opening {re.escape(str(farm.state))}/{victim}/"
+    wait_line(farm, restarted, served, timeout=5)
 
 
-def test_unoserver_ctl_leaves_nothing_behind(unoserver):
-    """start is idempotent; a lost pid file or a killed unoserver leaves no orphan LibreOffice
-    (which would hold the UNO port and take a new unoserver's connection); stop is idempotent."""
-    unoserver.start()
-    first = unoserver.pgid()
-    unoserver.ctl("start")
-    assert unoserver.pgid() == first
-    assert len(unoserver.pids_of("soffice.bin")) == 1
+def test_a_frozen_libreoffice_is_cut_at_the_ttl_and_replaced(farm, convert):
+    """SIGSTOP the LibreOffice that converts a big document. The other unoserver keeps serving
+    the conversions sent meanwhile; the frozen request is cut at its lifetime (CONVERSION_TTL),
+    with no answer; its unoserver is restarted with a new LibreOffice; the frozen client ends."""
+    since = len(farm.stack.lines)
+    big = convert(farm.port, "BigDocument", lines=3000)  # ~250 KB: a few seconds to convert
+    frozen_port = converting_on(farm, since, timeout=60)
+    [frozen] = farm.soffice(frozen_port)
+    os.kill(frozen, signal.SIGSTOP)
 
-    # The pid file is lost: the next start finds the old instance and replaces it.
-    (unoserver.state / "unoserver.pid").unlink()
-    unoserver.ctl("start")
-    second = unoserver.pgid()
-    assert second != first
-    assert all(
-        int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[2]) == second
-        for pid in unoserver.processes()
-    ), unoserver.processes()
+    small = [convert(farm.port, f"Meanwhile-{i}") for i in range(3)]
+    wait_all(small, timeout=120)
+    for c in small:
+        assert_pdf(c)
+    # Served by the other unoserver, before the frozen request ran out of time.
+    assert not any(CONN_LINE.search(x) and "end=ttl" in x for x in farm.lines_since(since)), (
+        farm.output()
+    )
 
-    # unoserver itself dies: its LibreOffice lives on, and stop still gets rid of it.
-    unoserver.ctl("ready", timeout=120)
-    os.kill(second, signal.SIGKILL)
-    gevent.sleep(0.5)
-    assert unoserver.pids_of("soffice.bin"), "LibreOffice should have outlived unoserver"
-    unoserver.ctl("stop")
-    assert unoserver.processes() == {}
-    unoserver.ctl("stop")
-    assert unoserver.ctl("status", check=False).returncode == 3
-    for port in (unoserver.xmlrpc_port, unoserver.uno_port):
+    cut = CONN_LINE.search(wait_line(farm, since, r"end=ttl", timeout=TTL + 60))
+    assert float(cut.group(2)) == pytest.approx(TTL, abs=1.5)
+    assert int(cut.group(4)) == 0  # no answer ever came
+    new_soffice(farm, frozen_port, frozen, timeout=120)
+    assert not alive(frozen), "the frozen LibreOffice is still there"
+
+    # The frozen client: its connection was reset. Python's XML-RPC client then sends the
+    # request once more, and a live unoserver usually converts it; either way it ends.
+    big.wait(180)
+    assert big.rc != "hung", big.describe()
+    if big.rc == 0:
+        assert_pdf(big)
+
+
+def test_stops_on_sigint_though_started_with_it_ignored_and_leaves_nothing(farm, convert):
+    """The farm was started with SIGINT ignored (`run-stack.sh &` in a script does that): a
+    SIGINT still stops it, and once tcplock has exited, no unoserver or LibreOffice is left and
+    their ports are free. (The next test that needs the farm starts a new one.)"""
+    conv = convert(farm.port, "BeforeStop")
+    wait_all([conv], timeout=120)
+    assert_pdf(conv)
+    assert {"soffice.bin", "unoserver"} <= set(farm.processes().values()), farm.processes()
+
+    farm.stack.signal(signal.SIGINT)
+    assert farm.stack.wait(timeout=90) == 0, farm.output()
+    left = farm.processes()
+    assert left == {}, f"left behind: {left}\n{farm.output()}"
+    for port in [farm.port, *farm.ports, *(p + UNO_PORT_OFFSET for p in farm.ports)]:
         s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
         try:
             s.bind((LOOPBACK, port))  # nobody listens there any more
             s.listen()
         finally:
             s.close()
-
-
-def test_run_stack_serves_and_stops_cleanly(unoserver, tmp_path):
-    """The README's steps: run-stack.sh starts everything, a conversion goes through, and
-    Ctrl-C stops tcplock and then unoserver."""
-    port = _free_port({unoserver.xmlrpc_port, unoserver.uno_port})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UNO_", "TCPLOCK_"))}
-    env.update(unoserver.env, TCPLOCK_PORT=str(port), STATUS_PORT="off", PYTHON=sys.executable)
-    out = tmp_path / "stack.log"
-    with open(out, "wb") as f:
-        stack = subprocess.Popen(
-            [str(EXAMPLE / "run-stack.sh")],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while f"listening on {LOOPBACK}:{port}" not in out.read_text():
-            assert stack.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            gevent.sleep(0.1)
-        src = tmp_path / "hello.txt"
-        write_text(src, "HelloStack")
-        conv = Conversion(unoserver, port, src, tmp_path / "hello.pdf")
-        conv.wait(120)
-        assert_pdf_of(conv, "HelloStack")
-        assert unoserver.pids_of("soffice.bin")
-
-        stack.send_signal(signal.SIGINT)  # Ctrl-C
-        assert stack.wait(timeout=60) == 0, out.read_text()
-    finally:
-        if stack.poll() is None:
-            os.killpg(stack.pid, signal.SIGKILL)
-            stack.wait()
-    log = out.read_text()
-    assert log.index("stopping:") < log.index("stopping unoserver"), log
-    assert unoserver.processes() == {}, log
