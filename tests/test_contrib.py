@@ -25,7 +25,16 @@ import pytest
 from gevent import subprocess
 from gevent.event import Event
 
-from conftest import LOOPBACK, ChildProcess, connect, http, recv_all, run_cli, wait_until
+from conftest import (
+    LOOPBACK,
+    ChildProcess,
+    connect,
+    http,
+    recv_all,
+    require_command,
+    run_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -495,13 +504,7 @@ def _unit_for_analyze(tmp_path):
 
 
 def _systemd_analyze():
-    exe = shutil.which("systemd-analyze")
-    if not exe:
-        pytest.skip(
-            "systemd-analyze is not installed (Debian package 'systemd'); the unit's options, "
-            "command and notify protocol are still checked by the other tests"
-        )
-    return exe
+    return require_command("systemd-analyze", "systemd")
 
 
 def _readme_install_lines():
