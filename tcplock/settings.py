@@ -466,6 +466,23 @@ def _duration_setting(name, flags, *, off=False, zero=False, **kw) -> Setting:
     )
 
 
+def _flag_setting(name, help, attr, **kw) -> Setting:
+    """An on/off setting of the library, off by default, that a reload may change."""
+    kw.setdefault("example", "on")
+    return Setting(
+        name,
+        ("--" + name,),
+        help,
+        kind="flag",
+        attr=attr,
+        check=_check_bool,
+        default=False,
+        action="store_true",
+        reload=True,
+        **kw,
+    )
+
+
 def _command_setting(name, attr, help, example) -> Setting:
     return Setting(
         name,
@@ -603,19 +620,12 @@ SETTINGS: Tuple[Setting, ...] = (
         example="[127.0.0.0/8, ::1/128, 10.1.2.0/24]",
         reload=True,
     ),
-    Setting(
+    _flag_setting(
         "accept-proxy",
-        ("--accept-proxy",),
         "clients arrive through a proxy that sends a PROXY protocol header (v1 or v2): the "
         "client address it gives is used for the log, --allow, hooks and status; a connection "
         "without a valid header is closed",
-        kind="flag",
-        attr="accept_proxy",
-        check=_check_bool,
-        default=False,
-        action="store_true",
-        example="on",
-        reload=True,
+        "accept_proxy",
     ),
     Setting(
         "trusted-proxy",
@@ -640,29 +650,17 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="proxy_header_timeout",
         default=5.0,
     ),
-    Setting(
+    _flag_setting(
         "send-proxy",
-        ("--send-proxy",),
         "send a PROXY protocol v1 header to the backend on each connection, with the client's "
         "address",
-        kind="flag",
-        attr="send_proxy",
-        check=_check_bool,
-        default=False,
-        action="store_true",
-        example="on",
-        reload=True,
+        "send_proxy",
     ),
-    Setting(
+    _flag_setting(
         "send-proxy-v2",
-        ("--send-proxy-v2",),
         "the same with a v2 (binary) header; not together with --send-proxy",
-        kind="flag",
-        attr="send_proxy_v2",
-        check=_check_bool,
-        default=False,
-        action="store_true",
-        reload=True,
+        "send_proxy_v2",
+        example=None,
     ),
     _duration_setting(
         "connect-timeout",
@@ -737,17 +735,10 @@ SETTINGS: Tuple[Setting, ...] = (
         example="50",
         reload=True,
     ),
-    Setting(
+    _flag_setting(
         "restart-on-timeout",
-        ("--restart-on-timeout",),
         "restart the backend after a connection was cut at its timeout",
-        kind="flag",
-        attr="restart_on_timeout",
-        check=_check_bool,
-        default=False,
-        action="store_true",
-        example="on",
-        reload=True,
+        "restart_on_timeout",
     ),
     _duration_setting(
         "ready-timeout",

@@ -545,26 +545,16 @@ def test_systemd_analyze_verify_after_the_readme_install(tmp_path):
     assert os.access(installed, os.X_OK), installed
     copy = tmp_path / UNIT.name
     copy.write_text(UNIT.read_text().replace(venv, here))
-    out = _stdsubprocess.run(
-        [analyze, "verify", str(copy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=_stdsubprocess.DEVNULL,
-    )
-    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if copy.name in ln]
-    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+    _verify(analyze, copy)
     version = _stdsubprocess.run(
         [installed, "--version"], capture_output=True, text=True, timeout=60
     )
     assert version.stdout.startswith("tcplock "), version
 
 
-def test_systemd_analyze_verify(tmp_path):
-    analyze = _systemd_analyze()
-    copy = _unit_for_analyze(tmp_path)
+def _verify(analyze, unit):
     out = _stdsubprocess.run(
-        [analyze, "verify", str(copy)],
+        [analyze, "verify", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -572,8 +562,12 @@ def test_systemd_analyze_verify(tmp_path):
     )
     # verify exits 0 even for unknown keys or bad values: it only warns. Any line naming our
     # unit is a problem in it.
-    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if copy.name in ln]
+    complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if unit.name in ln]
     assert out.returncode == 0 and not complaints, out.stdout + out.stderr
+
+
+def test_systemd_analyze_verify(tmp_path):
+    _verify(_systemd_analyze(), _unit_for_analyze(tmp_path))
 
 
 def test_systemd_analyze_security_exposure_is_low(tmp_path):
