@@ -43,7 +43,7 @@ END_REASONS = (
     "client-finish-timeout",  # the client kept sending after the backend closed; both were cut
     "left-queue",  # the client went away while waiting in the queue
     "queue-timeout",  # the client waited longer than queue_timeout
-    "queue-full",  # max_queue clients were already waiting
+    "queue-full",  # max_queue clients were already waiting (see also TCPLock._headers_full)
     "not-allowed",  # the client's address is not in the allow list
     "untrusted-proxy",  # accept_proxy: the peer is not in trusted_proxy; nothing was read
     "bad-proxy-header",  # accept_proxy: no valid PROXY header within proxy_header_timeout

@@ -198,6 +198,8 @@ class TCPLock(StreamServer):
         self._accept_log = _RateLimit(10.0)
         self._refusal_log = _RateLimit(10.0)
         self._header_log = _RateLimit(10.0)
+        #: Connections still sending their PROXY header (the ``header`` state).
+        self._reading: Dict[Connection, None] = {}
         #: Activations so far (slots granted).
         self.activations = 0
         #: Connections that held a slot and have finished.
@@ -543,6 +545,8 @@ class TCPLock(StreamServer):
             trusted = self.trusted_proxy
             if not _within(address[0], LOOPBACK if trusted is None else trusted):
                 return conn.finish("untrusted-proxy")
+            if self._headers_full():
+                return conn.finish("queue-full")
             if self._tune_clients:
                 _tune(sock)
             return self._read_header(conn)
@@ -566,8 +570,21 @@ class TCPLock(StreamServer):
     # rest: a read watcher and a timer, no greenlet. HeaderReader takes only the header's
     # bytes; what the client sent after it stays in the kernel for the backend.
 
+    def _headers_full(self) -> bool:
+        """Whether a new connection may not start on its header: each one still sending its
+        header will take a free slot or a place in the queue, and holds a descriptor meanwhile,
+        so those and the waiting clients together stay within ``max_queue`` and the free
+        slots (the descriptor budget the command's default ``max_queue`` comes from)."""
+        max_queue = self.max_queue
+        if max_queue is None:
+            return False
+        gate = self.gate
+        free = max(0, gate.slots - gate.held)
+        return len(self._reading) + gate.waiting >= max_queue + free
+
     def _read_header(self, conn: Connection) -> None:
         conn.state = HEADER
+        self._reading[conn] = None
         reader = HeaderReader()
         if self._header_read(conn, reader):
             return None  # a proxy sends its header at once: usually it is all there
@@ -597,6 +614,7 @@ class TCPLock(StreamServer):
         if header is None:
             return False
         conn.stop_watching()
+        self._reading.pop(conn, None)
         if header.source is not None:
             conn.client, conn.destination = header.source, header.destination
         conn.state = QUEUED
@@ -716,6 +734,7 @@ class TCPLock(StreamServer):
 
     def _forget(self, conn: Connection) -> None:
         self._connections.pop(conn, None)
+        self._reading.pop(conn, None)
         conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
         conn.state = "ended"
         if not self._connections:
@@ -834,9 +853,8 @@ class TCPLock(StreamServer):
         if not self.closed:
             self.close()
         self.gate.cancel_all("shutdown")
-        for conn in list(self._connections):
-            if conn.state is HEADER:  # not in the queue yet: nothing to wait for
-                conn.finish("shutdown")
+        for conn in list(self._reading):  # not in the queue yet: nothing to wait for
+            conn.finish("shutdown")
         for backend in self.backends:
             if backend.process is not None and backend.restart_step is not None:
                 backend.restart_step.kill()  # a backend tcplock runs is stopped, not restarted

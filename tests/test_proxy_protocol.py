@@ -316,6 +316,47 @@ def test_stopping_ends_a_connection_still_sending_its_header(make_backend, make_
     assert backend.count == 0
 
 
+def test_connections_still_sending_their_header_count_against_max_queue(
+    make_backend, make_lock, conn_log
+):
+    """A trusted peer that opens connections and sends nothing cannot hold more descriptors
+    than max_queue (the budget it comes from) and the free slots: past that, a connection is
+    closed at once as queue-full, not after the header timeout."""
+    backend, lock = proxied(make_backend, make_lock, max_queue=2, proxy_header_timeout=30)
+    active = connect(lock.server_port)
+    active.sendall(b"PROXY TCP4 192.0.2.1 198.51.100.1 1 2\r\nping")
+    assert recv_exactly(active, 4) == b"ping"  # the one slot is held
+    silent = [connect(lock.server_port) for _ in range(5)]
+    ends = [conn_log.next_end(timeout=2) for _ in range(3)]  # at once, not in 30 s
+    assert [e["end"] for e in ends] == ["queue-full"] * 3
+    assert [c.state for c in lock.connections].count("header") == 2
+    for s in silent:
+        s.close()
+    assert [conn_log.next_end()["end"] for _ in range(2)] == ["bad-proxy-header"] * 2
+    # Room again: a proxied client is admitted and waits for the slot.
+    waiting = connect(lock.server_port)
+    waiting.sendall(b"PROXY TCP4 192.0.2.2 198.51.100.1 1 2\r\n")
+    wait_until(lambda: lock.queued == 1)
+    active.close()
+    waiting.sendall(b"pong")
+    assert recv_exactly(waiting, 4) == b"pong"
+    waiting.close()
+
+
+def test_with_max_queue_0_a_proxied_client_takes_a_free_slot(make_backend, make_lock):
+    backend, lock = proxied(make_backend, make_lock, max_queue=0, slots=2, proxy_header_timeout=30)
+    first, second = connect(lock.server_port), connect(lock.server_port)
+    for n, c in enumerate((first, second), 1):
+        c.sendall(b"PROXY TCP4 192.0.2.%d 198.51.100.1 1 2\r\nhi" % n)
+    for c in (first, second):
+        assert recv_exactly(c, 2) == b"hi"
+    third = connect(lock.server_port)  # no slot free, no waiting: turned away
+    closed(third)
+    first.close()
+    second.close()
+    third.close()
+
+
 # -- sending ------------------------------------------------------------------------------------
 
 

@@ -435,6 +435,44 @@ def test_cli_status_token_with_and_without_it(cli, make_backend, tmp_path):
     assert "cli-t0ken" not in p.output()  # the token is never logged
 
 
+def test_sighup_reads_the_token_file_again(cli, make_backend, tmp_path):
+    """A real SIGHUP: a new token in the file replaces the old at once; a token file made
+    readable by others is refused and the running token stays; a config file without the
+    setting leaves the status port open."""
+    path = _token_file(tmp_path, "first-t0ken\n")
+    conf = tmp_path / "tcplock.conf"
+    setting = f"status = 127.0.0.1:0\nstatus-token-file = {path}\n"
+    conf.write_text(setting)
+    p = cli.to(make_backend("echo"), "-c", str(conf))
+    p.wait_ready()
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", p.wait_for(r"status on http://")).group(1))
+    outcome = re.compile(r"reloaded: |reload failed")
+
+    def reload():
+        before = sum(1 for line in p.lines if outcome.search(line))
+        p.signal(signal.SIGHUP)
+        wait_until(lambda: sum(1 for line in p.lines if outcome.search(line)) > before)
+        return [line for line in p.lines if outcome.search(line)][before]
+
+    assert ask(port, headers=bearer("first-t0ken"))[0] == 200
+    _token_file(tmp_path, "second-t0ken\n")
+    assert "reloaded" in reload()
+    assert ask(port, headers=bearer("first-t0ken"))[0] == 401
+    assert ask(port, headers=bearer("second-t0ken"))[0] == 200
+    _token_file(tmp_path, "third-t0ken\n", 0o644)
+    line = reload()
+    assert "reload failed" in line and "open to group or others" in line, line
+    assert ask(port, headers=bearer("third-t0ken"))[0] == 401
+    assert ask(port, headers=bearer("second-t0ken"))[0] == 200
+    conf.write_text("status = 127.0.0.1:0\n")
+    assert "reloaded" in reload()
+    assert ask(port)[0] == 200
+    assert health_of(port)[0] == 200
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 0
+    assert not re.search(r"(first|second|third)-t0ken", p.output())
+
+
 # -- the status port's bounds --------------------------------------------------------------------
 
 
