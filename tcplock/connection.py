@@ -161,8 +161,9 @@ class Connection:
             queued, active = ended - self.queued_at, 0.0
         else:
             queued, active = activated - self.queued_at, ended - activated
+        client = self.client  # (self.label, without the property's calls: once per line)
         line = "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (  # noqa: UP031
-            self.label,
+            format_address(client) if client is not None else "in-process",
             queued,
             active,
             self.bytes_up,

@@ -151,8 +151,14 @@ class Gate:
             return u if u.open and u.held < u.slots else None
         best = None
         for u in units:
-            if u.open and u.held < u.slots:
-                if best is None or (u.held, u.last_used) < (best.held, best.last_used):
+            held = u.held
+            if u.open and held < u.slots:
+                # (held, last_used) is less than best's, without making the two tuples.
+                if (
+                    best is None
+                    or held < best.held
+                    or (held == best.held and u.last_used < best.last_used)
+                ):
                     best = u
         return best
 

@@ -34,6 +34,8 @@ _ALL_STATES = 0xFFFFFFFF
 # socket id (48), then expires, receive queue, send queue and uid (16).
 _INODE_AT = _NLMSG_HEADER.size + 4 + 48 + 16
 _INODE = struct.Struct("=I")
+#: A request's length: every question is the same size (its addresses padded to 16 bytes).
+_QUESTION_LENGTH = _NLMSG_HEADER.size + _REQUEST.size + _PORTS.size + 32 + _TAIL.size
 
 
 def is_loopback(sockaddr) -> bool:
@@ -113,8 +115,8 @@ class PeerCheck:
                 )
             self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
             self._sock.send(
-                _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(question), _SOCK_DIAG_BY_FAMILY,
-                                   _NLM_F_REQUEST, seq, 0) + question
+                _NLMSG_HEADER.pack(_QUESTION_LENGTH, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST,
+                                   seq, 0) + question
             )  # fmt: skip
             # The kernel answers within the request: the reply is already there.
             reply = self._sock.recv(4096, _socket.MSG_DONTWAIT)

@@ -61,8 +61,15 @@ _READERS: list = []
 _KEEP_READERS = 64
 
 
+_POOLABLE: dict = {}  # type of loop -> whether its watchers may be pooled
+
+
 def _poolable(loop) -> bool:
-    return type(loop).__module__.startswith("gevent.libev")
+    kind = type(loop)
+    poolable = _POOLABLE.get(kind)
+    if poolable is None:
+        poolable = _POOLABLE[kind] = kind.__module__.startswith("gevent.libev")
+    return poolable
 
 
 def read_watcher(loop, fd: int):
