@@ -195,6 +195,31 @@ def test_a_killed_backend_is_started_again_and_later_clients_are_served(
     assert not any(r.exc_info for r in conn_log.records)
 
 
+@pytest.mark.timeout(30)
+def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(supervised, pidfile):
+    """Output that is always there to read (``yes`` in the backend's group, for as long as it
+    runs) is passed on at the event loop's pace: clients are served meanwhile, and the stop
+    ends it."""
+    lock = supervised(1, backend_cmd="yes flood & " + pidserver("--pidfile", pidfile))
+    ticks = []
+
+    def tick():
+        while True:
+            gevent.sleep(0.01)
+            ticks.append(time.monotonic())
+
+    ticker = gevent.spawn(tick)
+    try:
+        for _ in range(3):
+            assert ask(lock.server_port)[2] == 1
+            wait_until(lambda: lock.active == [])
+        assert len(ticks) > 10  # the loop ran its timers all along
+    finally:
+        ticker.kill()
+    lock.stop(timeout=0)
+    assert not any(alive(pid) for pid in pids_in(pidfile))
+
+
 def test_a_backend_above_its_memory_limit_is_restarted_before_its_next_client(supervised, conn_log):
     lock = supervised(1, "--hold-mb", 40, restart_above_rss=100 << 20)
     metrics = Metrics(lock)
