@@ -270,6 +270,28 @@ def test_stopping_while_a_backend_is_not_yet_ready_stops_it(supervised, pidfile,
     assert not any(alive(pid) for pid in pids_in(pidfile))
 
 
+def test_a_stop_just_after_the_start_does_not_wait_for_the_stop_timeout():
+    """Stopped at every moment of its first tens of milliseconds (before and while its command
+    is being run), a backend's group ends on the SIGTERM, not after the stop timeout."""
+    slow = []
+    for delay in range(60):
+        lock = TCPLock(
+            (LOOPBACK, 0),
+            backends=[(LOOPBACK, free_port())],
+            backend_cmd="exec sleep 30",
+            stop_timeout=5,
+        )
+        lock.start()
+        gevent.sleep(delay / 1000)
+        started = time.monotonic()
+        lock.stop(timeout=0)
+        took = time.monotonic() - started
+        if took > 2:
+            slow.append((delay, round(took, 1)))
+            break
+    assert not slow, f"stopped {slow[0][0]}ms after the start, it took {slow[0][1]}s"
+
+
 def test_the_ready_command_also_decides_when_a_backend_that_was_down_is_back(make_lock, tmp_path):
     from gevent.server import StreamServer
 
