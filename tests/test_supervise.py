@@ -414,6 +414,20 @@ def test_backends_die_with_a_killed_tcplock(cli, pidfile):
     assert not any(alive(pid) for pid in pids + [pgid])
 
 
+def test_what_a_crashed_command_left_behind_dies_with_a_killed_tcplock(cli, pidfile):
+    """The command's own process dies and leaves a child behind; tcplock is killed with SIGKILL
+    during the pause before the restart. The child does not outlive it."""
+    p = supervised_cli(cli, "--backend-cmd", pidserver("--fork", "--pidfile", pidfile))
+    p.wait_ready()
+    (main, child), pgid = processes_of(p, pidfile)
+    os.kill(main, signal.SIGKILL)
+    p.wait_for("its command was killed by SIGKILL")
+    p.signal(signal.SIGKILL)
+    p.wait()
+    wait_until(lambda: not alive(child), timeout=10, what="the left-behind child to die")
+    assert in_group(pgid) == []
+
+
 def test_status_shows_each_backends_process_and_memory(cli, pidfile):
     p = supervised_cli(
         cli,
