@@ -316,6 +316,9 @@ class Backend:
         keeps ending."""
         lock = self.lock
         log.warning("backend %s: its command %s", self.label, describe_status(status))
+        # What it left in its group has lost its watcher: killed now, it cannot outlive a
+        # tcplock that dies before the restart (the pause before it lasts up to 30 s).
+        self.process.kill_rest()
         if lock._stopping:
             return  # stop() stops what is left of the group
         self.up = False

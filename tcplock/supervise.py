@@ -303,7 +303,9 @@ class BackendProcess:
 
 def _pass_on(stream, label: str) -> None:
     """Log what a backend's command prints, line by line, until its last process closes its
-    output."""
+    output. A command that writes without pause is read at the event loop's pace: a read
+    finds data waiting without ever blocking, so this yields after each line, or it would
+    hold the loop (every client, every timer) for as long as the command keeps writing."""
     readline = stream.readline
     while True:
         line = readline(MAX_LINE)
@@ -311,6 +313,7 @@ def _pass_on(stream, label: str) -> None:
             return
         text = line.decode("utf-8", "replace").rstrip("\r\n")
         output_log.info("backend %s: %s", label, text, extra={"backend": label})
+        sleep(0)
 
 
 def _closed(result, error) -> None:

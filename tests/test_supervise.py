@@ -195,6 +195,31 @@ def test_a_killed_backend_is_started_again_and_later_clients_are_served(
     assert not any(r.exc_info for r in conn_log.records)
 
 
+@pytest.mark.timeout(30)
+def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(supervised, pidfile):
+    """Output that is always there to read (``yes`` in the backend's group, for as long as it
+    runs) is passed on at the event loop's pace: clients are served meanwhile, and the stop
+    ends it."""
+    lock = supervised(1, backend_cmd="yes flood & " + pidserver("--pidfile", pidfile))
+    ticks = []
+
+    def tick():
+        while True:
+            gevent.sleep(0.01)
+            ticks.append(time.monotonic())
+
+    ticker = gevent.spawn(tick)
+    try:
+        for _ in range(3):
+            assert ask(lock.server_port)[2] == 1
+            wait_until(lambda: lock.active == [])
+        assert len(ticks) > 10  # the loop ran its timers all along
+    finally:
+        ticker.kill()
+    lock.stop(timeout=0)
+    assert not any(alive(pid) for pid in pids_in(pidfile))
+
+
 def test_a_backend_above_its_memory_limit_is_restarted_before_its_next_client(supervised, conn_log):
     lock = supervised(1, "--hold-mb", 40, restart_above_rss=100 << 20)
     metrics = Metrics(lock)
@@ -243,6 +268,28 @@ def test_stopping_while_a_backend_is_not_yet_ready_stops_it(supervised, pidfile,
     lock.stop(timeout=0)
     assert time.monotonic() - started < 3
     assert not any(alive(pid) for pid in pids_in(pidfile))
+
+
+def test_a_stop_just_after_the_start_does_not_wait_for_the_stop_timeout():
+    """Stopped at every moment of its first tens of milliseconds (before and while its command
+    is being run), a backend's group ends on the SIGTERM, not after the stop timeout."""
+    slow = []
+    for delay in range(60):
+        lock = TCPLock(
+            (LOOPBACK, 0),
+            backends=[(LOOPBACK, free_port())],
+            backend_cmd="exec sleep 30",
+            stop_timeout=5,
+        )
+        lock.start()
+        gevent.sleep(delay / 1000)
+        started = time.monotonic()
+        lock.stop(timeout=0)
+        took = time.monotonic() - started
+        if took > 2:
+            slow.append((delay, round(took, 1)))
+            break
+    assert not slow, f"stopped {slow[0][0]}ms after the start, it took {slow[0][1]}s"
 
 
 def test_the_ready_command_also_decides_when_a_backend_that_was_down_is_back(make_lock, tmp_path):
@@ -365,6 +412,20 @@ def test_backends_die_with_a_killed_tcplock(cli, pidfile):
     p.wait()
     wait_until(lambda: in_group(pgid) == [], timeout=10, what="the backend's processes to die")
     assert not any(alive(pid) for pid in pids + [pgid])
+
+
+def test_what_a_crashed_command_left_behind_dies_with_a_killed_tcplock(cli, pidfile):
+    """The command's own process dies and leaves a child behind; tcplock is killed with SIGKILL
+    during the pause before the restart. The child does not outlive it."""
+    p = supervised_cli(cli, "--backend-cmd", pidserver("--fork", "--pidfile", pidfile))
+    p.wait_ready()
+    (main, child), pgid = processes_of(p, pidfile)
+    os.kill(main, signal.SIGKILL)
+    p.wait_for("its command was killed by SIGKILL")
+    p.signal(signal.SIGKILL)
+    p.wait()
+    wait_until(lambda: not alive(child), timeout=10, what="the left-behind child to die")
+    assert in_group(pgid) == []
 
 
 def test_status_shows_each_backends_process_and_memory(cli, pidfile):
