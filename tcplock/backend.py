@@ -275,14 +275,14 @@ class Backend:
 
     def after_use(self) -> None:
         """A connection that held this backend ends: a supervised backend whose command has
-        just ended is to be started again (its connection may close before tcplock hears of
+        just ended, or lost a process it had when it became ready (LibreOffice under
+        unoserver), is to be started again (its connection may close before tcplock hears of
         the end), and one over its memory limit restarted, before its next client."""
         process = self.process
         if process is None or self.restart_reason is not None:
             return
         if process.main_ended():
-            self.up = False
-            self.request_restart("crash")  # its exit, when it comes, is logged
+            self._lost_a_process()
             return
         limit = self.lock.restart_above_rss
         if limit is None:
@@ -298,6 +298,31 @@ class Backend:
                 format_size(limit),
             )
             self.request_restart("rss")
+
+    def check_process(self) -> None:
+        """Once a second (the lock's sweep): a supervised backend that is up and that no
+        client holds, whose group lost a process it had when it became ready, is started
+        again before its next client."""
+        process = self.process
+        if (
+            process is None
+            or self.held
+            or not self.up
+            or self.restart_reason is not None
+            or not process.main_ended()
+        ):
+            return
+        self._lost_a_process()
+        self.restart_if_orphaned()
+
+    def _lost_a_process(self) -> None:
+        log.warning(
+            "backend %s: a process of its group has ended; starting it again before its next "
+            "client",
+            self.label,
+        )
+        self.up = False
+        self.request_restart("crash")  # the command's own exit, if it comes, is logged too
 
     # -- a backend tcplock runs ----------------------------------------------------------------
 

@@ -812,7 +812,8 @@ class TCPLock(StreamServer):
         """Once a second, in the event loop: a waiting client that sent its request is no
         longer watched for readiness (its data keeps the socket readable), so look for a reset
         here. One that merely closed its sending side keeps its place, as it should. Lingering
-        clients whose time is up are closed here too (one timer for all of them)."""
+        clients whose time is up are closed here too (one timer for all of them), and a backend
+        tcplock runs that lost a process while idle is called for a restart."""
         for conn in list(self._connections):
             if (
                 conn.state is QUEUED
@@ -826,6 +827,8 @@ class TCPLock(StreamServer):
                     gone = True
                 if gone and conn.ticket is not None:
                     conn.ticket.cancel("left-queue")
+        for backend in self.backends:  # a backend tcplock runs that lost a process
+            backend.check_process()
         lingering = self._lingering
         if lingering:
             now = time.monotonic()

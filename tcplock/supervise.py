@@ -145,7 +145,8 @@ class BackendProcess:
         self._known: Dict[int, None] = {}
         self._scanned_at = 0.0
         #: The command's own process (the watcher's first child), once found.
-        self.main_pid: Optional[int] = None
+        #: The processes of the group when the backend became ready (see main_ended).
+        self.ready_members: Tuple[int, ...] = ()
 
     @property
     def pid(self) -> Optional[int]:
@@ -184,7 +185,7 @@ class BackendProcess:
         self._stopping = False
         self._known = {}
         self._scanned_at = 0.0
-        self.main_pid = None
+        self.ready_members = ()
         log.info("backend %s: started its command (process group %d)", backend.label, proc.pid)
         Step(_pass_on, (proc.stdout, backend.label), _closed).start()
         Step(proc.wait, (), self._ended).start()
@@ -251,29 +252,29 @@ class BackendProcess:
             _signal_group(self.pgid, signal.SIGKILL)
 
     def found_ready(self) -> None:
-        """The backend is ready: note when, and which process is the command's own (the
-        oldest child of the watcher), for :meth:`main_ended`."""
+        """The backend is ready: note when, and which processes of the group do its work
+        then (the command's own and, say, the LibreOffice a unoserver started), for
+        :meth:`main_ended`."""
         self.ready_at = time.monotonic()
         pgid = self.pgid
         if pgid is None:
             return
-        members = self._scan(pgid)
-        children = [(stat[4], pid) for pid, stat in members.items() if stat[3] == pgid]
-        self.main_pid = min(children)[1] if children else None
+        self.ready_members = tuple(self._scan(pgid))
 
     def main_ended(self) -> bool:
-        """Whether the command's own process has ended, although tcplock may not have heard
-        yet (its connections close first). Cheap: one file read."""
+        """Whether a process that was in the group when it became ready has ended (or is
+        ending), although tcplock may not have heard yet: its connections close first, and a
+        process the command started (LibreOffice under unoserver) may die while the command
+        itself goes on answering, with errors. Cheap: one file read per such process."""
         if self.exited.is_set():
             return True
-        pid = self.main_pid
-        if pid is None:
-            return False
-        stat = _stat(pid)
-        # (Its sockets are closed while it exits, before it is a zombie: PF_EXITING says so.)
-        return (
-            stat is None or stat[0] in ("Z", "X") or stat[5] & _PF_EXITING or stat[1] != self.pgid
-        )
+        pgid = self.pgid
+        for pid in self.ready_members:
+            stat = _stat(pid)
+            # (Its sockets are closed while it exits, before it is a zombie: PF_EXITING says.)
+            if stat is None or stat[0] in ("Z", "X") or stat[5] & _PF_EXITING or stat[1] != pgid:
+                return True
+        return False
 
     def _scan(self, pgid: int) -> Dict[int, tuple]:
         members = group_members(pgid)

@@ -491,3 +491,26 @@ def test_a_backend_that_joins_a_running_pool_is_started_and_one_that_leaves_is_s
         f"{LOOPBACK}:{second[1]}",
         f"{LOOPBACK}:{third[1]}",
     ]
+
+
+def test_a_process_the_command_started_that_dies_gets_the_backend_started_again(supervised):
+    """The command goes on, but a process of its group that was there when it became ready
+    (LibreOffice under unoserver) died: the backend is started again, whether it was idle or
+    serving, before another client reaches it."""
+    lock = supervised(1, "--fork")
+    wait_until(lambda: lock.backends[0].state == "up", timeout=15)
+    pid, grandchild, _, _ = ask(lock.server_port)
+    assert grandchild and alive(grandchild)
+    os.kill(grandchild, signal.SIGKILL)  # while idle: noticed within a second or so
+    wait_until(lambda: lock.status()["backends"][0]["restarts"] == 1, timeout=15)
+    wait_until(lambda: lock.backends[0].state == "up", timeout=15)
+    again, grandchild, _, _ = ask(lock.server_port)
+    assert again != pid and not alive(pid)
+    # While serving: the client's connection ends, and the next client waits for the restart.
+    held = connect(lock.server_port)
+    held.sendall(b"?")
+    assert held.recv(100).split()[0] == str(again).encode()
+    os.kill(grandchild, signal.SIGKILL)
+    held.close()
+    third, _, _, _ = ask(lock.server_port, timeout=20)
+    assert third not in (pid, again)
