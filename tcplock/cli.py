@@ -237,6 +237,12 @@ def _summary(lock, hooks: dict, hooks_file: Optional[str]) -> str:
         policy.append(f"every {lock.restart_every} clients")
     if lock.restart_on_timeout:
         policy.append("after a timeout")
+    if lock.restart_above_rss is not None:
+        from .settings import format_size
+
+        policy.append(f"above {format_size(lock.restart_above_rss)} of memory")
+    if lock.backend_cmd is not None:
+        policy.append("when its command ends")
     given = []
     for setting in _COMMANDS:
         hook = hooks.get(setting.attr)

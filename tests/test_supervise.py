@@ -392,6 +392,15 @@ def processes_of(p, pidfile):
     return pids, pgid
 
 
+def test_the_start_up_line_names_the_restarts_of_a_backend_tcplock_runs(cli, pidfile):
+    p = supervised_cli(
+        cli, "--backend-cmd", pidserver("--pidfile", pidfile), "--restart-above-rss", "100M"
+    )
+    p.wait_ready()
+    line = p.wait_for("listening on")
+    assert "restart above 100.0 MiB of memory and when its command ends;" in line, line
+
+
 def test_no_backend_process_is_left_after_tcplock_stops(cli, pidfile):
     p = supervised_cli(cli, "--backend-cmd", pidserver("--fork", "--pidfile", pidfile))
     p.wait_ready()

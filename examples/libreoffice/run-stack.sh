@@ -68,7 +68,7 @@ args+=(
     --slots 1
     # tcplock runs each unoserver itself, with that backend's address in its environment, and
     # starts it again when it ends or has to be restarted.
-    --backend-cmd "$(printf '%q' "$here/unoserver-backend")"
+    --backend-cmd "exec $(printf '%q' "$here/unoserver-backend")"
     # Ready means answering a real XML-RPC call: unoserver listens before it has connected to
     # LibreOffice. unoping calls info(), which unoserver answers only once it is connected.
     --ready-cmd "timeout 10 $(printf '%q' "$UNO_VENV/bin/unoping") --host \"\$TCPLOCK_BACKEND_HOST\" --port \"\$TCPLOCK_BACKEND_PORT\""
