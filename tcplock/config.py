@@ -132,6 +132,8 @@ def _unquote(value: str, where: str, key: str) -> str:
     quote = value[:1]
     if quote in ("'", '"'):
         close = value.find(quote, 1)
+        if close < 0:
+            raise ConfigError(f"{where}: {key}: the {quote} at its start is never closed")
         rest = value[close + 1 :].strip() if close > 0 else None
         if rest == "" or (rest and rest.startswith("#")):
             return value[1:close]

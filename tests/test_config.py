@@ -122,6 +122,10 @@ def conf_error(tmp_path, text, *args):
             "(or a restart() in --hooks)",
         ),
         (
+            'listen = 9000\non-activate = "echo hi\n',
+            'FILE, line 2: on-activate: the " at its start is never closed',
+        ),
+        (
             "listen = 9000\nproxy-host = 127.0.0.1\nbackend = [127.0.0.1:2]\n",
             "backend (FILE, line 3) names the backends: leave out proxy-host (FILE, line 2)",
         ),
