@@ -135,7 +135,17 @@ def test_clients_wait_in_the_queue_until_the_backend_is_ready(supervised, tmp_pa
     lock = supervised(1, ready_cmd=f"test -e {ready}")
     c = connect(lock.server_port)
     # The server listens within a fraction of a second; the client waits for the ready command.
-    gevent.sleep(1.5)
+    backend_port = lock.backends[0].address[1]
+
+    def listening():
+        try:
+            connect(backend_port, timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(listening, timeout=15, what="the backend to listen")
+    gevent.sleep(0.3)  # time enough for a lock that wrongly took listening for ready to let it in
     assert lock.queued == 1 and lock.backends[0].state == "starting"
     assert lock.status()["backends"][0]["pid"] is not None
     ready.touch()
