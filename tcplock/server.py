@@ -539,21 +539,24 @@ class TCPLock(StreamServer):
 
     def do_handle(self, sock, address) -> None:
         conn = self._admit(sock, address)
-        if self._stopping:
-            return conn.finish("shutdown")
-        if self.accept_proxy:
+        if self._tune_clients:  # (where accepted sockets do not inherit the listener's options)
+            _tune(sock)
+        if self.accept_proxy and not self._stopping:
             trusted = self.trusted_proxy
             if not _within(address[0], LOOPBACK if trusted is None else trusted):
                 return conn.finish("untrusted-proxy")
             if self._headers_full():
                 return conn.finish("queue-full")
-            if self._tune_clients:
-                _tune(sock)
             return self._read_header(conn)
-        if self.allow is not None and not self._allowed(address[0]):
+        return self._let_in(conn)
+
+    def _let_in(self, conn: Connection) -> None:
+        """Admission by the client's address (the one in its PROXY header, if it sent one),
+        then the queue."""
+        if self._stopping:
+            return conn.finish("shutdown")
+        if self.allow is not None and not self._allowed(conn.client[0]):
             return conn.finish("not-allowed")
-        if self._tune_clients:
-            _tune(sock)
         return self._enqueue(conn)
 
     def _enqueue(self, conn: Connection) -> None:
@@ -619,12 +622,7 @@ class TCPLock(StreamServer):
             conn.client, conn.destination = header.source, header.destination
         conn.state = QUEUED
         conn.queued_at = time.monotonic()  # its wait starts now
-        if self._stopping:
-            conn.finish("shutdown")
-        elif self.allow is not None and not self._allowed(conn.client[0]):
-            conn.finish("not-allowed")
-        else:
-            self._enqueue(conn)
+        self._let_in(conn)
         return True
 
     def _header_timed_out(self, conn: Connection) -> None:

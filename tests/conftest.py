@@ -354,6 +354,17 @@ class CLIProcess(ChildProcess):
         return self.port
 
 
+def limited_cli(args, nofile):
+    """A tcplock command whose descriptor limit (RLIMIT_NOFILE) is ``nofile``."""
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return CLIProcess(args, preexec_fn=limit)
+
+
 @pytest.fixture
 def cli():
     procs = []

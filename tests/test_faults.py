@@ -4,7 +4,6 @@ limit, and access control."""
 
 import hashlib
 import os
-import resource
 import signal
 import socket as _stdsocket
 import sys
@@ -16,9 +15,9 @@ from gevent import socket, subprocess
 from conftest import (
     LOOPBACK,
     Backend,
-    CLIProcess,
     connect,
     free_port,
+    limited_cli,
     recv_all,
     recv_exactly,
     reset,
@@ -240,16 +239,9 @@ def test_hook_writing_to_blocked_output_is_killed_at_hook_timeout(make_backend, 
 # -- descriptor exhaustion -------------------------------------------------------------------
 
 
-def _limited_cli(args, nofile):
-    def limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    return CLIProcess(args, preexec_fn=limit)
-
-
 def test_descriptor_exhaustion_is_survived_logged_once_and_recovered(make_backend):
     backend = make_backend("echo")
-    p = _limited_cli(
+    p = limited_cli(
         [
             "-l",
             "127.0.0.1:0",
@@ -300,7 +292,7 @@ def test_no_descriptor_for_the_backend_is_a_refused_backend_not_an_error_cascade
     placeholder.bind((LOOPBACK, 0))
     dead_port = placeholder.getsockname()[1]
     placeholder.close()
-    p = _limited_cli(
+    p = limited_cli(
         ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(dead_port),
          "--max-queue", "1000", "--connect-timeout", "0.2s"],
         nofile=64,
@@ -327,7 +319,7 @@ def test_no_descriptor_for_the_backend_is_a_refused_backend_not_an_error_cascade
 
 def test_default_max_queue_fits_the_descriptor_limit(make_backend):
     backend = make_backend("hold")
-    p = _limited_cli(
+    p = limited_cli(
         ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port)],
         nofile=128,
     )

@@ -5,7 +5,6 @@ lines."""
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import time
@@ -19,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import (
     LOOPBACK,
     ChildProcess,
-    CLIProcess,
     connect,
     free_port,
     http,
+    limited_cli,
     recv_all,
     recv_exactly,
     require_command,
@@ -558,13 +557,6 @@ def test_status_connections_are_bounded_in_number_and_head_size(make_backend, ma
         server.stop(timeout=0)
 
 
-def _limited_cli(args, nofile):
-    def limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    return CLIProcess(args, preexec_fn=limit)
-
-
 def _status_port(p):
     return int(re.search(r"status on http://\S+:(\d+)/", p.wait_for("status on")).group(1))
 
@@ -576,7 +568,7 @@ def test_half_sent_status_requests_under_a_low_descriptor_limit_do_not_stall_the
     # holds only its share of the budget, the rest wait in its listen backlog (128 long), and
     # the lock's clients are served at once all along.
     backend = make_backend("echo")
-    p = _limited_cli(
+    p = limited_cli(
         ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port),
          "--status", "127.0.0.1:0"],
         nofile=120,
@@ -614,7 +606,7 @@ def test_half_sent_status_requests_under_a_low_descriptor_limit_do_not_stall_the
 
 def test_the_status_server_has_its_share_of_the_descriptor_budget(make_backend):
     backend = make_backend("hold")
-    p = _limited_cli(
+    p = limited_cli(
         ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port),
          "--status", "127.0.0.1:0"],
         nofile=128,
@@ -631,7 +623,7 @@ def test_malformed_requests_and_accept_failures_are_one_line_each_never_a_traceb
     make_backend,
 ):
     backend = make_backend("echo")
-    p = _limited_cli(
+    p = limited_cli(
         ["-l", "127.0.0.1:0", "--proxy-host", "127.0.0.1", "-p", str(backend.server_port),
          "--status", "127.0.0.1:0", "--agent-check", "127.0.0.1:0", "--max-queue", "1000"],
         nofile=64,
