@@ -27,12 +27,12 @@ import gevent
 from gevent import GreenletExit, socket
 from gevent.event import AsyncResult
 
-from .hooks import CommandHook, HookFailed, call_hook
+from .hooks import CommandHook, HookFailed, call_hook, describe_status
 from .peer import PeerCheck
 from .proxyproto import make_v1, make_v2
 from .settings import format_size
 from .steps import Step
-from .supervise import BackendProcess, describe_status, probe
+from .supervise import BackendProcess, probe
 
 __all__ = [
     "Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "STARTING", "DRAINING",

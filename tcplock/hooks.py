@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional
 import gevent
 from gevent import subprocess
 
-__all__ = ["HookFailed", "CommandHook", "call_hook", "run_command"]
+__all__ = ["HookFailed", "CommandHook", "call_hook", "run_command", "kill_group", "describe_status"]
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,14 @@ def run_command(command: str, env: Mapping[str, str], name: str = "hook") -> Non
     try:
         status = proc.wait()
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     if status != 0:
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        raise HookFailed(f"{name} hook {how}")
+        raise HookFailed(f"{name} hook {describe_status(status)}")
 
 
-def _kill_group(proc) -> None:
+def kill_group(proc) -> None:
+    """SIGKILL to the process group ``proc`` leads, and wait for ``proc``."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
@@ -121,3 +121,15 @@ class CommandHook:
 
     def __repr__(self) -> str:
         return f"CommandHook({self.command!r}, name={self.name!r})"
+
+
+def describe_status(status: int) -> str:
+    """A process's end as a returncode tells it: ``exited with status 3`` or ``was killed by
+    SIGKILL``."""
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    return f"was killed by {name}"

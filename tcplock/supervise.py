@@ -30,10 +30,10 @@ from typing import Dict, Mapping, Optional, Tuple
 from gevent import sleep, subprocess
 from gevent.event import Event
 
-from .hooks import HookFailed
+from .hooks import HookFailed, describe_status, kill_group
 from .steps import Step
 
-__all__ = ["BackendProcess", "probe", "describe_status", "group_members"]
+__all__ = ["BackendProcess", "probe", "group_members"]
 
 log = logging.getLogger("tcplock.server")
 #: The log of what the backends' commands print, one record per line.
@@ -49,18 +49,6 @@ RESCAN_INTERVAL = 5.0
 _PF_EXITING = 0x4
 #: How often a stopping group is looked at.
 _POLL = 0.05
-
-
-def describe_status(status: int) -> str:
-    """A process's end as a returncode tells it: ``exited with status 3`` or ``was killed by
-    SIGKILL``."""
-    if status >= 0:
-        return f"exited with status {status}"
-    try:
-        name = signal.Signals(-status).name
-    except ValueError:
-        name = f"signal {-status}"
-    return f"was killed by {name}"
 
 
 def _stat(pid: int) -> Optional[Tuple[str, int, int, int, int, int]]:
@@ -342,12 +330,10 @@ def probe(command: str, env: Mapping[str, str], limit: Optional[float]) -> Tuple
     try:
         output, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
         return False, f"still running after {limit:g}s"
     except BaseException:
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
         raise
     if proc.returncode == 0:
         return True, ""
