@@ -30,7 +30,7 @@ from gevent.event import AsyncResult
 from .hooks import CommandHook, HookFailed, call_hook, describe_status
 from .peer import PeerCheck
 from .proxyproto import make_v1, make_v2
-from .settings import format_size
+from .settings import PER_BACKEND, format_size
 from .steps import Step
 from .supervise import BackendProcess, probe
 
@@ -82,16 +82,23 @@ class Backend:
     close the backend to the queue as its state changes.
     """
 
-    def __init__(self, address: Tuple[str, int], lock, index: int = 1) -> None:
+    def __init__(
+        self, address: Tuple[str, int], lock, index: int = 1, settings: Optional[dict] = None
+    ) -> None:
         self._addrinfo: Optional[list] = None
         self.address = address
         #: Its place in the order given, from 1.
         self.index = index
         self.lock = lock
-        #: How many clients it takes at once, how many hold one of its slots now (kept by the
-        #: gate), whether it takes new clients now (kept by the lock), and when a slot of it
-        #: was last taken or given back (the gate prefers the one idle longest).
+        #: Its own settings, ``{attr: value}``, as its ``--backend`` value gives them (checked
+        #: by the settings table); the others are the lock's (:meth:`apply_settings`).
+        self.settings: dict = dict(settings or {})
+        #: How many clients it takes at once (its own ``slots``, or the lock's), how many hold
+        #: one of its slots now (kept by the gate), whether it takes new clients now (kept by
+        #: the lock), and when a slot of it was last taken or given back (the gate prefers the
+        #: one idle longest).
         self.slots = lock.slots
+        self.apply_settings()
         self.held = 0
         self.open = True
         self.last_used = 0.0
@@ -125,6 +132,12 @@ class Backend:
         )
         #: The pause before a supervised backend whose command ended is started again.
         self.crash_delay = lock.restart_retry_delay
+
+    def apply_settings(self) -> None:
+        """Take each per-backend setting from its own settings, or else from the lock's."""
+        for setting in PER_BACKEND.values():
+            attr = setting.attr
+            setattr(self, attr, self.settings.get(attr, getattr(self.lock, attr)))
 
     @property
     def address(self) -> Tuple[str, int]:

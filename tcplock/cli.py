@@ -326,10 +326,11 @@ def _show(value) -> str:
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}s"
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+    if isinstance(value, tuple) and len(value) in (2, 3) and isinstance(value[1], int):
         from .backend import format_address
 
-        return format_address(value)
+        own = value[2] if len(value) == 3 else {}  # a backend's own settings
+        return format_address(value[:2]) + "".join(f",{k}={v}" for k, v in own.items())
     if isinstance(value, list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return _one_line(str(value))
@@ -426,7 +427,7 @@ class Reloader:
         lock = self.lock
         for attr, value in values.items():
             setattr(lock, attr, value)
-        if backends is not None and backends != [b.address for b in lock.backends]:
+        if backends is not None:  # (named as they are: nothing changes)
             lock.set_backends(backends)
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             self.set_logging(new.log_level, new.log_format)

@@ -83,8 +83,14 @@ class _RateLimit:
         return n
 
 
+#: The settings a backend may have its own value of, by library name.
+_PER_BACKEND = frozenset(s.attr for s in _settings.PER_BACKEND.values())
+
+
 def _check_backends(addresses) -> list:
-    """The backends' addresses, as a list of (host, port); ValueError naming backends."""
+    """The backends, as a list of ``((host, port), settings)``, from ``(host, port)`` or
+    ``(host, port, {attr: value})`` items (a backend's own settings); ValueError naming
+    backends."""
     try:
         items = list(addresses)
     except TypeError:
@@ -93,8 +99,12 @@ def _check_backends(addresses) -> list:
         raise ValueError("backends must name at least one (host, port)")
     checked = []
     for item in items:
+        options = {}
         try:
-            host, port = item
+            if isinstance(item, tuple) and len(item) == 3:
+                host, port, options = item
+            else:
+                host, port = item
         except (TypeError, ValueError):
             raise ValueError(f"backends: {item!r} is not a (host, port) pair") from None
         if not isinstance(host, str) or not host or isinstance(port, bool):
@@ -105,9 +115,13 @@ def _check_backends(addresses) -> list:
             raise ValueError(f"backends: {item!r} has no valid port") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"backends: port {port} is out of range (1-65535)")
-        if (host, port) in checked:
+        if any((host, port) == address for address, _ in checked):
             raise ValueError(f"backends: {host}:{port} is given twice")
-        checked.append((host, port))
+        try:
+            options = _settings.check_backend_options(options)
+        except ValueError as e:
+            raise ValueError(f"backends: {host}:{port}: {e}") from None
+        checked.append(((host, port), options))
     return checked
 
 
@@ -124,8 +138,10 @@ class _Setting:
     def __set__(self, lock, value) -> None:
         value = _settings.validate(self.name, value)
         lock.__dict__[self.name] = value
-        if self.name == "slots" and "gate" in lock.__dict__:
-            lock.gate.slots = value
+        if "gate" in lock.__dict__ and self.name in _PER_BACKEND:
+            for backend in lock.backends:  # those without their own value take this one
+                backend.apply_settings()
+            lock.gate.resized()
 
 
 class TCPLock(StreamServer):
@@ -187,7 +203,7 @@ class TCPLock(StreamServer):
         addresses = _check_backends(backends)
         #: The backends clients are relayed to, in the order given: a pool behind one queue.
         self.backends: List[Backend] = [
-            Backend(address, self, i) for i, address in enumerate(addresses, 1)
+            Backend(address, self, i, options) for i, (address, options) in enumerate(addresses, 1)
         ]
         self.gate = Gate(units=self.backends)
         self._leaving = 0  # backends leaving the pool (see set_backends)
@@ -357,16 +373,19 @@ class TCPLock(StreamServer):
         addresses = _check_backends(addresses)
         current = {b.address: b for b in self.backends}
         pool, joined = [], []
-        for index, address in enumerate(addresses, 1):
+        for index, (address, options) in enumerate(addresses, 1):
             b = current.pop(address, None)
             if b is None:
-                b = Backend(address, self, index)
+                b = Backend(address, self, index, options)
                 joined.append(b)
                 log.warning("backend %s joins the pool", b.label)
             elif b.leaving:
                 b.leaving = False
                 self._leaving -= 1
                 log.warning("backend %s stays in the pool", b.label)
+            elif b.settings != options:
+                b.settings = options
+                b.apply_settings()
             b.index = index
             pool.append(b)
         for b in current.values():  # after the others: lock.backend is a backend that stays

@@ -39,6 +39,9 @@ __all__ = [
     "parse_size",
     "format_size",
     "parse_address",
+    "parse_backend",
+    "check_backend_options",
+    "PER_BACKEND",
     "parse_port",
     "render_markdown",
     "render_conf",
@@ -193,8 +196,38 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]
     return host, parse_port(port, allow_zero=True)
 
 
-def parse_backend(text: str) -> Tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT``: a backend's address, with its host."""
+def parse_backend(text: str):
+    """``HOST:PORT`` or ``[IPV6]:PORT``: a backend's address, with its host, then the backend's
+    own settings, if any, after commas (``127.0.0.1:2002,slots=2``): ``(host, port)``, or
+    ``(host, port, {attr: value})`` with settings of its own."""
+    address, *parts = text.split(",")
+    host, port = _backend_address(address)
+    if not parts:
+        return host, port
+    options: Dict[str, Any] = {}
+    for part in parts:
+        name, sep, value = part.strip().partition("=")
+        setting = PER_BACKEND.get(name.strip())
+        if not sep or setting is None:
+            known = ", ".join(f"{n}=VALUE" for n in PER_BACKEND)
+            raise argparse.ArgumentTypeError(
+                f"invalid backend option {_shown(part.strip())} in {_shown(text.strip())} "
+                f"(a backend takes {known})"
+            )
+        if setting.attr in options:
+            raise argparse.ArgumentTypeError(
+                f"backend option {name.strip()} is given twice in {_shown(text.strip())}"
+            )
+        try:
+            options[setting.attr] = setting.parse(value)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(
+                f"backend option {name.strip()} in {_shown(text.strip())}: {e}"
+            ) from None
+    return host, port, options
+
+
+def _backend_address(text: str) -> Tuple[str, int]:
     host, port = parse_address(text, default_host="")
     if not host:
         raise argparse.ArgumentTypeError(f"invalid backend {text.strip()!r} (use HOST:PORT)")
@@ -203,11 +236,25 @@ def parse_backend(text: str) -> Tuple[str, int]:
     return host, port
 
 
+def check_backend_options(options) -> Dict[str, Any]:
+    """A library backend's own settings, ``{attr: value}`` (the attrs of :data:`PER_BACKEND`),
+    each checked as the setting itself is; ValueError naming the option otherwise."""
+    if not isinstance(options, dict):
+        raise ValueError(f"backend settings must be a dict, not {_shown(options)}")
+    checked = {}
+    for attr, value in options.items():
+        if not any(s.attr == attr for s in PER_BACKEND.values()):
+            known = ", ".join(s.attr for s in PER_BACKEND.values())
+            raise ValueError(f"{_shown(attr)} is not a backend's own setting (one of: {known})")
+        checked[attr] = validate(attr, value)
+    return checked
+
+
 def parse_proxy_port(text: str):
     """``PORT``, or ``HOST:PORT`` / ``[IPV6]:PORT`` naming the backend's host as well (as a
     (host, port) pair, which the command splits into --proxy-host and --proxy-port)."""
     if ":" in text:
-        return parse_backend(text)
+        return _backend_address(text)
     return parse_port(text)
 
 
@@ -412,6 +459,9 @@ class Setting:
     required: bool = False
     #: Whether it may be changed on a running lock.
     reload: bool = False
+    #: Whether a backend may have its own value, written in its ``--backend`` value as
+    #: ``HOST:PORT,name=value`` (the backend reads it from :attr:`Backend.settings`).
+    per_backend: bool = False
 
     @property
     def dest(self) -> str:
@@ -556,10 +606,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "backend",
         ("--backend",),
-        "a backend of the pool, as HOST:PORT ([IPV6]:PORT); repeatable: one queue in front of "
-        "them all",
+        "a backend of the pool, as HOST:PORT ([IPV6]:PORT), with its own settings after commas "
+        "(HOST:PORT,slots=2; the others take the global value); repeatable: one queue in front "
+        "of them all",
         kind="addresses",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,NAME=VALUE]",
         parse=parse_backend,
         action="append",
         shown="the one of --proxy-host and --proxy-port",
@@ -569,7 +620,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "slots",
         ("-n", "--slots"),
-        "how many clients each backend takes at once",
+        "how many clients each backend takes at once (one backend's own: --backend "
+        "HOST:PORT,slots=N)",
         kind="count",
         attr="slots",
         metavar="N",
@@ -577,6 +629,7 @@ SETTINGS: Tuple[Setting, ...] = (
         check=_check_count(1, None),
         default=1,
         reload=True,
+        per_backend=True,
     ),
     _duration_setting(
         "timeout",
@@ -866,6 +919,9 @@ SETTINGS: Tuple[Setting, ...] = (
         action="store_true",
     ),
 )
+
+#: The settings a backend may have its own value of, by name (see :func:`parse_backend`).
+PER_BACKEND: Dict[str, Setting] = {s.name: s for s in SETTINGS if s.per_backend}
 
 #: The settings of the library, by TCPLock keyword argument.
 LIBRARY: Dict[str, Setting] = {s.attr: s for s in SETTINGS if s.attr is not None}
