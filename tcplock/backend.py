@@ -35,18 +35,37 @@ from .steps import Step
 from .supervise import BackendProcess, probe
 
 __all__ = [
-    "Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "STARTING", "DRAINING",
-    "LEAVING",
+    "Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "STARTING", "STANDBY",
+    "ENABLED", "DRAINING", "LEAVING", "TRANSITIONS",
 ]  # fmt: skip
 
 log = logging.getLogger("tcplock.server")
 
-UP = "up"
-DOWN = "down"
-RESTARTING = "restarting"
+# A backend's operational state: what it is.
+UP = "up"  # ready, and taking clients
+STANDBY = "standby"  # ready, kept out of service to take the place of one that restarts
+DOWN = "down"  # connecting to it failed, or a start or restart of it was abandoned
+RESTARTING = "restarting"  # a restart is due or running
 STARTING = "starting"  # a supervised backend's first start
-DRAINING = "draining"
-LEAVING = "leaving"
+# Its admin state: what the operator (or a reload) wants of it.
+ENABLED = "enabled"
+DRAINING = "draining"  # finishes its clients, takes no new ones, until enabled
+LEAVING = "leaving"  # left out of the pool by a reload: finishes its clients, then goes
+
+#: Every change of operational state a backend may make (from, to); each is recorded with
+#: its cause (:attr:`Backend.cause`), any other is a bug (RuntimeError).
+TRANSITIONS = frozenset(
+    {
+        (UP, STARTING),  # a supervised backend's command starts (with tcplock, or joining)
+        (STARTING, UP), (STARTING, STANDBY), (STARTING, DOWN),
+        (UP, RESTARTING), (UP, DOWN), (UP, STANDBY),
+        (STANDBY, UP), (STANDBY, RESTARTING), (STANDBY, DOWN),
+        (RESTARTING, UP), (RESTARTING, STANDBY), (RESTARTING, DOWN),
+        (DOWN, UP), (DOWN, STANDBY), (DOWN, RESTARTING),
+    }
+)  # fmt: skip
+#: The cause a restart is recorded with, by its reason.
+_RESTART_CAUSE = {"count": "restart-every", "ttl": "ttl", "rss": "rss", "crash": "crashed"}
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 # Where the platform has it, a backend socket is made non-blocking by socket() itself.
@@ -115,6 +134,13 @@ class Backend:
         self.restart_step: Optional[Step] = None
         #: Connections granted a slot while a restart was due: they wait for it, in order.
         self.parked: List = []
+        #: Kept ready out of service (``--spares``): the lock decides, as it becomes ready.
+        self.standby = False
+        #: The operational state (:data:`TRANSITIONS`) and the admin state, and what made the
+        #: last change of either (``restart-every``, ``crashed``, ``drain request``, ...).
+        self.operational = UP
+        self.admin = ENABLED
+        self.cause: Optional[str] = None
         #: Clients let through since the last restart.
         self.since_restart = 0
         self.activations = 0
@@ -153,17 +179,41 @@ class Backend:
 
     @property
     def state(self) -> str:
-        """``leaving``, ``draining``, ``starting`` (a supervised backend's first start),
-        ``restarting``, ``down`` or ``up``, the first that holds."""
-        if self.leaving:
-            return LEAVING
-        if self.draining:
-            return DRAINING
-        if self.restart_reason == "start":
+        """Its admin state if that is not ``enabled`` (``leaving``, ``draining``), else its
+        operational state (``starting``, ``restarting``, ``down``, ``standby``, ``up``)."""
+        return self.operational if self.admin is ENABLED else self.admin
+
+    def _operational_now(self) -> str:
+        reason = self.restart_reason
+        if reason == "start":
             return STARTING
-        if self.restart_reason is not None:
+        if reason is not None:
             return RESTARTING
-        return UP if self.up else DOWN
+        if not self.up:
+            return DOWN
+        return STANDBY if self.standby else UP
+
+    def note(self, cause: str) -> None:
+        """Record a change of its flags as a change of state, made by ``cause``: the one place
+        its operational and admin states are set."""
+        new = self._operational_now()
+        admin = LEAVING if self.leaving else DRAINING if self.draining else ENABLED
+        if new != self.operational:
+            if (self.operational, new) not in TRANSITIONS:
+                raise RuntimeError(
+                    f"backend {self.label}: no transition from {self.operational} to {new}"
+                )
+            log.debug("backend %s: %s -> %s (%s)", self.label, self.operational, new, cause)
+            self.operational = new
+            self.cause = cause
+        if admin != self.admin:
+            self.admin = admin
+            self.cause = cause
+
+    @property
+    def ready(self) -> bool:
+        """Up, or a standby: ready for clients, and taking them if it is not a standby."""
+        return self.up and self.restart_reason is None
 
     def status(self) -> dict:
         process = self.process
@@ -172,6 +222,10 @@ class Backend:
             "slots": self.slots,
             "active": self.held,
             "state": self.state,
+            "operational": self.operational,
+            "admin": self.admin,
+            "cause": self.cause,
+            "standby": self.operational == STANDBY,
             "activations": self.activations,
             "restarts": self.restarts,
             "restart_failures": self.restart_failures,
@@ -201,6 +255,7 @@ class Backend:
         if not self.up:
             return
         self.up = False
+        self.note("connect failed")
         log.warning(
             "backend %s is down (%s); checking it every %gs",
             self.label,
@@ -215,8 +270,10 @@ class Backend:
         if self.up:
             return
         self.up = True
+        self.standby = self.lock._standby_wanted(self)
+        self.note("answers again")
         self._stop_checks()
-        log.warning("backend %s is up again", self.label)
+        log.warning("backend %s is up again%s", self.label, " (standby)" if self.standby else "")
         self.lock._sync_gate()
 
     def _check_now(self) -> None:
@@ -282,8 +339,11 @@ class Backend:
         if self.restart_reason is not None:
             if reason in ("ttl", "crash") and self.restart_step is None:
                 self.restart_reason = reason  # the more telling reason, for the command
+                if self.operational == RESTARTING:
+                    self.cause = _RESTART_CAUSE[reason]
             return
         self.restart_reason = reason
+        self.note(_RESTART_CAUSE.get(reason, reason))
         self.lock._sync_gate()
 
     def after_use(self) -> None:
@@ -335,6 +395,7 @@ class Backend:
             self.label,
         )
         self.up = False
+        self.note("crashed")
         self.request_restart("crash")  # the command's own exit, if it comes, is logged too
 
     # -- a backend tcplock runs ----------------------------------------------------------------
@@ -345,6 +406,7 @@ class Backend:
         if self.process is None or self.restart_reason is not None:
             return
         self.restart_reason = "start"
+        self.note("start")
         self.lock._sync_gate()
         self.restart_now(None, lambda: None).start()
 
@@ -360,6 +422,7 @@ class Backend:
         if lock._stopping:
             return  # stop() stops what is left of the group
         self.up = False
+        self.note("crashed")
         self._stop_checks()
         if self.restart_step is not None:
             return  # a start under way: it sees the end itself, and tries again
@@ -392,8 +455,16 @@ class Backend:
                 self.process.found_ready()
                 self._stop_checks()
                 self.up = True
+            reason = self.restart_reason
             self.restart_reason = None
             self.restart_step = None
+            if result:
+                self.standby = self.lock._standby_wanted(self)
+                self.note("started" if reason == "start" else "restarted")
+                if self.standby:
+                    log.info("backend %s is ready as a standby", self.label)
+            else:
+                self.note("abandoned")
             parked, self.parked = self.parked, []
             for waiting in parked:
                 waiting.unpark()

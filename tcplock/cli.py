@@ -243,6 +243,8 @@ def _summary(lock, hooks: dict, hooks_file: Optional[str]) -> str:
         policy.append(f"above {format_size(lock.restart_above_rss)} of memory")
     if lock.backend_cmd is not None:
         policy.append("when its command ends")
+    if lock.spares:
+        policy.append(f"with {lock.spares} of the backends kept ready as standbys")
     given = []
     for setting in _COMMANDS:
         hook = hooks.get(setting.attr)

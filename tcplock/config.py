@@ -343,6 +343,8 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
         raise ConfigError(
             f"{named('send_proxy')} and {named('send_proxy_v2')} exclude each other: give one"
         )
+    if args.spares and not args.backend_cmd:
+        raise ConfigError(f"{named('spares')} needs --backend-cmd (backends tcplock runs)")
     if args.restart_above_rss is not None and not args.backend_cmd:
         raise ConfigError(
             f"{named('restart_above_rss')} needs --backend-cmd (a backend tcplock runs)"

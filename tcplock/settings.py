@@ -843,6 +843,20 @@ SETTINGS: Tuple[Setting, ...] = (
         default=10.0,
     ),
     Setting(
+        "spares",
+        ("--spares",),
+        "with --backend-cmd: keep N of the backends started and ready but out of service, as "
+        "standbys; when a backend in service must restart (or its command ends), a ready "
+        "standby takes its place at once, and the restarted one becomes a standby",
+        kind="count",
+        attr="spares",
+        metavar="N",
+        parse=_count(0),
+        check=_check_count(0, None),
+        default=0,
+        reload=True,
+    ),
+    Setting(
         "hooks",
         ("--hooks",),
         "Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason) "
@@ -948,8 +962,8 @@ def validate(attr: str, value):
 def check_together(values: Dict[str, Any]) -> None:
     """The rules between settings: restarting after a count or a timeout needs a restart (a
     callable, or a backend tcplock runs itself); a backend tcplock runs is restarted by
-    tcplock, not by a restart callable; a memory limit needs a backend tcplock runs; one PROXY
-    header version at most is sent."""
+    tcplock, not by a restart callable; a memory limit and spares need a backend tcplock runs;
+    one PROXY header version at most is sent."""
     supervised = values.get("backend_cmd") is not None
     if supervised and values.get("restart") is not None:
         raise ValueError(
@@ -961,6 +975,8 @@ def check_together(values: Dict[str, Any]) -> None:
         raise ValueError(
             "restart_every and restart_on_timeout need a restart callable or backend_cmd"
         )
+    if values.get("spares") and not supervised:
+        raise ValueError("spares needs backend_cmd (backends tcplock runs and restarts)")
     if values.get("restart_above_rss") is not None and not supervised:
         raise ValueError("restart_above_rss needs backend_cmd (a backend tcplock runs)")
     if values.get("send_proxy") and values.get("send_proxy_v2"):

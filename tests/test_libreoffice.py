@@ -4,7 +4,8 @@ supervised by one tcplock command, the example's run-stack.sh.
 Installs what it needs on first use (Debian's LibreOffice without GUI, python3-uno, poppler's
 pdftotext, and a venv with unoserver from PyPI made by the example's install.sh, cached under
 ~/.cache/tcplock-tests); outside CI a missing program skips the module with the reason. Then,
-against one farm of two unoservers shared by the tests (a LibreOffice start costs about 6 s):
+against one farm of two unoservers and a standby (run-stack.sh's default SPARES=1) shared by
+the tests (a LibreOffice start costs about 6 s):
 
 - many conversions at once, one LibreOffice killed with SIGKILL in the middle of a conversion:
   at most that conversion fails, every other one gives its PDF, and tcplock starts the dead
@@ -111,14 +112,15 @@ def _proc_fields(pid):
 
 
 class Farm:
-    """run-stack.sh with two unoservers on free ports, its state under a directory of its own.
+    """run-stack.sh with two unoservers and a standby on free ports, its state under a
+    directory of its own.
     Started with SIGINT ignored (as `cmd &` in a script starts it) and in a session of its
     own, with the checkout's tcplock."""
 
     def __init__(self, venv, state):
         self.venv = venv
         self.state = state
-        self.ports, self.port = free_ports(2)
+        self.ports, self.port = free_ports(3)  # two in service and a standby
         self.mark = f"UNO_STATE_DIR={state}".encode()
         self.stack = None
 
@@ -129,7 +131,7 @@ class Farm:
             "UNO_PORT_OFFSET": str(UNO_PORT_OFFSET),
             "LISTEN_PORT": str(self.port),
             "FIRST_PORT": str(self.ports[0]),
-            "UNOSERVERS": str(len(self.ports)),
+            "UNOSERVERS": str(len(self.ports) - 1),  # and SPARES, by default 1
             "STATUS_PORT": "off",
             "CONVERSION_TTL": f"{TTL}s",
             "DRAIN_TIMEOUT": "20s",
@@ -147,6 +149,7 @@ class Farm:
         self.stack.wait_for(rf"listening on {LOOPBACK}:{self.port}\b", timeout=60)
         for port in self.ports:
             self.wait_answering(port, timeout=120)
+        self.stack.wait_for("is ready as a standby", timeout=60)
 
     @property
     def running(self):
