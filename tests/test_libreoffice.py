@@ -377,8 +377,8 @@ def new_soffice(farm, port, old, timeout):
 def test_a_killed_libreoffice_costs_at_most_its_own_conversion(farm, convert):
     """Fourteen conversions at once through the two unoservers; one LibreOffice is killed with
     SIGKILL while it converts; four more conversions are sent while it is down. At most the
-    conversion it was running fails; every other one gives its own PDF; tcplock starts that
-    unoserver again by itself, and it converts again."""
+    conversion it was running fails; every other one gives its own PDF; the standby takes the
+    dead one's place, tcplock starts that unoserver again by itself, and it is the standby."""
     since = len(farm.stack.lines)
     first = [convert(farm.port, f"Batch1-{i:02d}", lines=60 + 20 * i) for i in range(14)]
 
@@ -396,16 +396,16 @@ def test_a_killed_libreoffice_costs_at_most_its_own_conversion(farm, convert):
     for c in later:
         assert_pdf(c)
 
-    # Started again without help, with a LibreOffice of its own, and converting again.
+    # The standby took its place at once; it was started again without help, with a
+    # LibreOffice of its own, and is the standby now; the farm converts on.
+    wait_line(farm, since, r"backend \S+ \(standby\) takes clients now", timeout=5)
     assert not alive(killed)
     new_soffice(farm, victim, killed, timeout=120)
-    restarted = len(farm.stack.lines)
+    wait_line(farm, since, rf"backend \S+:{victim} is ready as a standby", timeout=60)
     again = [convert(farm.port, f"Again-{i:02d}", lines=40) for i in range(6)]
     wait_all(again, timeout=180)
     for c in again:
         assert_pdf(c)
-    served = rf"Opening {re.escape(str(farm.state))}/{victim}/"
-    wait_line(farm, restarted, served, timeout=5)
 
 
 def test_a_frozen_libreoffice_is_cut_at_the_ttl_and_replaced(farm, convert):
