@@ -569,7 +569,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "tcplock %s listening on %s, relaying to %s, %d slot(s)%s; %s",
         __version__,
         listen,
-        ", ".join(b.label for b in lock.backends),
+        ", ".join(  # each with its own settings, as its --backend value gives them
+            b.label + "".join(f",{k}={v}" for k, v in b.settings.items()) for b in lock.backends
+        ),
         args.slots,
         " each" if len(lock.backends) > 1 else "",
         _summary(lock, hooks, args.hooks),

@@ -297,6 +297,7 @@ def test_a_backend_takes_its_own_slots_in_each_form(form, make_backend, cli, tmp
         env["TCPLOCK_BACKEND"] = f"[{own}, slots=2, {other}]"
     proc = cli(*args, env=env)
     port = proc.wait_ready()
+    assert f"relaying to {own},slots=2, {other}, 1 slot(s) each" in proc.wait_for("listening on")
     status_port = int(re.search(r"status on http://\S+:(\d+)/", proc.wait_for("status on"))[1])
     clients = [connect(port) for _ in range(4)]
     wait_until(lambda: [b.current for b in backends] == [2, 1], what="2 + 1 clients in")
