@@ -78,6 +78,26 @@ def test_more_slots_let_a_waiting_client_in_and_the_active_one_goes_on(cli, make
     assert p.proc.poll() is None
 
 
+def test_a_backends_own_slots_change_on_reload(cli, make_backend, tmp_path):
+    backend = make_backend("echo")
+    address = f"127.0.0.1:{backend.server_port}"
+    conf = Conf(tmp_path / "tcplock.conf", listen="127.0.0.1:0")
+    conf.write(backend=f"[{address}]")
+    p = cli("-c", str(conf.path))
+    port = p.wait_ready()
+    active = connect(port)
+    assert echoes(active, b"first")
+    waiting = connect(port)
+    waiting.sendall(b"second")
+    assert still_waiting(waiting)
+    line = reload(p, conf, backend=f"[{address},slots=2]")
+    assert line.endswith(f"reloaded: backends [{address}] -> [{address},slots=2]"), line
+    assert recv_exactly(waiting, 6) == b"second"  # its backend's second slot
+    assert echoes(active, b"still here")
+    active.close()
+    waiting.close()
+
+
 def test_a_config_with_a_mistake_is_logged_with_file_and_line_and_the_old_one_stays(
     cli, make_backend, conf
 ):
