@@ -588,7 +588,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, address, server in extras:
         where = format_address((address[0], server.server_port))
         if name == "status":
-            where = f"http://{where}/"  # the page; the JSON is at /status
+            where = f"http://{where}/status"
             if token is not None:
                 where += ", token required but for /healthz"
         log.info("%s on %s", name, where)

@@ -375,7 +375,6 @@ def test_cli_serves_the_page_on_its_status_port(cli, make_backend):
     p = cli.to(make_backend("echo"), "--status", "127.0.0.1:0")
     p.wait_ready()
     line = p.wait_for(r"status on http://")
-    assert line.endswith("/") and "/status" not in line  # where to point a browser
     port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
     code, headers, body = http(port, "GET", "/")
     assert code == 200 and body.startswith(b"<!DOCTYPE html>")
