@@ -107,6 +107,8 @@ async function refresh() {
       return;
     }
     showError("Cannot reach tcplock: " + e.message + " (trying again)");
+    text("state", "no answer");
+    $("state").className = "bad";
     schedule();
     return;
   }
@@ -300,7 +302,12 @@ function plot(h) {
 $("login").addEventListener("submit", (event) => {
   event.preventDefault();
   const given = $("token").value.trim();
-  if (!given) return;
+  if (!/^[\x21-\x7e]+$/.test(given)) {
+    $("login-error").textContent = "A status token is one word of printable ASCII characters.";
+    $("login-error").hidden = false;
+    $("token").select();
+    return;
+  }
   token = given;
   sessionStorage.setItem(KEY, token);
   $("login").hidden = true;

@@ -31,7 +31,7 @@ def status_server():
         server = StatusServer((LOOPBACK, 0), lock, **kw)
         server.start()
         servers.append(server)
-        return server.server_port
+        return server
 
     yield start
     for s in servers:
@@ -240,7 +240,8 @@ def test_the_page_shows_backends_queue_and_plots_while_clients_wait(
     make_backend, make_lock, status_server, browser, tmp_path
 ):
     lock, backend, clients = busy_lock(make_backend, make_lock)
-    port = status_server(lock)
+    server = status_server(lock)
+    port = server.server_port
     url = f"http://{LOOPBACK}:{port}/"
     browser.open(url)
     # Its own script fetched /status and /history, and a sample of the queue was taken.
@@ -277,6 +278,12 @@ def test_the_page_shows_backends_queue_and_plots_while_clients_wait(
     assert all(u.startswith(url) for u in browser.requested()), browser.requested()
     assert {u[len(url) :] for u in browser.requested()} == {"", "status", "history"}
     assert browser.errors() == []
+    # When tcplock no longer answers, the page says so (and keeps what it showed last).
+    server.stop(timeout=0)
+    browser.wait_for("!document.getElementById('error').hidden")
+    assert "Cannot reach tcplock" in browser.js("document.getElementById('error').textContent")
+    assert browser.js("document.getElementById('state').textContent") == "no answer"
+    assert browser.js("document.getElementById('queued').textContent") == "2"
 
 
 def test_with_a_token_the_page_asks_for_it_and_sends_it(
@@ -284,7 +291,7 @@ def test_with_a_token_the_page_asks_for_it_and_sends_it(
 ):
     lock, backend, clients = busy_lock(make_backend, make_lock, waiting=2)
     token = "p4ge-t0ken"
-    port = status_server(lock, token=token)
+    port = status_server(lock, token=token).server_port
     url = f"http://{LOOPBACK}:{port}/"
     # The page itself needs no token and holds no data: the same bytes idle or busy.
     code, page = get(port, "/")
@@ -294,6 +301,10 @@ def test_with_a_token_the_page_asks_for_it_and_sends_it(
     browser.wait_for("document.body.dataset.loaded === 'token'")
     assert browser.js("document.getElementById('view').hidden") is True
     assert browser.js("document.getElementById('login-error').hidden") is True
+    # What cannot be a token is not sent.
+    browser.type("two words")
+    browser.wait_for("!document.getElementById('login-error').hidden")
+    assert "printable ASCII" in browser.js("document.getElementById('login-error').textContent")
     # A wrong token is refused: the page says so and asks again.
     browser.type("not-the-t0ken")
     browser.wait_for("!document.getElementById('login-error').hidden")
@@ -318,7 +329,7 @@ def test_the_page_is_served_with_a_policy_that_allows_only_its_own_script_and_or
     make_backend, make_lock, status_server
 ):
     lock = make_lock(make_backend("echo"))
-    port = status_server(lock, token="t0ken")
+    port = status_server(lock, token="t0ken").server_port
     code, headers, body = http(port, "GET", "/")
     assert code == 200 and headers["content-type"] == "text/html; charset=utf-8"
     policy = headers["content-security-policy"]
@@ -344,7 +355,7 @@ def test_history_keeps_the_last_samples_of_queue_active_and_arrivals(make_backen
     lock = QuickLock((LOOPBACK, 0), backend=(LOOPBACK, backend.server_port), slots=1)
     lock.start()
     try:
-        port = status_server(lock)
+        port = status_server(lock).server_port
         clients = [connect(lock.server_port) for _ in range(3)]
         wait_until(lambda: lock.queued == 2)
 
