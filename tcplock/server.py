@@ -20,6 +20,7 @@ import logging
 import socket as _stdsocket
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
@@ -155,6 +156,8 @@ class TCPLock(StreamServer):
     #: at once).
     linger_time = 5.0
     max_lingering = 256
+    #: How many samples :meth:`history` keeps: one per sweep (sweep_interval), so five minutes.
+    history_length = 300
     #: Called with each connection that has ended, in place of its INFO line through
     #: :mod:`logging`. None: ``log.info``.
     connection_log: Optional[Callable[[Connection], object]] = None
@@ -227,6 +230,8 @@ class TCPLock(StreamServer):
         self._operator_paused = False
         self._tune_clients = True
         self._sweeper = None
+        self._samples = deque(maxlen=self.history_length)  # (when, queued, active, rate)
+        self._sampled = (self.started_at, 0)  # when the last sample was taken, and _numbers then
 
     # -- what embedding code reads ---------------------------------------------------------------
 
@@ -461,6 +466,28 @@ class TCPLock(StreamServer):
             "draining": self._stopping,
             "uptime_seconds": round(now - self.started_at, 3),
         }
+
+    def history(self) -> dict:
+        """The last minutes of the lock, one sample per second, oldest first, as plain data
+        (what ``GET /history`` returns): for each sample, how many seconds ago it was taken
+        (``age_seconds``), the clients waiting then (``queued``), the connections holding a
+        slot (``active``), and how many connections arrived per second since the sample
+        before (``connections_per_second``)."""
+        now = time.monotonic()
+        samples = list(self._samples)
+        return {
+            "age_seconds": [round(now - s[0], 2) for s in samples],
+            "queued": [s[1] for s in samples],
+            "active": [s[2] for s in samples],
+            "connections_per_second": [round(s[3], 2) for s in samples],
+        }
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        then, arrived = self._sampled
+        rate = (self._numbers - arrived) / (now - then) if now > then else 0.0
+        self._sampled = (now, self._numbers)
+        self._samples.append((now, self.gate.waiting, len(self._active), rate))
 
     @contextmanager
     def slot(self, timeout: Optional[float] = None) -> Iterator[Connection]:
@@ -811,7 +838,9 @@ class TCPLock(StreamServer):
         longer watched for readiness (its data keeps the socket readable), so look for a reset
         here. One that merely closed its sending side keeps its place, as it should. Lingering
         clients whose time is up are closed here too (one timer for all of them), and a backend
-        tcplock runs that lost a process while idle is called for a restart."""
+        tcplock runs that lost a process while idle is called for a restart. And a sample is
+        taken for :meth:`history`."""
+        self._sample()
         for conn in list(self._connections):
             if (
                 conn.state is QUEUED

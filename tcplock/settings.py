@@ -810,9 +810,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "status",
         ("--status",),
-        "serve GET /healthz, GET /status (JSON), GET /metrics (Prometheus), POST /pause, POST "
-        "/resume and POST /backends/HOST:PORT/drain or /enable over HTTP here; a bare PORT is "
-        "on 127.0.0.1",
+        "serve GET / (a status page for a browser), GET /healthz, GET /status (JSON), GET "
+        "/metrics (Prometheus), POST /pause, POST /resume and POST /backends/HOST:PORT/drain "
+        "or /enable over HTTP here; a bare PORT is on 127.0.0.1",
         example="9100",
         **_ADDRESS,
     ),

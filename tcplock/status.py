@@ -25,6 +25,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 
+from . import page
 from .server import (
     _EXHAUSTED,
     END_REASONS,
@@ -497,7 +498,8 @@ class StatusServer(_Bounded, WSGIServer):
     def app(self, environ, start_response):
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
+        # Neither needs the token: the page holds no data (it asks for the token itself).
+        if path in ("/healthz", "/"):
             if method not in ("GET", "HEAD"):
                 return _reply(
                     start_response,
@@ -505,7 +507,8 @@ class StatusServer(_Bounded, WSGIServer):
                     {"error": "use GET"},
                     [("Allow", "GET, HEAD")],
                 )
-            body = self._healthz(start_response)
+            serve = self._healthz if path == "/healthz" else page.serve
+            body = serve(start_response)
             return [] if method == "HEAD" else body
         token = self._token
         if token is not None:
@@ -524,6 +527,7 @@ class StatusServer(_Bounded, WSGIServer):
         routes = {
             ("GET", "/status"): self._status,
             ("GET", "/metrics"): self._metrics,
+            ("GET", "/history"): self._history,
             ("POST", "/pause"): self._pause,
             ("POST", "/resume"): self._resume,
         }
@@ -542,7 +546,7 @@ class StatusServer(_Bounded, WSGIServer):
             return _reply(
                 start_response,
                 "404 Not Found",
-                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/healthz"})},
+                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/", "/healthz"})},
             )
         return handler(start_response)
 
@@ -590,6 +594,9 @@ class StatusServer(_Bounded, WSGIServer):
 
     def _status(self, start_response):
         return _reply(start_response, "200 OK", self.lock.status())
+
+    def _history(self, start_response):
+        return _reply(start_response, "200 OK", self.lock.history())
 
     def _metrics(self, start_response):
         body, content_type = self.metrics.exposition()
