@@ -227,8 +227,17 @@ def _count(minimum: int):
 
 
 def _host(text: str) -> str:
+    """A host name or address, without a port (``[IPV6]`` in brackets or not): a host with a
+    port would otherwise be looked up as a name, and fail only when the first client comes."""
     text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
+    bracketed = text.startswith("[")
+    if (bracketed and "]:" in text) or (not bracketed and text.count(":") == 1):
+        if text.rpartition(":")[2].strip():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has a port: use --proxy-port HOST:PORT or --backend HOST:PORT instead"
+            )
+        raise argparse.ArgumentTypeError(f"invalid host {text!r}")
+    if bracketed and text.endswith("]"):
         text = text[1:-1]
     if not text or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"invalid host {text!r}")
