@@ -278,6 +278,8 @@ def test_proxy_host_with_a_port_is_a_usage_error_wherever_it_is_written(tmp_path
     )
 
 
-@pytest.mark.parametrize("host, taken", [("::1", "::1"), ("[::1]", "::1"), ("db.local", "db.local")])
+@pytest.mark.parametrize(
+    "host, taken", [("::1", "::1"), ("[::1]", "::1"), ("db.local", "db.local")]
+)
 def test_proxy_host_takes_names_and_addresses_ipv6_too(host, taken):
     assert parse_args(["-l", "9000", "-p", "1", "--proxy-host", host], env={}).proxy_host == taken
