@@ -3,7 +3,9 @@
 What it owns: reading the config file and the ``TCPLOCK_*`` environment into values, each text
 parsed by its setting's own parser (:mod:`tcplock.settings`); merging them with what the
 command line gave, in the order command line, environment, config file, defaults; and the rules
-between settings. :func:`resolve` does all of it, at start-up and again on a reload.
+between settings. :func:`resolve` does all of it, at start-up, again on a reload, and for
+``--check-config``, which prints the result back as a config file with where each value came
+from (:func:`render_effective`).
 
 The rule it keeps: a bad value is one :class:`ConfigError` line that says where it came from
 (``TCPLOCK_TIMEOUT: ...``, ``/etc/tcplock.conf, line 7: timeout: ...``); a line of the file
@@ -36,6 +38,8 @@ __all__ = [
     "read_environment",
     "parse_text",
     "suggest",
+    "format_text",
+    "render_effective",
 ]
 
 BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}

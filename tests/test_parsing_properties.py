@@ -615,3 +615,10 @@ def test_the_command_starts_or_exits_2_with_one_line(argv):
         assert rc == 2, f"exit {rc}:\n{err}"
         assert one_line(err) and err.startswith("tcplock: error:"), repr(err)
         assert not out, out
+    # --check-config passes exactly what starts, and fails with the start's own error.
+    checked, check_rc, check_err, check_out = run_command(["--check-config", *argv])
+    assert not checked and "Traceback" not in check_err, check_err
+    if started:
+        assert check_rc == 0 and check_out, f"exit {check_rc}:\n{check_err}"
+    else:
+        assert (check_rc, check_err, check_out) == (2, err, ""), check_err
