@@ -71,6 +71,19 @@ def test_good_settings_are_printed_with_where_each_came_from(tmp_path):
     ]
 
 
+def test_a_config_file_named_by_the_environment_is_read_and_named(tmp_path):
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text("listen = 9000\nbackend = [127.0.0.1:2003]\n")
+    status, out, err = check(env={"TCPLOCK_CONFIG": str(conf)})
+    assert status == 0, err
+    assert f"# config file: {conf}  # TCPLOCK_CONFIG" in out.splitlines()
+    assert setting_lines(out) == {
+        "listen": ("127.0.0.1:9000", f"{conf}, line 1"),
+        "backend": ("[127.0.0.1:2003]", f"{conf}, line 2"),
+    }
+    assert "# proxy-host = localhost  # default" in out.splitlines()
+
+
 def test_what_it_prints_is_a_config_file_giving_the_same_settings(tmp_path):
     conf = tmp_path / "tcplock.conf"
     conf.write_text("listen = [::1]:9000\nrestart-above-rss = 1536M\n")
