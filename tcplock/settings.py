@@ -227,8 +227,17 @@ def _count(minimum: int):
 
 
 def _host(text: str) -> str:
+    """A host name or address, without a port (``[IPV6]`` in brackets or not): a host with a
+    port would otherwise be looked up as a name, and fail only when the first client comes."""
     text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
+    bracketed = text.startswith("[")
+    if (bracketed and "]:" in text) or (not bracketed and text.count(":") == 1):
+        if text.rpartition(":")[2].strip():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has a port: use --proxy-port HOST:PORT or --backend HOST:PORT instead"
+            )
+        raise argparse.ArgumentTypeError(f"invalid host {text!r}")
+    if bracketed and text.endswith("]"):
         text = text[1:-1]
     if not text or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"invalid host {text!r}")
@@ -377,6 +386,20 @@ def _show_flag(value) -> str:
 
 # -- the table ---------------------------------------------------------------------------------
 
+#: The groups of settings, in the order of ``--help``, the README and the sample config.
+GROUPS: Tuple[str, ...] = (
+    "general",
+    "listening",
+    "backends",
+    "limits and timeouts",
+    "hooks",
+    "restarts",
+    "supervised backends",
+    "status",
+    "logging",
+    "PROXY protocol",
+)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -412,6 +435,12 @@ class Setting:
     required: bool = False
     #: Whether it may be changed on a running lock.
     reload: bool = False
+    #: Its group in ``--help``, the README and the sample config: one of :data:`GROUPS`.
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"setting {self.name}: group {self.group!r} is not in GROUPS")
 
     @property
     def dest(self) -> str:
@@ -483,7 +512,7 @@ def _flag_setting(name, help, attr, **kw) -> Setting:
     )
 
 
-def _command_setting(name, attr, help, example) -> Setting:
+def _command_setting(name, attr, help, example, **kw) -> Setting:
     return Setting(
         name,
         (f"--{name}",),
@@ -494,10 +523,11 @@ def _command_setting(name, attr, help, example) -> Setting:
         check=_check_hook,
         example=example,
         reload=True,
+        **kw,
     )
 
 
-def _shell_setting(name, attr, help, example, reload) -> Setting:
+def _shell_setting(name, attr, help, example, reload, **kw) -> Setting:
     return Setting(
         name,
         (f"--{name}",),
@@ -509,12 +539,14 @@ def _shell_setting(name, attr, help, example, reload) -> Setting:
         check=_check_shell,
         example=example,
         reload=reload,
+        **kw,
     )
 
 
 _ADDRESS = dict(kind="address", metavar="[HOST:]PORT", parse=parse_address)
 
-#: Every setting, in the order of ``--help`` and the README.
+#: Every setting; ``--help`` and the docs give them by group (:func:`grouped`), each group in
+#: this order.
 SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "config",
@@ -522,6 +554,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "read settings from FILE (lines of 'name = value')",
         kind="file",
         metavar="FILE",
+        group="general",
     ),
     Setting(
         "listen",
@@ -530,6 +563,7 @@ SETTINGS: Tuple[Setting, ...] = (
         required=True,
         example="9000",
         **_ADDRESS,
+        group="listening",
     ),
     Setting(
         "proxy-host",
@@ -540,6 +574,7 @@ SETTINGS: Tuple[Setting, ...] = (
         parse=_host,
         default="localhost",
         reload=True,
+        group="backends",
     ),
     Setting(
         "proxy-port",
@@ -552,6 +587,7 @@ SETTINGS: Tuple[Setting, ...] = (
         required=True,
         example="2003",
         reload=True,
+        group="backends",
     ),
     Setting(
         "backend",
@@ -565,6 +601,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="the one of --proxy-host and --proxy-port",
         example="[127.0.0.1:2003, 127.0.0.1:2004]",
         reload=True,
+        group="backends",
     ),
     Setting(
         "slots",
@@ -577,6 +614,7 @@ SETTINGS: Tuple[Setting, ...] = (
         check=_check_count(1, None),
         default=1,
         reload=True,
+        group="backends",
     ),
     _duration_setting(
         "timeout",
@@ -584,6 +622,7 @@ SETTINGS: Tuple[Setting, ...] = (
         help="maximum lifetime of a relayed connection; then both sides are cut",
         attr="timeout",
         off=True,
+        group="limits and timeouts",
     ),
     _duration_setting(
         "queue-timeout",
@@ -591,6 +630,7 @@ SETTINGS: Tuple[Setting, ...] = (
         help="close a client that has waited this long for a slot",
         attr="queue_timeout",
         off=True,
+        group="limits and timeouts",
     ),
     Setting(
         "max-queue",
@@ -604,6 +644,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="as many as the descriptor limit leaves room for",
         example="1000",
         reload=True,
+        group="limits and timeouts",
     ),
     Setting(
         "allow",
@@ -619,6 +660,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="any client that reaches --listen",
         example="[127.0.0.0/8, ::1/128, 10.1.2.0/24]",
         reload=True,
+        group="listening",
     ),
     _flag_setting(
         "accept-proxy",
@@ -626,6 +668,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "client address it gives is used for the log, --allow, hooks and status; a connection "
         "without a valid header is closed",
         "accept_proxy",
+        group="PROXY protocol",
     ),
     Setting(
         "trusted-proxy",
@@ -641,6 +684,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="loopback (127.0.0.0/8, ::1/128)",
         example="[127.0.0.1/32, 10.0.0.5/32]",
         reload=True,
+        group="PROXY protocol",
     ),
     _duration_setting(
         "proxy-header-timeout",
@@ -649,18 +693,21 @@ SETTINGS: Tuple[Setting, ...] = (
         "time",
         attr="proxy_header_timeout",
         default=5.0,
+        group="PROXY protocol",
     ),
     _flag_setting(
         "send-proxy",
         "send a PROXY protocol v1 header to the backend on each connection, with the client's "
         "address",
         "send_proxy",
+        group="PROXY protocol",
     ),
     _flag_setting(
         "send-proxy-v2",
         "the same with a v2 (binary) header; not together with --send-proxy",
         "send_proxy_v2",
         example=None,
+        group="PROXY protocol",
     ),
     _duration_setting(
         "connect-timeout",
@@ -668,6 +715,7 @@ SETTINGS: Tuple[Setting, ...] = (
         help="keep retrying the backend connection this long",
         attr="connect_timeout",
         default=5.0,
+        group="backends",
     ),
     _duration_setting(
         "check-interval",
@@ -676,6 +724,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "pool when it answers",
         attr="check_interval",
         default=2.0,
+        group="backends",
     ),
     _duration_setting(
         "finish-timeout",
@@ -684,6 +733,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="finish_timeout",
         zero=True,
         default=10.0,
+        group="limits and timeouts",
     ),
     _duration_setting(
         "client-finish-timeout",
@@ -694,12 +744,14 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="client_finish_timeout",
         zero=True,
         default=10.0,
+        group="limits and timeouts",
     ),
     _command_setting(
         "on-activate",
         "on_activate",
         "shell command run before each client is let through; it waits for the command",
         "/usr/local/bin/check-backend",
+        group="hooks",
     ),
     _command_setting(
         "on-timeout",
@@ -707,6 +759,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "shell command run after a connection was cut at its timeout, before the next "
         "client is let through",
         "systemctl restart unoserver",
+        group="hooks",
     ),
     _duration_setting(
         "hook-timeout",
@@ -715,12 +768,14 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="hook_timeout",
         off=True,
         default=60.0,
+        group="hooks",
     ),
     _command_setting(
         "restart-cmd",
         "restart",
         "shell command that restarts the backend; run while no client is relayed",
         "systemctl restart unoserver",
+        group="restarts",
     ),
     Setting(
         "restart-every",
@@ -734,11 +789,13 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="never",
         example="50",
         reload=True,
+        group="restarts",
     ),
     _flag_setting(
         "restart-on-timeout",
         "restart the backend after a connection was cut at its timeout",
         "restart_on_timeout",
+        group="restarts",
     ),
     _duration_setting(
         "ready-timeout",
@@ -748,6 +805,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="ready_timeout",
         off=True,
         default=30.0,
+        group="restarts",
     ),
     _shell_setting(
         "backend-cmd",
@@ -757,6 +815,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "replaces --restart-cmd",
         "unoserver --port $TCPLOCK_BACKEND_PORT",
         reload=False,
+        group="supervised backends",
     ),
     _shell_setting(
         "ready-cmd",
@@ -766,6 +825,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "it, ready means accepting a TCP connection",
         "unoping --port $TCPLOCK_BACKEND_PORT",
         reload=True,
+        group="restarts",
     ),
     Setting(
         "restart-above-rss",
@@ -779,6 +839,7 @@ SETTINGS: Tuple[Setting, ...] = (
         check=_check_size,
         example="800M",
         reload=True,
+        group="supervised backends",
     ),
     _duration_setting(
         "stop-timeout",
@@ -788,6 +849,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="stop_timeout",
         zero=True,
         default=10.0,
+        group="supervised backends",
     ),
     Setting(
         "hooks",
@@ -798,6 +860,7 @@ SETTINGS: Tuple[Setting, ...] = (
         metavar="FILE.py",
         example="/etc/tcplock/hooks.py",
         reload=True,
+        group="hooks",
     ),
     _duration_setting(
         "drain-timeout",
@@ -806,6 +869,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="drain_timeout",
         zero=True,
         default=10.0,
+        group="limits and timeouts",
     ),
     Setting(
         "status",
@@ -815,6 +879,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "or /enable over HTTP here; a bare PORT is on 127.0.0.1",
         example="9100",
         **_ADDRESS,
+        group="status",
     ),
     Setting(
         "status-token-file",
@@ -825,6 +890,7 @@ SETTINGS: Tuple[Setting, ...] = (
         metavar="FILE",
         example="/etc/tcplock/status-token",
         reload=True,
+        group="status",
     ),
     Setting(
         "agent-check",
@@ -834,6 +900,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "falls as the load grows",
         example="9101",
         **_ADDRESS,
+        group="status",
     ),
     Setting(
         "log-level",
@@ -845,6 +912,7 @@ SETTINGS: Tuple[Setting, ...] = (
         choices=("debug", "info", "warning", "error"),
         default="info",
         reload=True,
+        group="logging",
     ),
     Setting(
         "log-format",
@@ -856,6 +924,7 @@ SETTINGS: Tuple[Setting, ...] = (
         choices=("text", "json"),
         default="text",
         reload=True,
+        group="logging",
     ),
     Setting(
         "demo",
@@ -864,8 +933,15 @@ SETTINGS: Tuple[Setting, ...] = (
         kind="flag",
         default=False,
         action="store_true",
+        group="backends",
     ),
 )
+
+
+def grouped():
+    """(group, its settings) for each of :data:`GROUPS`, in order."""
+    return [(g, [s for s in SETTINGS if s.group == g]) for g in GROUPS]
+
 
 #: The settings of the library, by TCPLock keyword argument.
 LIBRARY: Dict[str, Setting] = {s.attr: s for s in SETTINGS if s.attr is not None}
@@ -932,12 +1008,18 @@ CONF_HEADER = """\
 
 
 def render_markdown() -> str:
-    """The README's settings table."""
+    """The README's settings tables, one per group under a heading of its own."""
+    return "\n".join(_markdown_table(group, settings) for group, settings in grouped())
+
+
+def _markdown_table(group: str, settings) -> str:
     lines = [
+        f"### {group[:1].upper()}{group[1:]}",
+        "",
         "| Option | Config key | Environment | Default | Reloads | Meaning |",
         "|---|---|---|---|---|---|",
     ]
-    for s in SETTINGS:
+    for s in settings:
         flags = ", ".join(f"`{f}`" for f in s.flags)
         if s.required:
             shown = "required"
@@ -956,20 +1038,27 @@ def render_markdown() -> str:
 def render_conf() -> str:
     """``contrib/tcplock.conf``: every setting a config file can hold, with its help."""
     parts = [CONF_HEADER]
-    for s in SETTINGS:
-        if s.name == "config":  # a config file does not name another
-            continue
-        comment = textwrap.fill(
-            s.help_text,
-            width=100,
-            initial_indent="# ",
-            subsequent_indent="# ",
-            break_on_hyphens=False,
-            break_long_words=False,
-        )
-        line = f"{s.name} = {s.sample}"
-        parts.append(f"\n{comment}\n{line if s.required else '# ' + line}\n")
+    for group, settings in grouped():
+        settings = [s for s in settings if s.name != "config"]  # a file does not name another
+        if settings:
+            title = f" {group[:1].upper()}{group[1:]} "
+            parts.append(f"\n\n# {title:-^98}\n")
+        for s in settings:
+            parts.append(_conf_entry(s))
     return "".join(parts)
+
+
+def _conf_entry(s: Setting) -> str:
+    comment = textwrap.fill(
+        s.help_text,
+        width=100,
+        initial_indent="# ",
+        subsequent_indent="# ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+    line = f"{s.name} = {s.sample}"
+    return f"\n{comment}\n{line if s.required else '# ' + line}\n"
 
 
 def _main(argv=None) -> int:

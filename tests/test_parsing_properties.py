@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 
 _ACTIONS = [a for a in build_parser()._actions if a.option_strings]
 _EXITING = {"-h", "--help", "--version"}  # print to stdout and exit 0
+_NOT_SETTINGS = _EXITING | {"--check-config"}  # what the command does, not a setting's value
 ALL_OPTIONS = sorted(s for a in _ACTIONS for s in a.option_strings)
 # option string -> does it take a value?
 TAKES_VALUE = {s: a.nargs != 0 for a in _ACTIONS for s in a.option_strings}
@@ -45,7 +46,7 @@ SPELLINGS = {s: tuple(a.option_strings) for a in _ACTIONS for s in a.option_stri
 LONG_NAMES = sorted(
     next(s for s in a.option_strings if s.startswith("--"))[2:] for a in _ACTIONS
 )  # the config-file keys
-SETTINGS = [n for n in LONG_NAMES if n not in ("help", "version")]
+SETTINGS = [n for n in LONG_NAMES if "--" + n not in _NOT_SETTINGS]
 ENV_NAMES = {n: ENV_PREFIX + n.upper().replace("-", "_") for n in SETTINGS}
 
 
@@ -70,7 +71,7 @@ DURATIONS = {a.dest: _duration_rule(a.type) for a in _ACTIONS if _TYPE_NAME[a.de
 COUNTS = {a.dest: _minimum(a.type) for a in _ACTIONS if _TYPE_NAME[a.dest] == "number"}
 ADDRESSES = {a.dest for a in _ACTIONS if _TYPE_NAME[a.dest] == "parse_address"}
 CHOICES = {a.dest: set(a.choices) for a in _ACTIONS if a.choices}
-FLAGS = {a.dest for a in _ACTIONS if a.nargs == 0 and a.option_strings[0] not in _EXITING}
+FLAGS = {a.dest for a in _ACTIONS if a.nargs == 0 and a.option_strings[-1] not in _NOT_SETTINGS}
 ADDRESS_OPTIONS = {s for a in _ACTIONS if a.dest in ADDRESSES for s in a.option_strings}
 
 
@@ -495,8 +496,9 @@ HOOK_FILES = [os.path.join(HOOK_DIR, n) for n in [*HOOK_SOURCES, "missing.py"]] 
 
 # Options that run shell commands take harmless ones (no client ever connects, so they do not
 # run anyway); addresses that would parse are replaced by 127.0.0.1:0; --hooks takes the files
-# above; --config is left to the in-process tests; --help/--version exit 0.
-_SUBPROCESS_SKIP = {"-c", "--config", "--hooks", *_EXITING}
+# above; --config is left to the in-process tests; --help/--version exit 0; --check-config has
+# tests of its own (test_check_config.py).
+_SUBPROCESS_SKIP = {"-c", "--config", "--hooks", *_NOT_SETTINGS}
 _COMMANDS = {"--on-activate", "--on-timeout", "--restart-cmd"}
 SUBPROCESS_OPTIONS = [o for o in ALL_OPTIONS if o not in _SUBPROCESS_SKIP]
 
@@ -613,3 +615,10 @@ def test_the_command_starts_or_exits_2_with_one_line(argv):
         assert rc == 2, f"exit {rc}:\n{err}"
         assert one_line(err) and err.startswith("tcplock: error:"), repr(err)
         assert not out, out
+    # --check-config passes exactly what starts, and fails with the start's own error.
+    checked, check_rc, check_err, check_out = run_command(["--check-config", *argv])
+    assert not checked and "Traceback" not in check_err, check_err
+    if started:
+        assert check_rc == 0 and check_out, f"exit {check_rc}:\n{check_err}"
+    else:
+        assert (check_rc, check_err, check_out) == (2, err, ""), check_err
