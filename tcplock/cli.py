@@ -390,6 +390,7 @@ class Reloader:
                 raise UsageError(
                     f"{resolved.sources['demo']}: demo: switching it on needs a restart"
                 )
+            kept = self.keep_fixed(old, new)
             hooks = load_hooks(new, resolved.named)
             check_hooks(new, hooks)
             backends = None if self.demo is not None else backends_of(new)
@@ -409,17 +410,8 @@ class Reloader:
         except (ConfigError, UsageError, ValueError) as e:
             log.error("reload failed; the running settings stay: %s", _one_line(str(e)))
             return False
-        for s in _FIXED:
-            if getattr(new, s.dest) != getattr(old, s.dest):
-                log.warning(
-                    "reload: %s stays %s: changing it needs a restart",
-                    s.name,
-                    _show(getattr(old, s.dest)),
-                )
-                setattr(new, s.dest, getattr(old, s.dest))
-        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
-            for dest in ("proxy_host", "proxy_port", "backend"):
-                setattr(new, dest, getattr(old, dest))
+        for name, running in kept:
+            log.warning("reload: %s stays %s: changing it needs a restart", name, running)
         for name, _address, server in self.extras:
             if name == "status":
                 server.token = token
@@ -442,6 +434,20 @@ class Reloader:
         self.args = new
         log.warning("reloaded: %s", "; ".join(changed) or "no setting changed")
         return True
+
+    def keep_fixed(self, old, new) -> list:
+        """Put the running values of what a reload cannot change back into ``new``, before
+        anything is made of it: what the file now says of them is never applied, nor checked
+        against the rest. The (name, running value) of each the file or environment changed."""
+        kept = []
+        for s in _FIXED:
+            if getattr(new, s.dest) != getattr(old, s.dest):
+                kept.append((s.name, _show(getattr(old, s.dest))))
+                setattr(new, s.dest, getattr(old, s.dest))
+        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
+            for dest in ("proxy_host", "proxy_port", "backend"):
+                setattr(new, dest, getattr(old, dest))
+        return kept
 
     def set_logging(self, level: str, fmt: str) -> None:
         from .logs import JSONFormatter, TextFormatter
