@@ -460,6 +460,7 @@ def test_a_reload_changes_what_reloads_and_keeps_the_rest_whatever_the_file_says
 # -- a backend's command: kept by a reload, edited or deleted in the file -----------------------
 
 PIDSERVER = Path(__file__).resolve().parent / "backends" / "pidserver.py"
+CRASHED = "its command was killed by SIGKILL"
 
 
 def served_by(port):
@@ -504,8 +505,7 @@ def test_a_backend_cmd_edited_or_deleted_stays_and_the_next_restart_runs_the_run
             assert p.output().count(kept) == (1 if edit else 2)
             os.kill(pid, signal.SIGKILL)  # a crash: tcplock starts the command again
             crashes += 1
-            ended = "its command was killed by SIGKILL"
-            wait_until(lambda n=crashes: p.output().count(ended) == n, what="the crash")
+            wait_until(lambda n=crashes: p.output().count(CRASHED) == n, what="the crash")
             new_pid = served_by(port)
             assert new_pid != pid
             pid = new_pid
