@@ -214,13 +214,28 @@ def max_status_connections(capacity: int) -> int:
     return max(1, min(64, capacity // 16))
 
 
+#: Descriptors an active connection may hold: client, backend, and a pipe each way for bulk
+#: data.
+_FDS_PER_CONNECTION = 6
+
+
+def max_slots(capacity: int, backends: int) -> int:
+    """Slots per backend whose connections, all active at once, fit in the descriptor limit."""
+    return capacity // (_FDS_PER_CONNECTION * backends)
+
+
 def default_max_queue(capacity: int, slots: int, status_connections: int = 0) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
     active connection up to six (client, backend, and a pipe each way for bulk data), each
     lingering client one (see max_lingering), and each connection of the status server one
     (``status_connections``, see max_status_connections)."""
     return max(
-        0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity) - status_connections
+        0,
+        capacity
+        - _RESERVED_FDS
+        - _FDS_PER_CONNECTION * slots
+        - max_lingering(capacity)
+        - status_connections,
     )
 
 
@@ -307,14 +322,24 @@ def backends_of(args) -> list:
 
 def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
     """Every library setting by its own name: hooks as loaded, max-queue as the descriptor
-    limit allows unless it is set."""
+    limit allows unless it is set (one waiting client at least: a queue of none would turn
+    every client away while the slots are taken). UsageError if the slots' connections would
+    not fit in the descriptor limit."""
+    most = max_slots(capacity, backends)
+    if args.slots > most:
+        each = f" for each of {backends} backends" if backends > 1 else ""
+        raise UsageError(
+            f"--slots {args.slots}{each} is more than the descriptor limit of {capacity} "
+            f"allows: at most {most} (each connection may hold {_FDS_PER_CONNECTION} "
+            "descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+        )
     kwargs = {
         attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
         for attr, setting in LIBRARY.items()
     }
     if kwargs["max_queue"] is None:
         status = max_status_connections(capacity) if args.status is not None else 0
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots * backends, status)
+        kwargs["max_queue"] = max(1, default_max_queue(capacity, args.slots * backends, status))
     return kwargs
 
 
@@ -512,11 +537,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         backends = [("127.0.0.1", demo.server_port)]
 
     capacity = raise_descriptor_limit()
-    kwargs = library_settings(args, hooks, capacity, len(backends))
     status_connections = max_status_connections(capacity) if args.status is not None else 0
     try:
+        kwargs = library_settings(args, hooks, capacity, len(backends))
         lock = TCPLock(args.listen, backends=backends, **kwargs)
-    except ValueError as e:  # what the parser lets through but the lock refuses
+    except (UsageError, ValueError) as e:  # what the parser lets through but the lock refuses
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     lock.max_lingering = max_lingering(capacity)

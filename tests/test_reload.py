@@ -516,3 +516,20 @@ def test_a_backend_cmd_edited_or_deleted_stays_and_the_next_restart_runs_the_run
     finally:
         p.signal(signal.SIGTERM)
         assert p.wait() == 0
+
+
+def test_a_reload_to_more_slots_than_the_descriptor_limit_allows_changes_nothing(
+    tmp_path, conn_log, keep_logging
+):
+    conf = Conf(tmp_path / "tcplock.conf", listen="127.0.0.1:2000", **{"proxy-port": "2000"})
+    conf.write(slots=2)
+    running = Running(conf.path)  # under a descriptor limit of 4096: at most 682 slots
+    before = running.settings()
+    conf.write(slots=683, timeout="5s")
+    assert not running.reloader.reload()
+    assert running.settings() == before
+    assert conn_log.lines[-1] == (
+        "reload failed; the running settings stay: --slots 683 is more than the descriptor "
+        "limit of 4096 allows: at most 682 (each connection may hold 6 descriptors; raise the "
+        "limit with ulimit -n or LimitNOFILE=)"
+    )
