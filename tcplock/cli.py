@@ -255,13 +255,28 @@ def max_status_connections(capacity: int) -> int:
     return max(1, min(64, capacity // 16))
 
 
+#: Descriptors an active connection may hold: client, backend, and a pipe each way for bulk
+#: data.
+_FDS_PER_CONNECTION = 6
+
+
+def max_slots(capacity: int, backends: int) -> int:
+    """Slots per backend whose connections, all active at once, fit in the descriptor limit."""
+    return capacity // (_FDS_PER_CONNECTION * backends)
+
+
 def default_max_queue(capacity: int, slots: int, status_connections: int = 0) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
     active connection up to six (client, backend, and a pipe each way for bulk data), each
     lingering client one (see max_lingering), and each connection of the status server one
     (``status_connections``, see max_status_connections)."""
     return max(
-        0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity) - status_connections
+        0,
+        capacity
+        - _RESERVED_FDS
+        - _FDS_PER_CONNECTION * slots
+        - max_lingering(capacity)
+        - status_connections,
     )
 
 
@@ -397,14 +412,24 @@ def backends_of(args) -> list:
 
 def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
     """Every library setting by its own name: hooks as loaded, max-queue as the descriptor
-    limit allows unless it is set."""
+    limit allows unless it is set (one waiting client at least: a queue of none would turn
+    every client away while the slots are taken). UsageError if the slots' connections would
+    not fit in the descriptor limit."""
+    most = max_slots(capacity, backends)
+    if args.slots > most:
+        each = f" for each of {backends} backends" if backends > 1 else ""
+        raise UsageError(
+            f"--slots {args.slots}{each} is more than the descriptor limit of {capacity} "
+            f"allows: at most {most} (each connection may hold {_FDS_PER_CONNECTION} "
+            "descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+        )
     kwargs = {
         attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
         for attr, setting in LIBRARY.items()
     }
     if kwargs["max_queue"] is None:
         status = max_status_connections(capacity) if args.status is not None else 0
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots * backends, status)
+        kwargs["max_queue"] = max(1, default_max_queue(capacity, args.slots * backends, status))
     return kwargs
 
 
@@ -480,6 +505,7 @@ class Reloader:
                 raise UsageError(
                     f"{resolved.sources['demo']}: demo: switching it on needs a restart"
                 )
+            kept = self.keep_fixed(old, new)
             hooks, token = start_checks(resolved)
             backends = None if self.demo is not None else backends_of(new)
             count = len(backends or self.lock.backends)
@@ -490,17 +516,8 @@ class Reloader:
         except (ConfigError, UsageError, ValueError) as e:
             log.error("reload failed; the running settings stay: %s", _one_line(str(e)))
             return False
-        for s in _FIXED:
-            if getattr(new, s.dest) != getattr(old, s.dest):
-                log.warning(
-                    "reload: %s stays %s: changing it needs a restart",
-                    s.name,
-                    _show(getattr(old, s.dest)),
-                )
-                setattr(new, s.dest, getattr(old, s.dest))
-        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
-            for dest in ("proxy_host", "proxy_port", "backend"):
-                setattr(new, dest, getattr(old, dest))
+        for name, running in kept:
+            log.warning("reload: %s stays %s: changing it needs a restart", name, running)
         for name, _address, server in self.extras:
             if name == "status":
                 server.token = token
@@ -523,6 +540,20 @@ class Reloader:
         self.args = new
         log.warning("reloaded: %s", "; ".join(changed) or "no setting changed")
         return True
+
+    def keep_fixed(self, old, new) -> list:
+        """Put the running values of what a reload cannot change back into ``new``, before
+        anything is made of it: what the file now says of them is never applied, nor checked
+        against the rest. The (name, running value) of each the file or environment changed."""
+        kept = []
+        for s in _FIXED:
+            if getattr(new, s.dest) != getattr(old, s.dest):
+                kept.append((s.name, _show(getattr(old, s.dest))))
+                setattr(new, s.dest, getattr(old, s.dest))
+        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
+            for dest in ("proxy_host", "proxy_port", "backend"):
+                setattr(new, dest, getattr(old, dest))
+        return kept
 
     def set_logging(self, level: str, fmt: str) -> None:
         from .logs import JSONFormatter, TextFormatter
@@ -582,7 +613,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     status_connections = max_status_connections(capacity) if args.status is not None else 0
     try:
         lock = make_lock(args, hooks, capacity, backends)
-    except ValueError as e:  # what the parser lets through but the lock refuses
+    except (UsageError, ValueError) as e:  # what the parser lets through but the lock refuses
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     lock.max_lingering = max_lingering(capacity)

@@ -203,8 +203,12 @@ class TCPLock(StreamServer):
         self._header_log = _RateLimit(10.0)
         #: Connections still sending their PROXY header (the ``header`` state).
         self._reading: Dict[Connection, None] = {}
-        #: Activations so far (slots granted).
+        #: Activations so far (slots granted), each client once: one sent back to the queue by
+        #: a backend that refused it is counted again only when it is let through again.
         self.activations = 0
+        self._activation_numbers = 0
+        #: The activation numbers of clients sent back to the queue: they keep theirs.
+        self._requeued: Dict[Connection, int] = {}
         #: Connections that held a slot and have finished.
         self.served = 0
         #: How the most recent connection that held a slot ended.
@@ -335,6 +339,8 @@ class TCPLock(StreamServer):
         backend = conn.backend
         backend.activations -= 1
         backend.since_restart -= 1
+        self.activations -= 1
+        self._requeued[conn] = conn.activation
         self._active.pop(conn, None)
         conn.backend = None
         conn.activation = conn.activated_at = None
@@ -719,7 +725,11 @@ class TCPLock(StreamServer):
 
     def _activated(self, conn: Connection) -> None:
         self.activations += 1
-        conn.activation = self.activations
+        number = self._requeued.pop(conn, None)
+        if number is None:
+            self._activation_numbers += 1
+            number = self._activation_numbers
+        conn.activation = number
         conn.activated_at = time.monotonic()
         self._active[conn] = None
 
@@ -759,6 +769,7 @@ class TCPLock(StreamServer):
 
     def _forget(self, conn: Connection) -> None:
         self._connections.pop(conn, None)
+        self._requeued.pop(conn, None)
         self._reading.pop(conn, None)
         conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
         conn.state = "ended"

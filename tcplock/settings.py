@@ -54,7 +54,7 @@ MAX_SECONDS = 10**9
 #: Duration units, longest first: a duration names each at most once, in this order.
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0, "ms": 0.001}
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_PART = re.compile(rf"({_NUMBER})\s*(ms|min|d|h|m|s)\s*", re.IGNORECASE)
+_PART = re.compile(rf"({_NUMBER})\s*(ms|min|d|h|m|s)\s*", re.IGNORECASE | re.ASCII)
 _BARE = re.compile(rf"\s*({_NUMBER})\s*")
 _OFF = ("off", "none", "never")
 _DURATION_HINT = "use e.g. 500ms, 20s, 1m30s, 5min, 1h30m, 2d"
@@ -103,7 +103,9 @@ def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = Fal
 #: The largest size any setting takes, in bytes (1 EiB).
 MAX_BYTES = 1 << 60
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", re.IGNORECASE)
+_SIZE = re.compile(
+    r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", re.IGNORECASE | re.ASCII
+)
 
 
 def parse_size(text: str, *, allow_off: bool = True) -> Optional[int]:
@@ -160,14 +162,36 @@ def _duration(**kw):
     return parse
 
 
-def parse_port(text: str, *, allow_zero: bool = False) -> int:
+#: The largest count any setting takes (slots, max-queue, restart-every).
+MAX_COUNT = 10**9
+_INTEGER = re.compile(r"(-?)0*([0-9]+)")
+
+
+def parse_integer(text: str, minimum: int, maximum: int, what: str = "number") -> int:
+    """A whole number as operators write it: ASCII digits only (no ``+``, no ``_``, no
+    exponent, no other script's digits), from ``minimum`` (at least 0) to ``maximum``; a ``-``
+    is read only to say that the number is too small. Every count and every port is read by
+    this one parser."""
     text = text.strip()
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
-    port = int(text)
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
-    return port
+    m = _INTEGER.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid {what} {_shown(text)}")
+    sign, digits = m.groups()
+    # Its length first: a number of thousands of digits is never converted.
+    negative = sign == "-" and digits != "0"
+    high = not negative and (len(digits) > len(str(maximum)) or int(digits) > maximum)
+    low = negative or (not high and int(digits) < minimum)
+    if not (high or low):
+        return int(digits)
+    shown = sign + (digits if len(digits) <= 30 else digits[:27] + "...")
+    if what == "number":
+        bound = f"at least {minimum}" if low else f"at most {maximum}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, not {shown}")
+    raise argparse.ArgumentTypeError(f"{what} {shown} is out of range ({minimum}-{maximum})")
+
+
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    return parse_integer(text, 0 if allow_zero else 1, 65535, "port")
 
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
@@ -213,14 +237,7 @@ def parse_proxy_port(text: str):
 
 def _count(minimum: int):
     def parse(text: str) -> int:
-        text = text.strip()
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
+        return parse_integer(text, minimum, MAX_COUNT)
 
     parse.__name__ = "number"
     return parse
@@ -291,7 +308,7 @@ def _check_duration(off: bool, zero: bool) -> Callable[[Any], Optional[float]]:
 
 
 def _check_count(minimum: int, none: Optional[str]) -> Callable[[Any], Optional[int]]:
-    what = f"a whole number of at least {minimum}"
+    what = f"a whole number from {minimum} to {MAX_COUNT}"
     if none:
         what += f", or None for {none}"
 
@@ -299,7 +316,7 @@ def _check_count(minimum: int, none: Optional[str]) -> Callable[[Any], Optional[
         if value is None and none:
             return None
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            if value >= minimum:
+            if minimum <= value <= MAX_COUNT:
                 return int(value)
         raise ValueError(f"must be {what}, not {_shown(value)}")
 

@@ -28,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import limited_cli
 from tcplock.cli import ENV_PREFIX, build_parser, parse_address, parse_args
 from tcplock.settings import LIBRARY, validate
 
@@ -622,3 +623,61 @@ def test_the_command_starts_or_exits_2_with_one_line(argv):
         assert check_rc == 0 and check_out, f"exit {check_rc}:\n{check_err}"
     else:
         assert (check_rc, check_err, check_out) == (2, err, ""), check_err
+
+
+# --- 5. numbers: ASCII digits within range, and slots within the descriptor limit -------------
+
+_WHOLE = ("number", "parse_port", "parse_proxy_port", "parse_address", "parse_backend")
+NUMBER_OPTIONS = sorted(a.option_strings[-1] for a in _ACTIONS if _TYPE_NAME[a.dest] in _WHOLE)
+
+
+@pytest.mark.parametrize("option", NUMBER_OPTIONS)
+@pytest.mark.parametrize("number", ["٩٠٠٠", "99999999999999999999", "1e9", "-1"])
+def test_every_number_and_port_is_ascii_digits_within_range(option, number):
+    action = ACTION_OF[option]
+    value = number if _TYPE_NAME[action.dest] in _WHOLE[:3] else f"127.0.0.1:{number}"
+    base = ["-l", "9000"] + ([] if option == "--backend" else ["-p", "1"])
+    for argv, env, names in (
+        ([*base, option, value], {}, SPELLINGS[option]),
+        (base, {ENV_NAMES[option[2:]]: value}, (ENV_NAMES[option[2:]],)),
+    ):
+        kind, code, out, err = run_parse(argv, env)
+        assert (kind, code, out) == ("exit", 2, ""), (argv, env, err)
+        assert one_line(err) and err.startswith("tcplock: error:"), err
+        assert any(n in err for n in names), err
+
+
+def ended_with_one_line(p):
+    assert p.wait() == 2, p.output()
+    assert len(p.lines) == 1 and p.lines[0].startswith("tcplock: error: "), p.output()
+    return p.lines[0]
+
+
+@pytest.mark.parametrize(
+    "pool, most",
+    [(["-p", "1"], 3333), (["--backend", "127.0.0.1:1", "--backend", "127.0.0.1:2"], 1666)],
+)
+def test_slots_beyond_the_descriptor_limit_are_one_line_naming_both(pool, most):
+    p = limited_cli(["-l", "127.0.0.1:0", *pool, "--slots", str(most + 1)], nofile=20000)
+    try:
+        line = ended_with_one_line(p)
+        assert f"--slots {most + 1}" in line and "descriptor limit of 20000" in line, line
+        assert f"at most {most}" in line, line
+    finally:
+        p.kill()
+    p = limited_cli(["-l", "127.0.0.1:0", *pool, "--slots", str(most)], nofile=20000)
+    try:
+        p.wait_ready()
+    finally:
+        p.kill()
+
+
+@pytest.mark.parametrize("slots, nofile", [(3300, 20000), (1, 64)])
+def test_the_default_max_queue_is_never_zero(slots, nofile):
+    p = limited_cli(["-l", "127.0.0.1:0", "-p", "1", "--slots", str(slots)], nofile=nofile)
+    try:
+        p.wait_ready()
+        line = p.wait_for("max-queue")
+        assert f"descriptor limit {nofile}: room for about 0 waiting clients; max-queue 1" in line
+    finally:
+        p.kill()
