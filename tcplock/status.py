@@ -47,6 +47,7 @@ __all__ = [
     "AgentCheck",
     "agent_reply",
     "health",
+    "is_up",
     "read_token_file",
     "MAX_CONNECTIONS",
     "REQUEST_TIMEOUT",
@@ -155,10 +156,11 @@ class _LockCollector:
             (
                 GaugeMetricFamily(
                     "tcplock_backend_up",
-                    "1 while the backend answers (0: down, checked every check_interval).",
+                    "1 while the backend is up (0: down, checked every check_interval, or "
+                    "not yet ready since tcplock started).",
                     labels=["backend"],
                 ),
-                lambda b: int(b.up),
+                lambda b: int(is_up(b)),
             ),
             (
                 GaugeMetricFamily(
@@ -240,6 +242,13 @@ _LOG_INTERVAL = 10.0
 _MAX_TOKEN = 4096
 
 
+def is_up(backend) -> bool:
+    """Whether a backend counts as up for ``/healthz``, the agent-check and
+    ``tcplock_backend_up``: it has been ready since tcplock started, and has not been found
+    down since (a restart of one that was ready, for a policy, keeps it up)."""
+    return backend.up and backend.been_ready
+
+
 def health(lock: TCPLock) -> Tuple[bool, dict]:
     """Whether a client arriving now would be let through in its turn, and the short JSON
     answer of ``GET /healthz``: ``status`` is ``ok``, or why not (``stopped``: not listening,
@@ -249,9 +258,10 @@ def health(lock: TCPLock) -> Tuple[bool, dict]:
     A paused lock still queues clients, but lets none through until it is resumed; a load
     balancer should send them elsewhere meanwhile, so it is not healthy. A backend that is
     restarting counts as up: clients queue for the moment the restart takes, as they do for a
-    busy slot. Whether a backend is up is what tcplock last saw (see ``Backend.up``); nothing
-    is checked to answer."""
-    up = [b for b in lock.backends if b.up]
+    busy slot, once it has been ready; one that has not been ready since tcplock started (a
+    supervised one starting, another whose first check has not answered) is down. Whether a
+    backend is up is what tcplock last saw (:func:`is_up`); nothing is checked to answer."""
+    up = [b for b in lock.backends if is_up(b)]
     if lock.draining:
         status = "stopping"
     elif not lock.started:
@@ -745,7 +755,7 @@ def agent_reply(lock: TCPLock) -> str:
     take clients (100% when idle)."""
     if lock.paused or lock.draining:
         return "drain\n"
-    up = [b for b in lock.backends if b.up]
+    up = [b for b in lock.backends if is_up(b)]
     if not up:
         return "down#no backend is up\n"
     serving = [b for b in up if b.open]

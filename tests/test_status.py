@@ -327,6 +327,31 @@ def test_healthz_follows_the_backend_going_down_and_up_pause_drain_and_stop(make
         backend.stop(timeout=0)
 
 
+def test_healthz_is_down_until_a_backend_not_run_by_tcplock_first_answers(make_lock):
+    # Nothing listens on the backend's port at start: it is checked at once, found down,
+    # and /healthz says so before any client has tried it; it is checked again every
+    # check_interval, and found when it listens.
+    port = free_port()
+    lock = make_lock(port, check_interval=0.05)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    backend = None
+    try:
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        assert agent_reply(lock) == "down#no backend is up\n"
+        wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        backend = StreamServer((LOOPBACK, port), lambda s, _a: recv_all(s) and None)
+        backend.start()
+        wait_until(lambda: health_of(status.server_port)[0] == 200, what="healthy")
+        assert health_of(status.server_port) == (200, {"status": "ok", "backends_up": 1})
+        assert agent_reply(lock) == "up ready 100%\n"
+    finally:
+        status.stop(timeout=0)
+        if backend is not None:
+            backend.stop(timeout=0)
+
+
 # -- the token ---------------------------------------------------------------------------------
 
 
