@@ -10,9 +10,9 @@ other through tcplock (each one a hand-off of the slot) and times each, connect 
 meanwhile `wrk` (`--flood-conns` connections, a new one per request, as probes make them)
 asks the status port for `/healthz` or `/metrics` as fast as it is answered, or nothing. The
 cases are interleaved round by round; the table gives, per case, the median over rounds of
-the hand-off p50 and p90, and of the
-flood's rate (answers per second, and how many of them were not 200: the 429s of the status
-port's budget). Needs nginx and wrk (`apt-get install nginx-light wrk`)."""
+the hand-off p50 and p90, and of the flood's rate (answers per second, and how many of them
+were not 200: the 429s of the status port's budget). Needs nginx and wrk (`apt-get install
+nginx-light wrk`)."""
 
 from __future__ import annotations
 
