@@ -416,12 +416,12 @@ class _Handler(WSGIHandler):
             raise
         if not self.content_length:
             self._deadline.cancel()  # the request is in: answering it is not bounded by it
-        self._refused = False
+        self._body_unread = False
         return parsed
 
     def start_response(self, status, headers, exc_info=None):
         if self.content_length and not status.startswith("2"):
-            self._refused = True  # its body is left unread: the connection cannot go on
+            self._body_unread = True  # so the connection cannot carry another request
             headers = [*headers, ("Connection", "close")]
         return super().start_response(status, headers, exc_info)
 
@@ -429,7 +429,7 @@ class _Handler(WSGIHandler):
         try:
             super().run_application()
         finally:
-            if self._refused:
+            if self._body_unread:
                 self.wsgi_input = Input(None, 0)  # what pywsgi reads the rest of the body from
 
     def MessageClass(self, fp, *args):
