@@ -21,6 +21,7 @@ import math
 import importlib.util
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -125,6 +126,7 @@ def main() -> int:
                   f" {med[0] / idle:.2f}x |")
         print(f"\nmedians over {a.rounds} rounds of {a.duration:g} s per case, interleaved; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+        shutil.rmtree(work)  # kept, with the logs, when a run fails
         return 0
     finally:
         P.cleanup()
