@@ -149,6 +149,7 @@ def test_config_file_and_environment_drive_a_real_run(cli, make_backend, tmp_pat
         "-c", str(conf), env={"TCPLOCK_PROXY_PORT": str(backend.server_port), "TCPLOCK_SLOTS": "2"}
     )
     port = p.wait_ready()
+    backend.take_check()
     clients = [connect(port) for _ in range(3)]
     backend.next_conn()
     backend.next_conn()

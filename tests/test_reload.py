@@ -157,6 +157,7 @@ def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_the
     p = cli("-c", str(conf.path), "--status", "127.0.0.1:0")
     port = p.wait_ready()
     status_port = int(re.search(r"status on http://127.0.0.1:(\d+)/", p.wait_for("status on"))[1])
+    a.take_check()
     on_a = connect(port)
     assert echoes(on_a, b"a1")
     waiting = connect(port)
@@ -166,7 +167,8 @@ def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_the
     line = reload(p, conf, backend=f"[{label_a}, {label_b}]")
     assert line.endswith(f"reloaded: backends [{label_a}] -> [{label_a}, {label_b}]"), line
     assert recv_exactly(waiting, 2) == b"w1"  # the new backend took the waiting client
-    assert b.count == 1 and a.count == 1
+    wait_until(lambda: b.count == 2)  # that client, and tcplock's check of a backend joining
+    assert a.count == 1
 
     line = reload(p, conf, backend=f"[{label_b}]")
     assert f"backend {label_a} leaves the pool once its 1 client(s) have finished" in p.output()
@@ -186,7 +188,7 @@ def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_the
     assert label_b.encode() in metrics and label_a.encode() not in metrics
     waiting.close()
     assert recv_exactly(later, 2) == b"l1"  # on b
-    assert a.count == 1 and b.count == 2
+    assert a.count == 1 and b.count == 3
     later.close()
 
 
@@ -237,7 +239,8 @@ def test_set_backends_adds_and_removes_backends_on_a_running_lock(make_lock, mak
 
     lock.set_backends([("127.0.0.1", a.server_port), ("127.0.0.1", b.server_port)])
     assert recv_exactly(waiting, 1) == b"w"  # the new backend took the head of the queue
-    assert [x.label for x in lock.backends] == [label_a, label_b] and b.count == 1
+    assert [x.label for x in lock.backends] == [label_a, label_b]
+    wait_until(lambda: b.count == 2)  # that client, and tcplock's check of a backend joining
 
     lock.set_backends([("127.0.0.1", b.server_port)])
     assert [(x["address"], x["state"]) for x in lock.status()["backends"]] == [
@@ -253,7 +256,7 @@ def test_set_backends_adds_and_removes_backends_on_a_running_lock(make_lock, mak
     assert lock.backend == ("127.0.0.1", b.server_port) and lock.queued == 1
     waiting.close()
     assert recv_exactly(later, 1) == b"l"
-    assert (a.count, b.count) == (1, 2)
+    assert (a.count, b.count) == (1, 3)
     later.close()
 
 

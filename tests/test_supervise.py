@@ -16,7 +16,7 @@ import pytest
 
 from conftest import LOOPBACK, connect, free_port, http, run_cli, wait_until
 from tcplock import TCPLock
-from tcplock.status import Metrics
+from tcplock.status import Metrics, StatusServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,6 +153,37 @@ def test_clients_wait_in_the_queue_until_the_backend_is_ready(supervised, tmp_pa
     assert c.recv(100)
     c.close()
     assert lock.backends[0].state == "up"
+
+
+def test_healthz_is_down_until_a_supervised_backend_is_first_ready_not_while_it_restarts(
+    supervised, tmp_path
+):
+    ready = tmp_path / "ready"
+    lock = supervised(1, ready_cmd=f"test -e {ready}", restart_every=1)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+
+    def health():
+        code, _, body = http(status.server_port, path="/healthz")
+        return code, json.loads(body)
+
+    try:
+        # Starting: its command runs, but it is not ready yet.
+        assert lock.backends[0].state == "starting"
+        assert health() == (503, {"status": "down", "backends_up": 0})
+        ready.touch()
+        wait_until(lambda: lock.backends[0].state == "up", timeout=10)
+        assert health() == (200, {"status": "ok", "backends_up": 1})
+        # Restarted after each client: once ready before, it counts as up meanwhile.
+        ready.unlink()
+        ask(lock.server_port)
+        wait_until(lambda: lock.backends[0].state == "restarting", timeout=10)
+        assert health() == (200, {"status": "ok", "backends_up": 1})
+        ready.touch()
+        wait_until(lambda: lock.backends[0].state == "up", timeout=10)
+        assert health() == (200, {"status": "ok", "backends_up": 1})
+    finally:
+        status.stop(timeout=0)
 
 
 def test_restart_every_k_clients_of_each_backend(supervised, pidfile):
