@@ -340,10 +340,10 @@ def test_the_library_refuses_a_restart_callable_with_a_backend_command():
 # -- the command ----------------------------------------------------------------------------
 
 
-def supervised_cli(cli, *args, backends=1):
+def supervised_cli(cli, *args, backends=1, env=None):
     ports = [free_port() for _ in range(backends)]
     options = [a for p in ports for a in ("--backend", f"{LOOPBACK}:{p}")]
-    return cli("-l", "127.0.0.1:0", *options, *args)
+    return cli("-l", "127.0.0.1:0", *options, *args, env=env)
 
 
 @pytest.mark.parametrize(
@@ -444,6 +444,97 @@ def test_what_a_crashed_command_left_behind_dies_with_a_killed_tcplock(cli, pidf
     p.signal(signal.SIGKILL)
     p.wait()
     wait_until(lambda: not alive(child), timeout=10, what="the left-behind child to die")
+    assert in_group(pgid) == []
+
+
+@pytest.fixture
+def marked():
+    """An environment that marks every process started with it (and their children):
+    ``marked.env`` to give, ``marked.alive()`` the marked processes that live. Whatever of
+    them is left is killed after the test."""
+    value = f"{os.getpid()}-{time.monotonic_ns()}"
+    needle = f"TEST_LEFTOVER_MARK={value}".encode()
+
+    class Marked:
+        env = {"TEST_LEFTOVER_MARK": value}
+
+        @staticmethod
+        def alive():
+            found = []
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{name}/environ", "rb") as f:
+                        environ = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if needle in environ and alive(int(name)):
+                    found.append(int(name))
+            return found
+
+    yield Marked
+    for pid in Marked.alive():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+#: A helper in the backend's group that ignores SIGTERM, beside a command that ends on it.
+HELPER = "(trap '' TERM; exec sleep 300) & "
+
+
+def helped_backend(cli, pidfile, marked):
+    """tcplock running a pid server with a helper that ignores SIGTERM; (tcplock, the pid
+    server's pid, the group's id), once all three processes of the group run."""
+    p = supervised_cli(
+        cli,
+        "--backend-cmd",
+        HELPER + pidserver("--pidfile", pidfile),
+        "--stop-timeout",
+        "30",
+        env=marked.env,
+    )
+    p.wait_ready()
+    wait_until(lambda: pids_in(pidfile), timeout=15, what="the pid server")
+    main = pids_in(pidfile)[0]
+    pgid = group_of(main)
+    wait_until(lambda: len(in_group(pgid)) == 3, what="the watcher, the helper, the pid server")
+    return p, main, pgid
+
+
+def test_a_helper_that_ignores_sigterm_dies_with_tcplock_killed_while_it_stops(
+    cli, pidfile, marked
+):
+    """tcplock is stopping (SIGTERM): the command has ended, a helper ignoring SIGTERM is
+    left, and tcplock is killed with SIGKILL within its stop timeout. The helper dies too."""
+    p, main, pgid = helped_backend(cli, pidfile, marked)
+    p.signal(signal.SIGTERM)
+    wait_until(lambda: not alive(main) and not alive(pgid), what="the command to end")
+    assert len(in_group(pgid)) >= 1  # the helper, waiting for the stop timeout
+    p.signal(signal.SIGKILL)
+    p.wait()
+    wait_until(lambda: marked.alive() == [], timeout=10, what="the group's processes to die")
+    assert in_group(pgid) == []
+
+
+def test_a_helper_left_by_a_crashed_command_dies_with_tcplock_killed_before_it_notices(
+    cli, pidfile, marked
+):
+    """The command dies by itself while tcplock is held up (stopped, here) and cannot kill
+    what is left of its group yet; then tcplock is killed with SIGKILL. The helper, which
+    ignores SIGTERM, dies too."""
+    p, main, pgid = helped_backend(cli, pidfile, marked)
+    p.signal(signal.SIGSTOP)
+    try:
+        os.kill(main, signal.SIGKILL)
+        wait_until(lambda: not alive(main) and not alive(pgid), what="the command to end")
+        assert len(in_group(pgid)) >= 1  # the helper
+    finally:
+        p.signal(signal.SIGKILL)
+    p.wait()
+    wait_until(lambda: marked.alive() == [], timeout=10, what="the group's processes to die")
     assert in_group(pgid) == []
 
 
