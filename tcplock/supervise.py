@@ -43,6 +43,12 @@ _WATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_watch.py")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: The longest line of output logged as one; a longer one is logged in pieces.
 MAX_LINE = 1 << 16
+#: The output of a backend's command logged each second, at most (see _pass_on): lines
+#: beyond are dropped and counted, bytes beyond wait in the pipe.
+OUTPUT_LINES_PER_SECOND = 200
+OUTPUT_BYTES_PER_SECOND = 256 << 10
+#: The most of a command's output read at once, before the loop runs again.
+OUTPUT_CHUNK = 16 << 10
 #: How often the whole process table is read for the members of a group (between two reads,
 #: the members found last are read again, which costs a few file reads instead of hundreds).
 RESCAN_INTERVAL = 5.0
@@ -292,17 +298,87 @@ class BackendProcess:
 
 def _pass_on(stream, label: str) -> None:
     """Log what a backend's command prints, line by line, until its last process closes its
-    output. A command that writes without pause is read at the event loop's pace: a read
-    finds data waiting without ever blocking, so this yields after each line, or it would
-    hold the loop (every client, every timer) for as long as the command keeps writing."""
-    readline = stream.readline
+    output, within a budget per second: at most :data:`OUTPUT_LINES_PER_SECOND` lines logged
+    and :data:`OUTPUT_BYTES_PER_SECOND` bytes read.
+
+    Output is read in chunks of at most :data:`OUTPUT_CHUNK` bytes, and this yields after each
+    chunk and each line it logs, so that a command that writes without pause (a read always
+    finds data waiting, and never blocks) does not hold the loop. Once a second's budget is
+    spent, reading stops until the second is over: the pipe fills and the command's writes
+    wait. The lines of the chunk that spent the line budget are dropped, and their number is
+    logged (at WARNING) when the next second starts."""
+    read = stream.read1
+    pending = b""  # the start of a line whose end has not been read yet
+    skipping = False  # the rest of a dropped line is still to come
+    dropped = 0
+    window_end = 0.0
+    lines_left = bytes_left = 0
     while True:
-        line = readline(MAX_LINE)
-        if not line:
+        now = time.monotonic()
+        if now < window_end and (bytes_left <= 0 or dropped):
+            sleep(window_end - now)  # over budget: let the pipe fill
+            continue
+        if now >= window_end:
+            if dropped:
+                _note_dropped(label, dropped)
+                dropped = 0
+            window_end = now + 1.0
+            lines_left, bytes_left = OUTPUT_LINES_PER_SECOND, OUTPUT_BYTES_PER_SECOND
+        data = read(min(OUTPUT_CHUNK, bytes_left))
+        if not data:
+            if pending:
+                if lines_left > 0:
+                    _log_line(label, pending)
+                else:
+                    dropped += 1
+            if dropped:
+                _note_dropped(label, dropped)
             return
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        output_log.info("backend %s: %s", label, text, extra={"backend": label})
+        bytes_left -= len(data)
+        if skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                continue
+            data = data[end + 1 :]
+            skipping = False
+        buf = pending + data if pending else data
+        pos = 0
+        while pos < len(buf):
+            if lines_left <= 0:
+                # Over the line budget: the rest of the chunk is dropped, and its lines counted.
+                newlines = buf.count(b"\n", pos)
+                skipping = not buf.endswith(b"\n")
+                dropped += newlines + skipping
+                pos = len(buf)
+                break
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos < MAX_LINE:
+                    break  # the rest of the line is still to come
+                end = pos + MAX_LINE - 1  # a longer line is logged in pieces
+            _log_line(label, buf[pos : end + 1])
+            lines_left -= 1
+            pos = end + 1
+            sleep(0)
+        pending = buf[pos:]
         sleep(0)
+
+
+def _log_line(label: str, line: bytes) -> None:
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    output_log.info("backend %s: %s", label, text, extra={"backend": label})
+
+
+def _note_dropped(label: str, count: int) -> None:
+    output_log.warning(
+        "backend %s: %d line%s of its output dropped (more than %d lines or %d bytes a second)",
+        label,
+        count,
+        "" if count == 1 else "s",
+        OUTPUT_LINES_PER_SECOND,
+        OUTPUT_BYTES_PER_SECOND,
+        extra={"backend": label},
+    )
 
 
 def _closed(result, error) -> None:

@@ -6,6 +6,7 @@ The backend is ``tests/backends/pidserver.py``, which tells each client its proc
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from conftest import LOOPBACK, connect, free_port, http, run_cli, wait_until
 from tcplock import TCPLock
 from tcplock.status import Metrics
+from tcplock.supervise import OUTPUT_LINES_PER_SECOND
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,10 +208,13 @@ def test_a_killed_backend_is_started_again_and_later_clients_are_served(
 
 
 @pytest.mark.timeout(30)
-def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(supervised, pidfile):
+def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(
+    supervised, pidfile, conn_log
+):
     """Output that is always there to read (``yes`` in the backend's group, for as long as it
-    runs) is passed on at the event loop's pace: clients are served meanwhile, and the stop
-    ends it."""
+    runs) is passed on within a budget per second: clients are served meanwhile, the log says
+    how many lines were dropped, what it logs stays within the budget, and the stop ends it."""
+    started = time.monotonic()
     lock = supervised(1, backend_cmd="yes flood & " + pidserver("--pidfile", pidfile))
     ticks = []
 
@@ -226,6 +231,18 @@ def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(supervised
         assert len(ticks) > 10  # the loop ran its timers all along
     finally:
         ticker.kill()
+    wait_until(
+        lambda: any("of its output dropped" in m for m in conn_log.lines),
+        what="the count of dropped lines",
+    )
+    label = lock.backends[0].label
+    notes = [m for m in conn_log.lines if "of its output dropped" in m]
+    for note in notes:
+        count = re.match(rf"backend {re.escape(label)}: (\d+) lines? of its output dropped", note)
+        assert count and int(count.group(1)) > 0, note
+    logged = sum(1 for m in conn_log.lines if m == f"backend {label}: flood")
+    took = time.monotonic() - started
+    assert 0 < logged <= (took + 1) * OUTPUT_LINES_PER_SECOND
     lock.stop(timeout=0)
     assert not any(alive(pid) for pid in pids_in(pidfile))
 
@@ -444,7 +461,7 @@ def test_what_a_crashed_command_left_behind_dies_with_a_killed_tcplock(cli, pidf
     p.signal(signal.SIGKILL)
     p.wait()
     wait_until(lambda: not alive(child), timeout=10, what="the left-behind child to die")
-    assert in_group(pgid) == []
+    wait_until(lambda: in_group(pgid) == [], timeout=10, what="the whole group to die")
 
 
 @pytest.fixture
@@ -515,8 +532,11 @@ def test_a_helper_that_ignores_sigterm_dies_with_tcplock_killed_while_it_stops(
     assert len(in_group(pgid)) >= 1  # the helper, waiting for the stop timeout
     p.signal(signal.SIGKILL)
     p.wait()
-    wait_until(lambda: marked.alive() == [], timeout=10, what="the group's processes to die")
-    assert in_group(pgid) == []
+    wait_until(
+        lambda: marked.alive() == [] and in_group(pgid) == [],
+        timeout=10,
+        what="the group's processes to die",
+    )
 
 
 def test_a_helper_left_by_a_crashed_command_dies_with_tcplock_killed_before_it_notices(
@@ -534,8 +554,11 @@ def test_a_helper_left_by_a_crashed_command_dies_with_tcplock_killed_before_it_n
     finally:
         p.signal(signal.SIGKILL)
     p.wait()
-    wait_until(lambda: marked.alive() == [], timeout=10, what="the group's processes to die")
-    assert in_group(pgid) == []
+    wait_until(
+        lambda: marked.alive() == [] and in_group(pgid) == [],
+        timeout=10,
+        what="the group's processes to die",
+    )
 
 
 def test_status_shows_each_backends_process_and_memory(cli, pidfile):
