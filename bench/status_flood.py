@@ -17,8 +17,8 @@ nginx-light wrk`)."""
 from __future__ import annotations
 
 import argparse
-import math
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -116,8 +116,8 @@ def main() -> int:
                       f"  ({len(took)} hand-offs)  flood {rate:.0f}/s ({bad:.0f}/s not 200)",
                       flush=True)
         print()
-        print(f"| case | hand-off p50 (ms) | p90 (ms) | status answers/s | of them not 200/s |"
-              f" p50 / idle |")
+        print("| case | hand-off p50 (ms) | p90 (ms) | status answers/s | of them not 200/s |"
+              " p50 / idle |")
         print("| --- | --- | --- | --- | --- | --- |")
         idle = statistics.median(r[0] for r in got["idle"])
         for case in CASES:
