@@ -66,10 +66,13 @@ def main() -> int:
     p.add_argument("extra", nargs="*", help="more tcplock options (after --)")
     a = p.parse_args()
     for tool in ("nginx", "wrk"):
-        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in
-                   os.environ.get("PATH", "").split(os.pathsep) + list(R.SBIN)):
-            print(f"status_flood: {tool} is needed (apt-get install nginx-light wrk)",
-                  file=sys.stderr)
+        if not any(
+            os.access(os.path.join(d, tool), os.X_OK)
+            for d in os.environ.get("PATH", "").split(os.pathsep) + list(R.SBIN)
+        ):
+            print(
+                f"status_flood: {tool} is needed (apt-get install nginx-light wrk)", file=sys.stderr
+            )
             return 2
     os.environ["PATH"] += os.pathsep + os.pathsep.join(R.SBIN)
     work = tempfile.mkdtemp(prefix="tcplock-status-flood-")
@@ -79,9 +82,13 @@ def main() -> int:
         R.wait_port(backend, nginx, "nginx", P.log_of(nginx))
         status = R.free_port()
         port, lock = R.start_tcplock(
-            P, "tcplock", backend, 1,
+            P,
+            "tcplock",
+            backend,
+            1,
             ["--status", f"{R.HOST}:{status}", "--log-level", "warning", *a.extra],
-            None, tree=a.tree,
+            None,
+            tree=a.tree,
         )
         R.wait_port(port, lock, "tcplock", P.log_of(lock))
         R.wait_port(status, lock, "tcplock --status", P.log_of(lock))
@@ -92,10 +99,20 @@ def main() -> int:
                 flood = None
                 if case != "idle":
                     flood = subprocess.Popen(
-                        ["wrk", "-t1", f"-c{a.flood_conns}", f"-d{math.ceil(a.duration + 1.5)}s",
-                         "--timeout", "5s", "-H", "Connection: close",
-                         f"http://{R.HOST}:{status}/{case}"],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        [
+                            "wrk",
+                            "-t1",
+                            f"-c{a.flood_conns}",
+                            f"-d{math.ceil(a.duration + 1.5)}s",
+                            "--timeout",
+                            "5s",
+                            "-H",
+                            "Connection: close",
+                            f"http://{R.HOST}:{status}/{case}",
+                        ],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
                         start_new_session=True,
                     )
                     time.sleep(0.5)
@@ -112,20 +129,28 @@ def main() -> int:
                 P.check_alive()
                 row = (quantile(took, 0.5) * 1e3, quantile(took, 0.9) * 1e3, rate, bad)
                 got[case].append(row)
-                print(f"round {rnd} {case:8} hand-off p50 {row[0]:.3f} ms  p90 {row[1]:.3f} ms"
-                      f"  ({len(took)} hand-offs)  flood {rate:.0f}/s ({bad:.0f}/s not 200)",
-                      flush=True)
+                print(
+                    f"round {rnd} {case:8} hand-off p50 {row[0]:.3f} ms  p90 {row[1]:.3f} ms"
+                    f"  ({len(took)} hand-offs)  flood {rate:.0f}/s ({bad:.0f}/s not 200)",
+                    flush=True,
+                )
         print()
-        print("| case | hand-off p50 (ms) | p90 (ms) | status answers/s | of them not 200/s |"
-              " p50 / idle |")
+        print(
+            "| case | hand-off p50 (ms) | p90 (ms) | status answers/s | of them not 200/s |"
+            " p50 / idle |"
+        )
         print("| --- | --- | --- | --- | --- | --- |")
         idle = statistics.median(r[0] for r in got["idle"])
         for case in CASES:
             med = [statistics.median(r[i] for r in got[case]) for i in range(4)]
-            print(f"| {case} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.0f} | {med[3]:.0f} |"
-                  f" {med[0] / idle:.2f}x |")
-        print(f"\nmedians over {a.rounds} rounds of {a.duration:g} s per case, interleaved; "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+            print(
+                f"| {case} | {med[0]:.3f} | {med[1]:.3f} | {med[2]:.0f} | {med[3]:.0f} |"
+                f" {med[0] / idle:.2f}x |"
+            )
+        print(
+            f"\nmedians over {a.rounds} rounds of {a.duration:g} s per case, interleaved; "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
+        )
         shutil.rmtree(work)  # kept, with the logs, when a run fails
         return 0
     finally:

@@ -668,9 +668,7 @@ def test_a_request_body_is_bounded_and_a_refused_one_is_never_read(make_backend,
         server.stop(timeout=0)
 
 
-def test_requests_beyond_the_rate_get_429_then_wait_for_the_next_second(
-    make_backend, make_lock
-):
+def test_requests_beyond_the_rate_get_429_then_wait_for_the_next_second(make_backend, make_lock):
     lock = make_lock(make_backend("echo"))
     server = StatusServer((LOOPBACK, 0), lock, max_rate=5)
     server.start()
