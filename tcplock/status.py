@@ -12,6 +12,7 @@ whose request has not arrived within ``request_timeout``, refuses a request head
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -316,6 +317,11 @@ class _HeadTooLarge(ValueError):
 class _TooSlow(TimeoutError):
     """The request did not arrive within ``request_timeout`` (an OSError: pywsgi closes the
     connection quietly when it comes while waiting for the request line)."""
+
+    def __init__(self, *args) -> None:
+        # With an errno, as a socket's own errors: Python 3.9's socket reader reads args[0] of
+        # any OSError that interrupts it, and an empty args made that an IndexError there.
+        super().__init__(*(args or (errno.ETIMEDOUT, "request not received in time")))
 
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
