@@ -3,6 +3,7 @@ checked here in full (every column, defaults and help included), and the parser 
 against the same table, so that the documentation cannot drift from the code."""
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import connect, http, wait_until
 from tcplock.cli import build_parser, parse_args
 from tcplock.settings import SETTINGS, render_conf, render_markdown
+from tcplock.status import StatusServer, agent_reply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,3 +111,67 @@ def test_sample_config_sets_the_required_settings_and_every_value_parses(tmp_pat
             if setting.example is not None and setting.name not in ("config", *left_out):
                 assert getattr(args, setting.dest) not in (None, False), setting.name
     assert args.backend == [("127.0.0.1", 2003), ("127.0.0.1", 2004)]
+
+
+# --- the docs agree with the code ----------------------------------------------------------
+
+HAPROXY = ROOT / "contrib" / "haproxy"
+AGENT_FORMULA = re.compile(r"slots / \(slots \+ [a-z +]+\)")
+
+
+def test_the_agent_weight_formula_is_the_same_everywhere_and_the_one_the_agent_uses(
+    make_backend, make_lock
+):
+    """The README, contrib/haproxy's README and its haproxy.cfg state one formula for the
+    agent's weight; the agent's replies, with slots busy and clients waiting, are that formula."""
+    texts = {
+        "README.md": README.read_text(),
+        "contrib/haproxy/README.md": (HAPROXY / "README.md").read_text(),
+        "contrib/haproxy/haproxy.cfg": (HAPROXY / "haproxy.cfg").read_text(),
+    }
+    found = {name: set(AGENT_FORMULA.findall(" ".join(text.replace("#", " ").split())))
+             for name, text in texts.items()}  # fmt: skip
+    formulas = set().union(*found.values())
+    assert len(formulas) == 1 and all(found.values()), found
+    (formula,) = formulas
+
+    def weight(slots, active, queued):
+        value = eval(formula, {}, {"slots": slots, "active": active, "queued": queued})
+        return f"up ready {max(1, int(value * 100 + 1e-9))}%\n"
+
+    backend = make_backend("hold")
+    lock = make_lock(backend, slots=2)
+    assert agent_reply(lock) == weight(2, 0, 0) == "up ready 100%\n"
+    clients = [connect(lock.server_port) for _ in range(2)]
+    wait_until(lambda: backend.current == 2, what="2 active")
+    assert agent_reply(lock) == weight(2, 2, 0) == "up ready 50%\n"
+    clients += [connect(lock.server_port) for _ in range(3)]
+    wait_until(lambda: lock.queued == 3, what="3 queued")
+    assert agent_reply(lock) == weight(2, 2, 3) == "up ready 28%\n"
+    backend.release_all()
+    for c in clients:
+        c.close()
+
+
+def test_the_status_ports_404_lists_every_path_it_answers(make_backend, make_lock):
+    """The 404 body lists the paths there are: those the README's status section names, each
+    of which is answered (not with a 404)."""
+    backend = make_backend("echo")
+    lock = make_lock(backend)
+    label = lock.backends[0].label
+    server = StatusServer(("127.0.0.1", 0), lock)
+    server.start()
+    try:
+        code, _, body = http(server.server_port, "GET", "/no/such/path")
+        assert code == 404
+        paths = json.loads(body)["paths"]
+        section = README.read_text().split("\n### Status, metrics, pause and resume\n", 1)[1]
+        section = section.split("\n### ")[0]
+        documented = set(re.findall(r"`(?:GET|POST)\s+(/[^`\s]*)`", section))
+        assert sorted(documented) == paths
+        for path in paths:
+            real = path.replace("HOST:PORT", label)
+            answers = {m: http(server.server_port, m, real)[0] for m in ("GET", "POST")}
+            assert 404 not in answers.values(), (path, answers)
+    finally:
+        server.stop(timeout=0)
