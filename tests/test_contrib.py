@@ -586,3 +586,7 @@ def test_systemd_analyze_security_exposure_is_low(tmp_path):
     assert m, out.stdout + out.stderr
     # 0 is a fully sandboxed unit, 10 none at all; systemd calls under 2 "OK".
     assert float(m.group(1)) < 2.0, out.stdout
+    # And the README gives the figure this systemd gives.
+    readme = (CONTRIB / "systemd" / "README.md").read_text()
+    stated = re.search(r"`systemd-analyze security tcplock` rates its exposure ([\d.]+)", readme)
+    assert stated and stated.group(1) == m.group(1), f"README: {stated}, measured {m.group(1)}"
