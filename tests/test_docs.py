@@ -5,13 +5,16 @@ against the same table, so that the documentation cannot drift from the code."""
 import argparse
 import json
 import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import connect, http, wait_until
+import readme_commands as rc
+from conftest import connect, http, recv_all, wait_until
 from tcplock.cli import build_parser, parse_args
 from tcplock.settings import SETTINGS, render_conf, render_markdown
 from tcplock.status import StatusServer, agent_reply
@@ -175,3 +178,93 @@ def test_the_status_ports_404_lists_every_path_it_answers(make_backend, make_loc
             assert 404 not in answers.values(), (path, answers)
     finally:
         server.stop(timeout=0)
+
+
+# --- every command in every README, as written -----------------------------------------------
+
+
+def test_every_readme_command_is_run_by_a_test_or_named_as_an_exception():
+    """Each command of each README has one entry in readme_commands.RUN_BY: the test that runs
+    it as written (which must exist), or why none does."""
+    assert set(rc.readmes()) == set(rc.RUN_BY), "a README is missing from RUN_BY, or gone"
+    tests = {}
+    for path in ROOT.glob("tests/test_*.py"):
+        tests[path.name] = set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    for readme in rc.readmes():
+        for cmd in rc.commands(readme):
+            hows = rc.runner(readme, cmd)
+            assert len(hows) == 1, f"{readme}: {cmd!r} has {len(hows)} entries in RUN_BY"
+        for start, how in rc.RUN_BY[readme]:
+            assert any(c.startswith(start) for c in rc.commands(readme)), (readme, start)
+            for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)", how):
+                assert name in tests.get(file, ()), f"{readme}: {file}::{name} does not exist"
+
+# The first test to use readme_clone waits for the quick start's install.
+CLONE_TIMEOUT = pytest.mark.timeout(600)
+
+
+@CLONE_TIMEOUT
+def test_quick_start_as_written(readme_clone):
+    """The quick start's line, run from the top of a fresh copy: it installs tcplock into .venv
+    and starts the demo on 9000; a second client waits while the first is in, and is then
+    greeted as the only client; Ctrl-C stops it with status 0 (the readme_clone fixture)."""
+    _, seen = readme_clone
+    out = seen["output"]
+    assert seen["first"].startswith(b"demo backend: you are client #1; clients connected now: 1")
+    assert seen["second while the first is in"] == b"", out
+    assert seen["second"].startswith(b"demo backend: you are client #2; clients connected now: 1")
+    assert seen["exit status on Ctrl-C"] == 0, out
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README's command for the test suite is the one .ci/run runs, as written."""
+    cmd = rc.command("README.md", "python3 -m venv .venv && .venv/bin/pip install -e '.[test]'")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert cmd in ci, f".ci/run does not run {cmd!r}"
+
+
+STATUS_CURLS = (
+    "curl -s localhost:9100/status",
+    "curl -s -X POST localhost:9100/pause",
+    "curl -s -X POST localhost:9100/backends/127.0.0.1:2004/drain",
+)
+
+
+@CLONE_TIMEOUT
+@pytest.mark.parametrize(
+    "start, backends",
+    [
+        ("tcplock --listen 9000 --proxy-port 2003", [2003]),
+        ("tcplock -l 9000 -p 2003 -t 2m --restart-cmd", [2003]),
+        ("tcplock -l 9000 --backend 127.0.0.1:2003 --backend 127.0.0.1:2004 --backend", [2003, 2004, 2005]),
+    ],
+)  # fmt: skip
+def test_readme_commands_as_written(readme_clone, make_backend, start, backends):
+    """The README's tcplock commands, in a shell with the quick start's venv activated, in
+    front of echo backends on the ports they name: a client is relayed through port 9000; the
+    pool's command also serves the status section's curl commands on 9100."""
+    clone, _ = readme_clone
+    cmd = rc.command("README.md", start)
+    rc.ensure_free(9000, 9100)
+    for port in backends:
+        make_backend("echo", port=port)
+    shell = rc.Shell(cmd, cwd=clone, env=rc.activated(clone))
+    try:
+        shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=30)
+        c = connect(9000)
+        c.sendall(b"hello")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c, timeout=10) == b"hello"
+        c.close()
+        if len(backends) > 1:
+            status, paused, drained = (
+                json.loads(rc.run(curl, cwd=clone).stdout) for curl in (rc.command("README.md", s) for s in STATUS_CURLS)
+            )  # fmt: skip
+            assert [b["address"] for b in status["backends"]] == [
+                f"127.0.0.1:{p}" for p in backends
+            ]
+            assert paused == {"paused": True}
+            assert drained["address"] == "127.0.0.1:2004" and drained["state"] == "draining"
+        assert shell.stop(signal.SIGINT) == 0, shell.output()
+    finally:
+        shell.kill()
