@@ -73,7 +73,7 @@ RUN_BY = {
         (".venv/bin/pip install gunicorn", "test_contrib.py::test_gunicorn_readme_as_written"),
         ("cd contrib/gunicorn", "test_contrib.py::test_gunicorn_readme_as_written"),
         ("APP_BACKEND=127.0.0.1:2003 APP_LOCK_PORT=9000", "test_contrib.py::test_gunicorn_readme_as_written"),
-        ("APP_LOCK_PORT=9000 ../../.venv/bin/python -m gunicorn -k gevent -w 4 app:app",
+        ("APP_LOCK_PORT=9000 .venv/bin/python -m gunicorn -k gevent -w 4 --chdir",
          "test_contrib.py::test_gunicorn_readme_as_written"),
     ],
     "contrib/prometheus/README.md": [
