@@ -48,7 +48,7 @@ RUN_BY = {
          "test_libreoffice.py runs the same command through examples/libreoffice/run-stack.sh"),
     ],
     "examples/README.md": [
-        ("python3 examples/embed_gevent.py", "test_examples.py::test_readme_command_as_written"),
+        (".venv/bin/python examples/embed_gevent.py", "test_examples.py::test_readme_command_as_written"),
     ],
     "examples/libreoffice/README.md": [
         ("examples/libreoffice/install.sh", "test_examples.py::test_libreoffice_readme_as_written"),
@@ -127,7 +127,18 @@ RUN_BY = {
         ("useradd --system", "not run: adds a user to the machine (root)"),
         ("systemctl edit tcplock", "not run: a real systemd"),
     ],
-    "bench/README.md": [],
+    "bench/README.md": [
+        ("bash bench/run            #", "not run: a full benchmark run (about 8 minutes); "
+         ".ci/run runs its --smoke form"),
+        ("bash bench/run --smoke", "not run by a test: .ci/run runs it, with "
+         "PYTHON=.venv/bin/python (its venv's Python)"),
+        ("bash bench/run --help", "test_docs.py::test_bench_help_as_written"),
+        ("bash bench/run --compare c898c49", "not run: a benchmark run of minutes against an "
+         "older commit"),
+        ("bash bench/run --compare HEAD~1", "not run: a benchmark run of about a minute against "
+         "the previous commit"),
+        ("bash bench/run libreoffice", "not run: LibreOffice benchmarks of minutes"),
+    ],
 }
 
 

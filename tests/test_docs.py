@@ -268,3 +268,8 @@ def test_readme_commands_as_written(readme_clone, make_backend, start, backends)
         assert shell.stop(signal.SIGINT) == 0, shell.output()
     finally:
         shell.kill()
+
+
+def test_bench_help_as_written():
+    out = rc.run(rc.command("bench/README.md", "bash bench/run --help"), cwd=ROOT, timeout=60)
+    assert "--smoke" in out.stdout + out.stderr
