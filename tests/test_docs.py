@@ -9,12 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import readme_commands as rc
 from conftest import connect, http, recv_all, wait_until
+from tcplock import __version__
 from tcplock.cli import build_parser, parse_args
 from tcplock.settings import SETTINGS, render_conf, render_markdown
 from tcplock.status import StatusServer, agent_reply
@@ -273,3 +275,27 @@ def test_readme_commands_as_written(readme_clone, make_backend, start, backends)
 def test_bench_help_as_written():
     out = rc.run(rc.command("bench/README.md", "bash bench/run --help"), cwd=ROOT, timeout=60)
     assert "--smoke" in out.stdout + out.stderr
+
+
+# --- packaging -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_pip_wheel_builds_a_wheel_that_installs_the_command(readme_clone, tmp_path):
+    """pyproject.toml is the project's metadata and build system: `pip wheel .` in a fresh
+    copy builds a wheel, and the wheel installed into a new venv gives the `tcplock` command."""
+    clone, _ = readme_clone
+    wheels = tmp_path / "wheels"
+    rc.run(f"python3 -m pip wheel --no-deps -w {wheels} .", cwd=clone, timeout=500)
+    (wheel,) = wheels.glob("tcplock-*.whl")
+    venv = tmp_path / "venv"
+    rc.run(f"python3 -m venv {venv} && {venv}/bin/pip install {wheel}", cwd=tmp_path,
+           timeout=500)  # fmt: skip
+    version = rc.run(f"{venv}/bin/tcplock --version", cwd=tmp_path, timeout=60).stdout
+    assert version.strip() == f"tcplock {__version__}"
+    # What installers read: the dependencies, the oldest Python, the licence as SPDX.
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(f"tcplock-{__version__}.dist-info/METADATA").decode()
+    for line in ("Requires-Python: >=3.9", "License-Expression: MIT", "Requires-Dist: gevent>=22.10",
+                 "Requires-Dist: ConfigArgParse>=1.5", "Requires-Dist: prometheus_client>=0.16"):
+        assert line in metadata.splitlines(), line  # fmt: skip
