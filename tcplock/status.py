@@ -548,7 +548,10 @@ class StatusServer(_Bounded, WSGIServer):
             return _reply(
                 start_response,
                 "404 Not Found",
-                {"error": "not found", "paths": sorted({p for _, p in routes} | _PATHS_BESIDE_ROUTES)},
+                {
+                    "error": "not found",
+                    "paths": sorted({p for _, p in routes} | _PATHS_BESIDE_ROUTES),
+                },
             )
         return handler(start_response)
 

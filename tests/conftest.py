@@ -199,8 +199,9 @@ def readme_clone(tmp_path_factory):
 
     clone = rc.copy_checkout(tmp_path_factory.mktemp("clone"))
     rc.ensure_free(9000)
-    shell = rc.Shell(rc.command("README.md", "python3 -m venv .venv && .venv/bin/pip install ."),
-                     cwd=clone)  # fmt: skip
+    shell = rc.Shell(
+        rc.command("README.md", "python3 -m venv .venv && .venv/bin/pip install ."), cwd=clone
+    )
     seen = {}
     try:
         shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=600)

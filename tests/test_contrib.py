@@ -23,10 +23,10 @@ from pathlib import Path
 
 import gevent
 import pytest
+import readme_commands as rc
 from gevent import subprocess
 from gevent.event import Event
 
-import readme_commands as rc
 from conftest import (
     LOOPBACK,
     ChildProcess,
@@ -619,8 +619,11 @@ def test_gunicorn_readme_as_written(readme_clone, make_backend):
         shell = rc.Shell(cmd, cwd=clone, env={"XDG_RUNTIME_DIR": str(clone)})
         try:
             shell.wait_for(r"Listening at: http://127\.0\.0\.1:8000\b", timeout=60)
-            wait_until(lambda: shell.output().count("Booting worker") == 4, timeout=60,
-                       what="4 workers")  # fmt: skip
+            wait_until(
+                lambda s=shell: s.output().count("Booting worker") == 4,
+                timeout=60,
+                what="4 workers",
+            )
             status, _, body = http(8000, "GET", "/readme", timeout=30)
             assert status == 200 and body == b"answer to GET /readme\n", body
             shell.stop(signal.SIGINT, timeout=60)
@@ -689,9 +692,13 @@ def test_haproxy_readme_as_written(readme_clone):
     rc.ensure_free(9000, 9001, 9002, 9101, 9102, 9201, 9202, 8404)
     block = "\n".join(
         rc.command(HAPROXY_README, start)
-        for start in ("mkdir -p /run/haproxy", "tcplock --demo --accept-proxy --listen 9001",
-                      "tcplock --demo --accept-proxy --listen 9002", "haproxy -f")
-    )  # fmt: skip
+        for start in (
+            "mkdir -p /run/haproxy",
+            "tcplock --demo --accept-proxy --listen 9001",
+            "tcplock --demo --accept-proxy --listen 9002",
+            "haproxy -f",
+        )
+    )
     shell = rc.Shell(block, cwd=clone, env=rc.activated(clone))
     try:
         for port in (9001, 9002):
@@ -710,19 +717,25 @@ def test_haproxy_readme_as_written(readme_clone):
             finally:
                 c.close()
 
-        wait_until(lambda: through_haproxy().startswith(b"demo backend: you are client #"),
-                   timeout=30, what="a client through HAProxy to a demo")  # fmt: skip
+        wait_until(
+            lambda: through_haproxy().startswith(b"demo backend: you are client #"),
+            timeout=30,
+            what="a client through HAProxy to a demo",
+        )
         assert agent() == "up ready 100%\n"
-        paused = rc.run(rc.command(HAPROXY_README, "curl -s -X POST 127.0.0.1:9201/pause"),
-                        cwd=clone).stdout  # fmt: skip
+        paused = rc.run(
+            rc.command(HAPROXY_README, "curl -s -X POST 127.0.0.1:9201/pause"), cwd=clone
+        ).stdout
         assert json.loads(paused) == {"paused": True} and agent() == "drain\n"
-        resumed = rc.run(rc.command(HAPROXY_README, "curl -s -X POST 127.0.0.1:9201/resume"),
-                         cwd=clone).stdout  # fmt: skip
+        resumed = rc.run(
+            rc.command(HAPROXY_README, "curl -s -X POST 127.0.0.1:9201/resume"), cwd=clone
+        ).stdout
         assert json.loads(resumed) == {"paused": False} and agent() == "up ready 100%\n"
         status = rc.run(rc.command(HAPROXY_README, "curl -s 127.0.0.1:9201/status"), cwd=clone)
         assert json.loads(status.stdout)["paused"] is False
-        csv = rc.run(rc.command(HAPROXY_README, 'curl -s "http://127.0.0.1:8404/;csv"'),
-                     cwd=clone).stdout  # fmt: skip
+        csv = rc.run(
+            rc.command(HAPROXY_README, 'curl -s "http://127.0.0.1:8404/;csv"'), cwd=clone
+        ).stdout
         assert re.search(r"^tcplock,a,", csv, re.M) and re.search(r"^tcplock,b,", csv, re.M), csv
     finally:
         shell.stop(signal.SIGINT)

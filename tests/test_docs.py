@@ -13,8 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 import readme_commands as rc
+
 from conftest import connect, http, recv_all, wait_until
 from tcplock import __version__
 from tcplock.cli import build_parser, parse_args
@@ -134,8 +134,10 @@ def test_the_agent_weight_formula_is_the_same_everywhere_and_the_one_the_agent_u
         "contrib/haproxy/README.md": (HAPROXY / "README.md").read_text(),
         "contrib/haproxy/haproxy.cfg": (HAPROXY / "haproxy.cfg").read_text(),
     }
-    found = {name: set(AGENT_FORMULA.findall(" ".join(text.replace("#", " ").split())))
-             for name, text in texts.items()}  # fmt: skip
+    found = {
+        name: set(AGENT_FORMULA.findall(" ".join(text.replace("#", " ").split())))
+        for name, text in texts.items()
+    }
     formulas = set().union(*found.values())
     assert len(formulas) == 1 and all(found.values()), found
     (formula,) = formulas
@@ -201,6 +203,7 @@ def test_every_readme_command_is_run_by_a_test_or_named_as_an_exception():
             for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)", how):
                 assert name in tests.get(file, ()), f"{readme}: {file}::{name} does not exist"
 
+
 # The first test to use readme_clone waits for the quick start's install.
 CLONE_TIMEOUT = pytest.mark.timeout(600)
 
@@ -238,9 +241,12 @@ STATUS_CURLS = (
     [
         ("tcplock --listen 9000 --proxy-port 2003", [2003]),
         ("tcplock -l 9000 -p 2003 -t 2m --restart-cmd", [2003]),
-        ("tcplock -l 9000 --backend 127.0.0.1:2003 --backend 127.0.0.1:2004 --backend", [2003, 2004, 2005]),
+        (
+            "tcplock -l 9000 --backend 127.0.0.1:2003 --backend 127.0.0.1:2004 --backend",
+            [2003, 2004, 2005],
+        ),
     ],
-)  # fmt: skip
+)
 def test_readme_commands_as_written(readme_clone, make_backend, start, backends):
     """The README's tcplock commands, in a shell with the quick start's venv activated, in
     front of echo backends on the ports they name: a client is relayed through port 9000; the
@@ -260,8 +266,9 @@ def test_readme_commands_as_written(readme_clone, make_backend, start, backends)
         c.close()
         if len(backends) > 1:
             status, paused, drained = (
-                json.loads(rc.run(curl, cwd=clone).stdout) for curl in (rc.command("README.md", s) for s in STATUS_CURLS)
-            )  # fmt: skip
+                json.loads(rc.run(curl, cwd=clone).stdout)
+                for curl in (rc.command("README.md", s) for s in STATUS_CURLS)
+            )
             assert [b["address"] for b in status["backends"]] == [
                 f"127.0.0.1:{p}" for p in backends
             ]
@@ -289,13 +296,17 @@ def test_pip_wheel_builds_a_wheel_that_installs_the_command(readme_clone, tmp_pa
     rc.run(f"python3 -m pip wheel --no-deps -w {wheels} .", cwd=clone, timeout=500)
     (wheel,) = wheels.glob("tcplock-*.whl")
     venv = tmp_path / "venv"
-    rc.run(f"python3 -m venv {venv} && {venv}/bin/pip install {wheel}", cwd=tmp_path,
-           timeout=500)  # fmt: skip
+    rc.run(f"python3 -m venv {venv} && {venv}/bin/pip install {wheel}", cwd=tmp_path, timeout=500)
     version = rc.run(f"{venv}/bin/tcplock --version", cwd=tmp_path, timeout=60).stdout
     assert version.strip() == f"tcplock {__version__}"
     # What installers read: the dependencies, the oldest Python, the licence as SPDX.
     with zipfile.ZipFile(wheel) as z:
         metadata = z.read(f"tcplock-{__version__}.dist-info/METADATA").decode()
-    for line in ("Requires-Python: >=3.9", "License-Expression: MIT", "Requires-Dist: gevent>=22.10",
-                 "Requires-Dist: ConfigArgParse>=1.5", "Requires-Dist: prometheus_client>=0.16"):
-        assert line in metadata.splitlines(), line  # fmt: skip
+    for line in (
+        "Requires-Python: >=3.9",
+        "License-Expression: MIT",
+        "Requires-Dist: gevent>=22.10",
+        "Requires-Dist: ConfigArgParse>=1.5",
+        "Requires-Dist: prometheus_client>=0.16",
+    ):
+        assert line in metadata.splitlines(), line

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import gevent
 import pytest
+import readme_commands as rc
 from gevent import socket
 from gevent.event import Event
 
-import readme_commands as rc
 from conftest import LOOPBACK, ChildProcess, http, recv_all, require_command, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -115,9 +115,15 @@ def test_embedded_lock_serialises_and_shows_its_queue(make_backend, example):
 def test_sigterm_while_busy_drains_then_exits_zero(make_backend, example):
     backend = make_backend("hold")
     ex = example(
-        "--backend", f"{LOOPBACK}:{backend.server_port}", "--listen", "0", "--http", "0",
-        "--drain", "0.5",
-    )  # fmt: skip
+        "--backend",
+        f"{LOOPBACK}:{backend.server_port}",
+        "--listen",
+        "0",
+        "--http",
+        "0",
+        "--drain",
+        "0.5",
+    )
     ex.wait_started()
     active = gevent.spawn(client, ex.lock_port, b"busy")
     backend.next_conn()
@@ -176,15 +182,22 @@ def test_libreoffice_readme_as_written(readme_clone):
     clone, _ = readme_clone
     env = {"PATH": DEBIAN_PATH}
     rc.ensure_free(9000, 9100, 2003, 2004, 3003, 3004)
-    rc.run(rc.command(LIBREOFFICE, "examples/libreoffice/install.sh"), cwd=clone, env=env,
-           timeout=800)  # fmt: skip
-    shell = rc.Shell(rc.command(LIBREOFFICE, "examples/libreoffice/run-stack.sh"), cwd=clone,
-                     env=env)  # fmt: skip
+    rc.run(
+        rc.command(LIBREOFFICE, "examples/libreoffice/install.sh"), cwd=clone, env=env, timeout=800
+    )
+    shell = rc.Shell(
+        rc.command(LIBREOFFICE, "examples/libreoffice/run-stack.sh"), cwd=clone, env=env
+    )
     try:
         printed = shell.wait_for(r"run-stack\.sh: .* -m tcplock ", timeout=30)
         shown = rc.command(LIBREOFFICE, "python3 -m tcplock --listen 127.0.0.1:9000")
-        for flag in ("--listen 127.0.0.1:9000", "--backend 127.0.0.1:2003", "--slots 1",
-                     "--restart-every 100", "--status 127.0.0.1:9100"):  # fmt: skip
+        for flag in (
+            "--listen 127.0.0.1:9000",
+            "--backend 127.0.0.1:2003",
+            "--slots 1",
+            "--restart-every 100",
+            "--status 127.0.0.1:9100",
+        ):
             assert flag in shown and flag.split()[1] in printed, (flag, printed)
         shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=60)
 
