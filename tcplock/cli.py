@@ -618,6 +618,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     lock.max_lingering = max_lingering(capacity)
     lock.connection_log = connection_log(handler)
+    if demo is not None:
+        # The demo's backend runs in this process and is serving already: no check at start,
+        # whose connection it would count as its first client.
+        lock.backends[0].mark_up()
     # Handlers first: a supervisor may send SIGTERM as soon as it sees the first log line.
     stop = Event()
     hurry = Event()

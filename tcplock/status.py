@@ -674,7 +674,10 @@ class StatusServer(_Bounded, WSGIServer):
             return _reply(
                 start_response,
                 "404 Not Found",
-                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/", "/healthz"})},
+                {
+                    "error": "not found",
+                    "paths": sorted({p for _, p in routes} | _PATHS_BESIDE_ROUTES),
+                },
             )
         return handler(start_response)
 
@@ -744,6 +747,10 @@ class StatusServer(_Bounded, WSGIServer):
     def _resume(self, start_response):
         self.lock.resume()
         return _reply(start_response, "200 OK", {"paused": False})
+
+
+#: What the 404 body lists besides the routes' paths: the paths answered outside them.
+_PATHS_BESIDE_ROUTES = {"/", "/healthz", "/backends/HOST:PORT/drain", "/backends/HOST:PORT/enable"}
 
 
 def _reply(start_response, status: str, data, headers=()):
