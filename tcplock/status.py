@@ -42,6 +42,7 @@ from .server import (
     accept_exhausted,
     format_address,
 )
+from .settings import SETTINGS
 
 __all__ = [
     "Metrics",
@@ -234,7 +235,7 @@ MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0
 MAX_HEAD = 8192
 MAX_BODY = 1024
-MAX_RATE = 200
+MAX_RATE = next(s.default for s in SETTINGS if s.name == "status-max-rate")
 #: How old, in seconds, the ``/metrics`` answer may be: it is made again at most this often.
 METRICS_MAX_AGE = 1.0
 
