@@ -521,6 +521,7 @@ class Reloader:
         for name, _address, server in self.extras:
             if name == "status":
                 server.token = token
+                server.max_rate = new.status_max_rate
         lock = self.lock
         for attr, value in values.items():
             setattr(lock, attr, value)
@@ -650,7 +651,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .status import StatusServer
 
             status = StatusServer(
-                args.status, lock, token=token, max_connections=status_connections
+                args.status,
+                lock,
+                token=token,
+                max_connections=status_connections,
+                max_rate=args.status_max_rate,
             )
             extras.append(("status", args.status, status))
         if args.agent_check is not None:

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from io import BytesIO
@@ -41,6 +42,7 @@ from .server import (
     accept_exhausted,
     format_address,
 )
+from .settings import SETTINGS
 
 __all__ = [
     "Metrics",
@@ -233,7 +235,7 @@ MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0
 MAX_HEAD = 8192
 MAX_BODY = 1024
-MAX_RATE = 200
+MAX_RATE = next(s.default for s in SETTINGS if s.name == "status-max-rate")
 #: How old, in seconds, the ``/metrics`` answer may be: it is made again at most this often.
 METRICS_MAX_AGE = 1.0
 
@@ -391,6 +393,13 @@ class _Handler(WSGIHandler):
         # Bounds every read and write (a client that stops reading its answer), on top of the
         # deadline for the whole request below.
         sock.settimeout(server.request_timeout)
+        # pywsgi sends an answer's head and its body apart: without TCP_NODELAY the body waits
+        # for the client to acknowledge the head, which a keep-alive client delays (about
+        # 40 ms on Linux) while it waits for the rest.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket as the listener), or the client is gone already
         super().__init__(sock, address, server, rfile)
 
     def handle_one_request(self):
