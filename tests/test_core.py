@@ -672,8 +672,10 @@ def test_a_backend_that_never_accepts_is_given_up_after_connect_timeout(make_loc
     c = connect(lock.server_port)
     line = conn_log.next_end()
     assert line["end"] == "backend-refused"
-    # The time spent connecting counts: not a second connect_timeout on top.
-    assert 0.5 <= float(line["active"]) < 0.9
+    # The time spent connecting counts: not a second connect_timeout on top. (The loop's timers
+    # count from the loop's time of the turn, which may be a few milliseconds behind the clock
+    # that dates the activation on a loaded machine.)
+    assert 0.48 <= float(line["active"]) < 0.9
     assert recv_all(c) == b""
     assert "SYN_SENT" not in kernel_tcp(listener.getsockname()[1])  # the attempt was given up
     for s in (c, filler, listener):
