@@ -123,6 +123,10 @@ class Backend:
         self.last_used = 0.0
         #: False once connecting to it failed, until a check finds it answering again.
         self.up = True
+        #: Whether it has been ready since tcplock started: a supervised backend once its
+        #: first start is done, another once a check found it answering (the first runs at
+        #: start). Until then /healthz does not count it as up, whatever ``up`` says.
+        self.been_ready = False
         #: Set by the operator: it finishes its clients and takes no new ones.
         self.draining = False
         #: Taken out of the pool (TCPLock.set_backends): it finishes its clients and takes no
@@ -158,6 +162,10 @@ class Backend:
         )
         #: The pause before a supervised backend whose command ended is started again.
         self.crash_delay = lock.restart_retry_delay
+        #: A backend tcplock does not run takes no client until its first check has answered
+        #: (up or down), so that it never sees the check's connection and a client's at once.
+        self.first_check_due = self.process is None
+        self.open = not self.first_check_due
 
     def apply_settings(self) -> None:
         """Take each per-backend setting from its own settings, or else from the lock's."""
@@ -250,8 +258,8 @@ class Backend:
     # -- up and down -------------------------------------------------------------------------
 
     def mark_down(self, error) -> None:
-        """Connecting failed: take no clients while another backend is up, and check it every
-        ``check_interval`` until it answers."""
+        """Connecting (or a check) failed: take no clients while another backend is up, and
+        check it every ``check_interval`` until it answers."""
         if not self.up:
             return
         self.up = False
@@ -267,14 +275,27 @@ class Backend:
         self._checks.start(self._check_now)
 
     def mark_up(self) -> None:
+        was_ready, self.been_ready = self.been_ready, True
         if self.up:
             return
         self.up = True
         self.standby = self.lock._standby_wanted(self)
         self.note("answers again")
         self._stop_checks()
-        log.warning("backend %s is up again%s", self.label, " (standby)" if self.standby else "")
+        log.warning(
+            "backend %s is up%s%s",
+            self.label,
+            " again" if was_ready else "",
+            " (standby)" if self.standby else "",
+        )
         self.lock._sync_gate()
+
+    def check_first(self) -> None:
+        """When tcplock starts (or it joins the pool): a backend tcplock does not run is
+        checked at once, as one that is down is; if the check fails, it is down, and checked
+        every ``check_interval`` until it answers."""
+        if self.process is None and not self.been_ready and self._check is None:
+            self._check_now()
 
     def _check_now(self) -> None:
         if self._check is not None:
@@ -285,20 +306,34 @@ class Backend:
             args = (lock.ready_cmd, self._command_env(), limit)
             self._check = Step(probe, args, self._probed).start()
             return
+        # One round of its addresses: a backend that refuses is down at once (a first check
+        # holds clients back until it answers), and is tried again at the next interval.
         limit = min(lock.check_interval, lock.connect_timeout)
-        self._check = Connect(self, time.monotonic() + limit, self._checked)
+        self._check = Connect(self, time.monotonic() + limit, self._checked, _one_round)
         self._check.start()
 
-    def _checked(self, sock, _error) -> None:
+    def _checked(self, sock, error) -> None:
         self._check = None
         if sock is not None:
             self.close_check(sock)
             self.mark_up()
+        else:
+            self.mark_down(error)  # nothing more if it is down already
+        self._first_check_done()
 
-    def _probed(self, result, _error) -> None:
+    def _probed(self, result, error) -> None:
         self._check = None
         if result is not None and result[0]:
             self.mark_up()
+        else:
+            self.mark_down(f"not ready: {result[1]}" if result is not None else error)
+        self._first_check_done()
+
+    def _first_check_done(self) -> None:
+        # The check's connection is closed: clients may reach the backend now.
+        if self.first_check_due:
+            self.first_check_due = False
+            self.lock._sync_gate()
 
     def close_check(self, sock) -> None:
         """Close a check's connection. A backend sent PROXY headers is sent one first,
@@ -401,9 +436,12 @@ class Backend:
     # -- a backend tcplock runs ----------------------------------------------------------------
 
     def start_process(self) -> None:
-        """Start a supervised backend's command (when tcplock starts): as a restart with
-        nothing to stop, so that no client reaches it before it is ready."""
-        if self.process is None or self.restart_reason is not None:
+        """Start a supervised backend's command (when tcplock starts, or it joins the pool):
+        as a restart with nothing to stop, so that no client reaches it before it is ready.
+        Another backend is checked instead (:meth:`check_first`)."""
+        if self.process is None:
+            return self.check_first()
+        if self.restart_reason is not None:
             return
         self.restart_reason = "start"
         self.note("start")
@@ -455,6 +493,7 @@ class Backend:
                 self.process.found_ready()
                 self._stop_checks()
                 self.up = True
+                self.been_ready = True
             reason = self.restart_reason
             self.restart_reason = None
             self.restart_step = None
@@ -868,6 +907,11 @@ class Connect:
         if self.step is not None:
             self.step.kill()
             self.step = None
+
+
+def _one_round(_error) -> bool:
+    """A :class:`Connect`'s ``give_up`` that ends it after its first failed round."""
+    return True
 
 
 def _takes_backend(hook) -> bool:

@@ -20,6 +20,7 @@ import logging
 import socket as _stdsocket
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
@@ -175,6 +176,8 @@ class TCPLock(StreamServer):
     #: at once).
     linger_time = 5.0
     max_lingering = 256
+    #: How many samples :meth:`history` keeps: one per sweep (sweep_interval), so five minutes.
+    history_length = 300
     #: Called with each connection that has ended, in place of its INFO line through
     #: :mod:`logging`. None: ``log.info``.
     connection_log: Optional[Callable[[Connection], object]] = None
@@ -221,8 +224,12 @@ class TCPLock(StreamServer):
         self._header_log = _RateLimit(10.0)
         #: Connections still sending their PROXY header (the ``header`` state).
         self._reading: Dict[Connection, None] = {}
-        #: Activations so far (slots granted).
+        #: Activations so far (slots granted), each client once: one sent back to the queue by
+        #: a backend that refused it is counted again only when it is let through again.
         self.activations = 0
+        self._activation_numbers = 0
+        #: The activation numbers of clients sent back to the queue: they keep theirs.
+        self._requeued: Dict[Connection, int] = {}
         #: Connections that held a slot and have finished.
         self.served = 0
         #: How the most recent connection that held a slot ended.
@@ -248,6 +255,8 @@ class TCPLock(StreamServer):
         self._operator_paused = False
         self._tune_clients = True
         self._sweeper = None
+        self._samples = deque(maxlen=self.history_length)  # (when, queued, active, rate)
+        self._sampled = (self.started_at, 0)  # when the last sample was taken, and _numbers then
 
     # -- what embedding code reads ---------------------------------------------------------------
 
@@ -367,9 +376,9 @@ class TCPLock(StreamServer):
                 serving -= 1
 
     def _update_open(self) -> None:
-        # A backend takes new clients unless it drains, restarts or stands by, or it is down
-        # while another is up (with none up, every backend is tried, so that a client fails as
-        # it would with one).
+        # A backend takes new clients unless it drains, restarts or stands by, or awaits its
+        # first check, or it is down while another is up (with none up, every backend is
+        # tried, so that a client fails as it would with one).
         if self.spares:
             self._replace_with_standbys()
         backends = self.backends
@@ -380,6 +389,7 @@ class TCPLock(StreamServer):
                 and not b.leaving
                 and not b.standby
                 and b.restart_reason is None
+                and not b.first_check_due
                 and (b.up or not any_up)
             )
 
@@ -398,6 +408,8 @@ class TCPLock(StreamServer):
         backend = conn.backend
         backend.activations -= 1
         backend.since_restart -= 1
+        self.activations -= 1
+        self._requeued[conn] = conn.activation
         self._active.pop(conn, None)
         conn.backend = None
         conn.activation = conn.activated_at = None
@@ -538,6 +550,28 @@ class TCPLock(StreamServer):
             "draining": self._stopping,
             "uptime_seconds": round(now - self.started_at, 3),
         }
+
+    def history(self) -> dict:
+        """The last minutes of the lock, one sample per second, oldest first, as plain data
+        (what ``GET /history`` returns): for each sample, how many seconds ago it was taken
+        (``age_seconds``), the clients waiting then (``queued``), the connections holding a
+        slot (``active``), and how many connections arrived per second since the sample
+        before (``connections_per_second``)."""
+        now = time.monotonic()
+        samples = list(self._samples)
+        return {
+            "age_seconds": [round(now - s[0], 2) for s in samples],
+            "queued": [s[1] for s in samples],
+            "active": [s[2] for s in samples],
+            "connections_per_second": [round(s[3], 2) for s in samples],
+        }
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        then, arrived = self._sampled
+        rate = (self._numbers - arrived) / (now - then) if now > then else 0.0
+        self._sampled = (now, self._numbers)
+        self._samples.append((now, self.gate.waiting, len(self._active), rate))
 
     @contextmanager
     def slot(self, timeout: Optional[float] = None) -> Iterator[Connection]:
@@ -769,7 +803,11 @@ class TCPLock(StreamServer):
 
     def _activated(self, conn: Connection) -> None:
         self.activations += 1
-        conn.activation = self.activations
+        number = self._requeued.pop(conn, None)
+        if number is None:
+            self._activation_numbers += 1
+            number = self._activation_numbers
+        conn.activation = number
         conn.activated_at = time.monotonic()
         self._active[conn] = None
 
@@ -809,6 +847,7 @@ class TCPLock(StreamServer):
 
     def _forget(self, conn: Connection) -> None:
         self._connections.pop(conn, None)
+        self._requeued.pop(conn, None)
         self._reading.pop(conn, None)
         conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
         conn.state = "ended"
@@ -888,7 +927,9 @@ class TCPLock(StreamServer):
         longer watched for readiness (its data keeps the socket readable), so look for a reset
         here. One that merely closed its sending side keeps its place, as it should. Lingering
         clients whose time is up are closed here too (one timer for all of them), and a backend
-        tcplock runs that lost a process while idle is called for a restart."""
+        tcplock runs that lost a process while idle is called for a restart. And a sample is
+        taken for :meth:`history`."""
+        self._sample()
         for conn in list(self._connections):
             if (
                 conn.state is QUEUED

@@ -16,6 +16,7 @@ import socket as _stdsocket
 import struct
 import sys
 import time
+import weakref
 
 import gevent
 import pytest
@@ -95,8 +96,8 @@ class Backend(StreamServer):
     never close until released), ``greet_echo`` (send a greeting then echo).
     """
 
-    def __init__(self, behaviour="echo"):
-        super().__init__((LOOPBACK, 0))
+    def __init__(self, behaviour="echo", port=0):
+        super().__init__((LOOPBACK, port))
         self.behaviour = getattr(self, "_" + behaviour) if isinstance(behaviour, str) else behaviour
         self.current = 0
         self.most = 0
@@ -124,8 +125,26 @@ class Backend(StreamServer):
             if not self.current:
                 self.all_closed.set()
 
+    #: The started ones, by port (a lock given only a port finds its Backend here).
+    started = weakref.WeakValueDictionary()
+
+    def start(self):
+        super().start()
+        Backend.started[self.server_port] = self
+
     def next_conn(self, timeout=5.0):
         return self.arrivals.get(timeout=timeout)
+
+    def take_check(self, timeout=5.0):
+        """tcplock checks a backend it does not run once when it starts (a connection it
+        closes at once, sending nothing but a PROXY header if it sends them): wait for that
+        connection to end and take it off the record, so that the test counts its clients."""
+        conn = self.next_conn(timeout)
+        assert conn.number == 1, "a client reached the backend before the start check"
+        conn.release.set()  # behaviours that hold a connection until released
+        conn.closed.wait(1.0)  # (a behaviour of a test's own may wait for more)
+        self.conns.remove(conn)
+        self.count = self.most = 0
 
     def _read_some(self, conn, keep=True):
         data = conn.sock.recv(65536)
@@ -177,8 +196,8 @@ class Backend(StreamServer):
 def make_backend():
     servers = []
 
-    def make(behaviour="echo"):
-        b = Backend(behaviour)
+    def make(behaviour="echo", port=0):
+        b = Backend(behaviour, port)
         b.start()
         servers.append(b)
         return b
@@ -187,6 +206,41 @@ def make_backend():
     for b in servers:
         b.release_all()
         b.stop(timeout=0)
+
+
+@pytest.fixture(scope="session")
+def readme_clone(tmp_path_factory):
+    """A fresh copy of the checkout in which the README's quick start has run, as written,
+    from its top: it made ``.venv``, installed tcplock there and started the demo on port 9000.
+    Two clients then see the lock at work and Ctrl-C (SIGINT) stops it; ``quick_start`` holds
+    what they saw, for test_docs.py to check. The README commands' tests run in this copy."""
+    import readme_commands as rc
+
+    clone = rc.copy_checkout(tmp_path_factory.mktemp("clone"))
+    rc.ensure_free(9000)
+    shell = rc.Shell(
+        rc.command("README.md", "python3 -m venv .venv && .venv/bin/pip install ."), cwd=clone
+    )
+    seen = {}
+    try:
+        shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=600)
+        first = connect(9000)
+        seen["first"] = first.recv(200)
+        second = connect(9000)
+        second.settimeout(0.5)
+        try:
+            seen["second while the first is in"] = second.recv(200)
+        except _stdsocket.timeout:
+            seen["second while the first is in"] = b""
+        first.close()
+        second.settimeout(5)
+        seen["second"] = second.recv(200)
+        second.close()
+        seen["exit status on Ctrl-C"] = shell.stop(signal.SIGINT)
+    finally:
+        shell.kill()
+    seen["output"] = shell.output()
+    yield clone, seen
 
 
 @pytest.fixture
@@ -206,6 +260,10 @@ def make_lock():
         lock = TCPLock((LOOPBACK, 0), backends=[(LOOPBACK, p) for p in ports], **kw)
         lock.start()
         locks.append(lock)
+        if kw.get("backend_cmd") is None:
+            for p in ports:
+                if p in Backend.started:
+                    Backend.started[p].take_check()
         return lock
 
     yield make

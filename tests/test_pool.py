@@ -76,10 +76,12 @@ def test_one_queue_over_three_backends_admits_in_arrival_order(make_backend, mak
 
 
 def test_a_dead_backend_loses_no_client(make_backend, make_pool, conn_log):
-    live = [make_backend("echo") for _ in range(2)]
+    dying, *live = [make_backend("echo") for _ in range(3)]
     # connect_timeout is long: a client kept on the dead backend for it would time this test
-    # out; each is sent on after one refused attempt instead.
-    lock = make_pool([free_port(), *(b.server_port for b in live)], connect_timeout=60)
+    # out; each is sent on after one refused attempt instead. It answered its check at start,
+    # then died: the first client given it finds it refusing.
+    lock = make_pool([dying.server_port, *(b.server_port for b in live)], connect_timeout=60)
+    dying.stop(timeout=0)
     clients = [connect(lock.server_port) for _ in range(12)]
     for i, c in enumerate(clients):
         c.sendall(b"%02d" % i)
@@ -102,7 +104,7 @@ def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, con
     other = make_backend("hold")
     lock = make_pool([port, other.server_port], check_interval=0.05)
     a = connect(lock.server_port)
-    other.next_conn()  # the dead one was tried first, then this one took the client
+    other.next_conn()  # the dead one refused its check at start: this one took the client
     wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
     revived = StreamServer((LOOPBACK, port), lambda s, _a: s.sendall(b"back") or s.close())
     revived.start()
@@ -111,7 +113,8 @@ def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, con
         b = connect(lock.server_port)  # the other backend is busy: this goes to the revived one
         assert recv_all(b) == b"back"
         b.close()
-        assert any("is up again" in line for line in conn_log.lines)
+        # Never up since the start (its first check was refused): now it is.
+        assert any(f"backend 127.0.0.1:{port} is up" in line for line in conn_log.lines)
     finally:
         revived.stop(timeout=0)
         other.release_all()
@@ -270,6 +273,8 @@ def test_the_command_takes_a_pool_in_each_form(form, make_backend, cli, tmp_path
     proc = cli(*args, env=env)
     port = proc.wait_ready()
     assert all(a in proc.output() for a in addresses)
+    for b in backends:
+        b.take_check()
     hold = connect(port)  # one client on each backend at once
     hold.sendall(b"1")
     assert recv_exactly(hold, 1) == b"1"
@@ -300,10 +305,13 @@ def test_a_backend_takes_its_own_slots_in_each_form(form, make_backend, cli, tmp
     assert f"relaying to {own},slots=2, {other}, 1 slot(s) each" in proc.wait_for("listening on")
     status_port = int(re.search(r"status on http://\S+:(\d+)/", proc.wait_for("status on"))[1])
     clients = [connect(port) for _ in range(4)]
-    wait_until(lambda: [b.current for b in backends] == [2, 1], what="2 + 1 clients in")
-    status = json.loads(http(status_port)[2])
-    assert status["queued"] == 1
-    assert [b["slots"] for b in status["backends"]] == [2, 1]
+
+    def status():
+        return json.loads(http(status_port)[2])
+
+    wait_until(lambda: status()["queued"] == 1, what="the fourth client to wait")
+    assert [b["active"] for b in status()["backends"]] == [2, 1]
+    assert [b["slots"] for b in status()["backends"]] == [2, 1]
     for c in clients:
         c.close()
 
@@ -379,15 +387,16 @@ def test_the_library_checks_backends():
 def test_a_restart_due_on_a_backend_that_refused_still_runs(make_backend, make_pool):
     # The first client is the K-th of the dead backend (K = 1) and is sent on to the live one:
     # the restart it called for runs all the same, and the dead backend does not stay closed
-    # as "restarting".
-    live = make_backend("echo")
+    # as "restarting". (It answered its check at start, then died.)
+    dying, live = make_backend("echo"), make_backend("echo")
     restarted = []
     lock = make_pool(
-        [free_port(), live.server_port],
+        [dying.server_port, live.server_port],
         restart=lambda reason, backend: restarted.append(backend.index),
         restart_every=1,
         ready_timeout=None,
     )
+    dying.stop(timeout=0)
     c = connect(lock.server_port)
     c.sendall(b"x")
     assert recv_exactly(c, 1) == b"x"
@@ -421,10 +430,10 @@ def test_the_agent_weight_falls_as_the_pool_fills(make_backend, make_pool):
 def test_a_backend_that_does_not_answer_is_left_for_another(make_backend, make_pool, conn_log):
     # A backend whose accept queue is full drops the SYN: the connection is never refused,
     # it times out. The client then goes to the next backend, and the silent one is down.
+    # (The check at start fills its queue: it answered, and accepts nothing more.)
     silent = _stdsocket.socket()
     silent.bind((LOOPBACK, 0))
     silent.listen(0)
-    filler = _stdsocket.create_connection(silent.getsockname())
     try:
         live = make_backend("echo")
         lock = make_pool([silent.getsockname()[1], live.server_port], connect_timeout=0.5)
@@ -435,7 +444,6 @@ def test_a_backend_that_does_not_answer_is_left_for_another(make_backend, make_p
         assert conn_log.next_end()["end"] == "closed"
         assert [b["state"] for b in lock.status()["backends"]] == ["down", "up"]
     finally:
-        filler.close()
         silent.close()
 
 
@@ -455,16 +463,17 @@ def _alive(pid):
 def test_orphaned_restart_with_no_holder_outlives_stop(make_backend, make_lock, tmp_path):
     # The K-th client of a dead backend is sent on to the live one; the restart it called for
     # runs with no connection holding the backend. stop() must not leave it running.
-    live = make_backend("echo")
+    dying, live = make_backend("echo"), make_backend("echo")
     pidfile = tmp_path / "pid"
     hook = CommandHook(f"echo $$ > {pidfile}; exec sleep 30", "restart")
     lock = make_lock(
-        [free_port(), live.server_port],
+        [dying.server_port, live.server_port],
         restart=hook,
         restart_every=1,
         ready_timeout=None,
         connect_timeout=5,
     )
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     c = connect(lock.server_port)
     c.sendall(b"x")
     assert recv_exactly(c, 1) == b"x"
@@ -483,8 +492,9 @@ def test_orphaned_restart_with_no_holder_outlives_stop(make_backend, make_lock, 
 
 
 def test_requeued_client_still_has_its_queue_timeout(make_backend, make_lock, conn_log):
-    live = make_backend("hold")
-    lock = make_lock([live.server_port, free_port()], queue_timeout=0.3, connect_timeout=5)
+    live, dying = make_backend("hold"), make_backend("echo")
+    lock = make_lock([live.server_port, dying.server_port], queue_timeout=0.3, connect_timeout=5)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     a = connect(lock.server_port)
     live.next_conn()  # A holds the live backend's only slot
     b = connect(lock.server_port)  # B is granted the dead one, refused, back to the queue
@@ -505,8 +515,9 @@ def test_requeued_client_still_has_its_queue_timeout(make_backend, make_lock, co
 
 
 def test_requeued_client_that_leaves_is_noticed(make_backend, make_lock, conn_log):
-    live = make_backend("hold")
-    lock = make_lock([live.server_port, free_port()], connect_timeout=5)
+    live, dying = make_backend("hold"), make_backend("echo")
+    lock = make_lock([live.server_port, dying.server_port], connect_timeout=5)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     a = connect(lock.server_port)
     live.next_conn()
     b = connect(lock.server_port)  # sends nothing; goes to the dead one, back to the queue
@@ -530,8 +541,7 @@ def test_a_client_requeued_while_stopping_is_ended_and_leaves_nothing(
 
     silent = _stdsocket.socket()
     silent.bind((LOOPBACK, 0))
-    silent.listen(0)
-    filler = _stdsocket.create_connection(silent.getsockname())
+    silent.listen(0)  # the check at start fills its queue: it answered, then drops SYNs
     live = make_backend("hold")
     lock = make_lock([silent.getsockname()[1], live.server_port], connect_timeout=0.5)
     try:
@@ -547,6 +557,96 @@ def test_a_client_requeued_while_stopping_is_ended_and_leaves_nothing(
         stopper.get()  # raises what stop() raised
         assert lock.gate.held == 0 and not lock.connections
     finally:
-        filler.close()
         silent.close()
         live.release_all()
+
+
+def counters(lock, status_port):
+    """Every count of clients let through and finished, as the lock, /status and /metrics
+    give them."""
+    st = json.loads(http(status_port)[2])
+    body = http(status_port, path="/metrics")[2].decode()
+    samples = [s for f in text_string_to_metric_families(body) for s in f.samples]
+    return {
+        "lock": (lock.activations, lock.served, [b.activations for b in lock.backends]),
+        "status": (st["activations"], st["served"], [b["activations"] for b in st["backends"]]),
+        "metrics by backend": [
+            s.value for s in samples if s.name == "tcplock_backend_connections_total"
+        ],
+        "ended": dict(lock.ended),
+        "metrics by end": {
+            s.labels["reason"]: s.value
+            for s in samples
+            if s.name == "tcplock_connections_total" and s.value
+        },
+    }
+
+
+def test_a_client_requeued_by_a_refusing_backend_is_counted_once(
+    make_backend, make_pool, conn_log, tmp_path
+):
+    seen = tmp_path / "activations"
+    hook = CommandHook(f"echo $TCPLOCK_ACTIVATION $TCPLOCK_CLIENT >> {seen}", "on-activate")
+    dying, live = make_backend("echo"), make_backend("echo")
+    lock = make_pool([dying.server_port, live.server_port], on_activate=hook, connect_timeout=60)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    try:
+        clients = []
+        for i in range(3):  # the first is granted the dead backend, refused, and requeued
+            c = connect(lock.server_port)
+            c.sendall(b"%d" % i)
+            assert recv_exactly(c, 1, timeout=10) == b"%d" % i
+            clients.append(c.getsockname())
+            c.close()
+            assert conn_log.next_end()["end"] == "closed"
+        assert [b.state for b in lock.backends] == ["down", "up"]
+        assert counters(lock, status.server_port) == {
+            "lock": (3, 3, [0, 3]),
+            "status": (3, 3, [0, 3]),
+            "metrics by backend": [0, 3],
+            "ended": {"closed": 3},
+            "metrics by end": {"closed": 3},
+        }
+        # The hook ran twice for the first client (once per grant), with the same number.
+        by_client = {}
+        for line in seen.read_text().split("\n")[:-1]:
+            number, client = line.split()
+            by_client.setdefault(client, set()).add(int(number))
+        assert by_client == {f"{h}:{p}": {n} for n, (h, p) in enumerate(clients, 1)}
+        assert len(seen.read_text().split("\n")[:-1]) == 4
+    finally:
+        status.stop(timeout=0)
+
+
+def test_a_requeued_client_that_leaves_the_queue_is_not_counted_as_let_through(
+    make_backend, make_lock, conn_log
+):
+    live, dying = make_backend("hold"), make_backend("echo")
+    lock = make_lock([live.server_port, dying.server_port], connect_timeout=5)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    a = connect(lock.server_port)
+    try:
+        live.next_conn()  # A holds the live backend's only slot
+        b = connect(lock.server_port)  # granted the dead one, refused, back to the queue
+        wait_until(lambda: lock.queued == 1, what="B back in the queue")
+        b.close()
+        assert conn_log.next_end(timeout=3)["end"] == "left-queue"
+        live.release_all()
+        a.close()
+        conn_log.next_end(timeout=3)
+        got = counters(lock, status.server_port)
+        ended = got.pop("ended")
+        assert got.pop("metrics by end") == ended and sum(ended.values()) == 2
+        assert got == {
+            "lock": (1, 1, [1, 0]),
+            "status": (1, 1, [1, 0]),
+            "metrics by backend": [1, 0],
+        }
+    finally:
+        live.release_all()
+        a.close()
+        status.stop(timeout=0)

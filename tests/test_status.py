@@ -327,6 +327,31 @@ def test_healthz_follows_the_backend_going_down_and_up_pause_drain_and_stop(make
         backend.stop(timeout=0)
 
 
+def test_healthz_is_down_until_a_backend_not_run_by_tcplock_first_answers(make_lock):
+    # Nothing listens on the backend's port at start: it is checked at once, found down,
+    # and /healthz says so before any client has tried it; it is checked again every
+    # check_interval, and found when it listens.
+    port = free_port()
+    lock = make_lock(port, check_interval=0.05)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    backend = None
+    try:
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        assert agent_reply(lock) == "down#no backend is up\n"
+        wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        backend = StreamServer((LOOPBACK, port), lambda s, _a: recv_all(s) and None)
+        backend.start()
+        wait_until(lambda: health_of(status.server_port)[0] == 200, what="healthy")
+        assert health_of(status.server_port) == (200, {"status": "ok", "backends_up": 1})
+        assert agent_reply(lock) == "up ready 100%\n"
+    finally:
+        status.stop(timeout=0)
+        if backend is not None:
+            backend.stop(timeout=0)
+
+
 # -- the token ---------------------------------------------------------------------------------
 
 
@@ -554,6 +579,184 @@ def test_status_connections_are_bounded_in_number_and_head_size(make_backend, ma
         for s in held[1:]:
             s.close()
     finally:
+        server.stop(timeout=0)
+
+
+def _answer(sock, timeout):
+    """What comes back until the server closes (a reset after the answer counts as closed:
+    bytes sent to a closed socket are answered by one), and how long that took."""
+    start, chunks = time.monotonic(), []
+    try:
+        with gevent.Timeout(timeout):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - start
+
+
+def test_a_request_body_is_bounded_and_a_refused_one_is_never_read(make_backend, make_lock):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer(
+        (LOOPBACK, 0), lock, token="t0ken", request_timeout=1.0, max_connections=4
+    )
+    server.start()
+    trickling = []
+    try:
+        # Six connections, more than the server holds, each announcing a body of 1 GB and
+        # sending a byte of it every 0.2 s, without the token: each is refused with 413 at
+        # once, unread, and closed; none is held.
+        def trickle(s):
+            try:
+                s.sendall(b"POST /pause HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+                while True:
+                    gevent.sleep(0.2)
+                    s.sendall(b"x")
+            except OSError:
+                return
+
+        conns = [connect(server.server_port) for _ in range(6)]
+        trickling = [gevent.spawn(trickle, s) for s in conns]
+        for s in conns:
+            reply, took = _answer(s, timeout=3)
+            assert reply.startswith(b"HTTP/1.1 413 "), reply
+            assert b"Connection: close" in reply and took < 0.9
+        assert health_of(server.server_port)[0] == 200
+        assert not lock.paused
+        # A small body on a request refused for want of the token: 401 at once, and the
+        # connection is closed without waiting for the body.
+        s = connect(server.server_port)
+        s.sendall(b"POST /pause HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        reply, took = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 401 ") and took < 0.9
+        s.close()
+        # A body of unknown length is refused too.
+        s = connect(server.server_port)
+        s.sendall(b"POST /pause HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        reply, took = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 411 ") and took < 0.9
+        s.close()
+        # An accepted request whose small body trickles: answered, and its body must still
+        # arrive within the request deadline, or the connection is closed then.
+        s = connect(server.server_port)
+        start = time.monotonic()
+        s.sendall(
+            b"POST /pause HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        slow = gevent.spawn(lambda: [gevent.sleep(0.2) or s.sendall(b"y") for _ in range(100)])
+        reply, _ = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 200 ") and lock.paused
+        assert time.monotonic() - start < 2.5
+        slow.kill()
+        s.close()
+        # A whole small body is read after the answer: the connection carries the next one.
+        s = connect(server.server_port)
+        auth = b"Authorization: Bearer t0ken\r\n"
+        s.sendall(b"POST /resume HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 2\r\n\r\n{}")
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n" + auth + b"Connection: close\r\n\r\n")
+        reply, _ = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 200 ") == 2
+        assert not lock.paused
+        s.close()
+    finally:
+        for g in trickling:
+            g.kill()
+        server.stop(timeout=0)
+
+
+def test_requests_beyond_the_rate_get_429_then_wait_for_the_next_second(make_backend, make_lock):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock, max_rate=5)
+    server.start()
+    try:
+        start = time.monotonic()
+        codes = [ask(server.server_port, path="/healthz") for _ in range(10)]
+        assert [c for c, _, _ in codes] == [200] * 5 + [429] * 5
+        assert codes[-1][1]["retry-after"] == "1"
+        assert json.loads(codes[-1][2]) == {"error": "over 5 requests a second"}
+        # As many refused as answered: the next connection waits in the listen backlog
+        # until the second is over, and is answered then.
+        s = connect(server.server_port)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = recv_all(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - start >= 0.95
+        s.close()
+    finally:
+        server.stop(timeout=0)
+
+
+def test_the_rate_is_a_setting_that_a_reload_changes(cli, make_backend, tmp_path):
+    # --status-max-rate from the config file (TCPLOCK_STATUS_MAX_RATE and the flag are the
+    # same setting): 3 answered, then 429; a real SIGHUP with the file edited to 50 raises it.
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text("status = 127.0.0.1:0\nstatus-max-rate = 3\n")
+    p = cli.to(make_backend("echo"), "-c", str(conf))
+    p.wait_ready()
+    port = _status_port(p)
+
+    def codes(n):
+        return [ask(port, path="/healthz")[0] for _ in range(n)]
+
+    def next_second_codes(n):
+        # The budget is per second: wait for the next one (the last 429s stop accepting).
+        gevent.sleep(1.05)
+        return codes(n)
+
+    assert codes(5) == [200] * 3 + [429] * 2
+    conf.write_text("status = 127.0.0.1:0\nstatus-max-rate = 50\n")
+    p.signal(signal.SIGHUP)
+    assert "status-max-rate 3 -> 50" in p.wait_for(r"reloaded: ")
+    assert next_second_codes(10) == [200] * 10
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 0
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--status", "0", "--status-max-rate", "0"], {}, "--status-max-rate: .*at least 1"),
+        ([], {"TCPLOCK_STATUS_MAX_RATE": "50"}, "TCPLOCK_STATUS_MAX_RATE bounds the --status "),
+        (["--status-max-rate", "50"], {}, "--status-max-rate bounds the --status endpoint"),
+    ],
+)
+def test_a_bad_status_rate_is_a_usage_error(args, env, message):
+    code, out, err = run_cli("-l", "0", "-p", "1", *args, env=env)
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_answers_on_a_keep_alive_connection_are_not_held_back(make_backend, make_lock):
+    # A client asking again and again on one connection (a scraper, a dashboard) gets each
+    # answer at once. An answer's head and body held back until the client acknowledges the
+    # head took about 40 ms each (the kernel's delayed ACK): 30 of them over 1.1 s, where
+    # they take a few milliseconds. The bound is far from both.
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock)
+    server.start()
+    s = connect(server.server_port)
+    try:
+        reader = s.makefile("rb")
+        start = time.monotonic()
+        for _ in range(30):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            with gevent.Timeout(5):
+                assert reader.readline().startswith(b"HTTP/1.1 200 ")
+                length = None
+                while True:
+                    line = reader.readline()
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    if line in (b"\r\n", b""):
+                        break
+                assert json.loads(reader.read(length))["status"] == "ok"
+        assert time.monotonic() - start < 0.5
+        reader.close()
+    finally:
+        s.close()
         server.stop(timeout=0)
 
 
