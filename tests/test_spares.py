@@ -79,7 +79,9 @@ def test_without_a_standby_a_client_waits_on_the_restart(farm, conn_log):
     assert waits[2] >= START * 0.9, waits  # the third waited for the restart
 
 
-def test_a_standby_that_crashes_is_started_again_and_gets_no_client_before_ready(farm, tmp_path):
+def test_a_standby_that_crashes_is_started_again_and_gets_no_client_before_ready(
+    farm, pidfile, tmp_path
+):
     ready = {i: tmp_path / f"ready-{i}" for i in (1, 2)}
     for path in ready.values():
         path.touch()
@@ -89,7 +91,8 @@ def test_a_standby_that_crashes_is_started_again_and_gets_no_client_before_ready
     standby = next(i for i, b in enumerate(status, 1) if b["state"] == "standby")
     in_service = 3 - standby
     pgid = status[standby - 1]["pid"]
-    [pid] = [p for p in in_group(pgid) if p != pgid]
+    wait_until(lambda: len(pids_in(pidfile)) == 2, timeout=15, what="both pid servers")
+    [pid] = [p for p in pids_in(pidfile) if alive(p) and group_of(p) == pgid]
     ready[standby].unlink()  # its next start is not ready until the file is back
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: lock.status()["backends"][standby - 1]["cause"] == "crashed")
