@@ -381,7 +381,7 @@ def make_lock(args, hooks: dict, capacity: int, backends: list):
     the parser lets through but the lock refuses."""
     from .server import TCPLock
 
-    kwargs = library_settings(args, hooks, capacity, len(backends))
+    kwargs = library_settings(args, hooks, capacity, backends)
     return TCPLock(args.listen, backends=backends, **kwargs)
 
 
@@ -412,18 +412,30 @@ def backends_of(args) -> list:
     return list(args.backend or [(args.proxy_host, args.proxy_port)])
 
 
-def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
+def pool_slots(args, backends: list) -> List[int]:
+    """Each backend's slots: its own (``HOST:PORT,slots=N``), or ``--slots``."""
+    return [b[2].get("slots", args.slots) if len(b) == 3 else args.slots for b in backends]
+
+
+def library_settings(args, hooks: dict, capacity: int, backends: list) -> dict:
     """Every library setting by its own name: hooks as loaded, max-queue as the descriptor
     limit allows unless it is set (one waiting client at least: a queue of none would turn
     every client away while the slots are taken). UsageError if the slots' connections would
-    not fit in the descriptor limit."""
-    most = max_slots(capacity, backends)
-    if args.slots > most:
-        each = f" for each of {backends} backends" if backends > 1 else ""
+    not fit in the descriptor limit. ``backends`` are the pool's, as the settings give them."""
+    slots = pool_slots(args, backends)
+    limit = (
+        f"the descriptor limit of {capacity} allows: at most %d (each connection may hold "
+        f"{_FDS_PER_CONNECTION} descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+    )
+    most = max_slots(capacity, len(slots))
+    if slots == [args.slots] * len(slots) and args.slots > most:
+        each = f" for each of {len(slots)} backends" if len(slots) > 1 else ""
+        raise UsageError(f"--slots {args.slots}{each} is more than " + limit % most)
+    if sum(slots) > max_slots(capacity, 1):
         raise UsageError(
-            f"--slots {args.slots}{each} is more than the descriptor limit of {capacity} "
-            f"allows: at most {most} (each connection may hold {_FDS_PER_CONNECTION} "
-            "descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+            f"the backends' slots ({' + '.join(map(str, slots))}) are more than "
+            + limit % max_slots(capacity, 1)
+            + " in all"
         )
     kwargs = {
         attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
@@ -431,7 +443,7 @@ def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
     }
     if kwargs["max_queue"] is None:
         status = max_status_connections(capacity) if args.status is not None else 0
-        kwargs["max_queue"] = max(1, default_max_queue(capacity, args.slots * backends, status))
+        kwargs["max_queue"] = max(1, default_max_queue(capacity, sum(slots), status))
     return kwargs
 
 
@@ -511,8 +523,8 @@ class Reloader:
             kept = self.keep_fixed(old, new)
             hooks, token = start_checks(resolved)
             backends = None if self.demo is not None else backends_of(new)
-            count = len(backends or self.lock.backends)
-            values = library_settings(new, hooks, self.capacity, count)
+            pool = backends or [b.address for b in self.lock.backends]
+            values = library_settings(new, hooks, self.capacity, pool)
             for attr, value in values.items():
                 values[attr] = validate(attr, value)
             check_together(values)
@@ -691,7 +703,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info(
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
-        default_max_queue(capacity, args.slots * len(lock.backends), status_connections),
+        default_max_queue(capacity, sum(b.slots for b in lock.backends), status_connections),
         lock.max_queue,
     )
     if args.accept_proxy:

@@ -20,6 +20,7 @@ from conftest import (
     connect,
     free_port,
     http,
+    limited_cli,
     recv_all,
     recv_exactly,
     run_cli,
@@ -314,6 +315,19 @@ def test_a_backend_takes_its_own_slots_in_each_form(form, make_backend, cli, tmp
     assert [b["slots"] for b in status()["backends"]] == [2, 1]
     for c in clients:
         c.close()
+
+
+def test_backends_own_slots_count_against_the_descriptor_limit():
+    # 20000 descriptors leave room for 3333 connections at once, whichever backend has them.
+    pool = ["--backend", "127.0.0.1:1,slots=3000", "--backend", "127.0.0.1:2,slots=334"]
+    p = limited_cli(["-l", "127.0.0.1:0", *pool], nofile=20000)
+    try:
+        assert p.wait() == 2, p.output()
+        [line] = p.lines
+        assert line.startswith("tcplock: error: the backends' slots (3000 + 334) are more"), line
+        assert "descriptor limit of 20000 allows: at most 3333" in line, line
+    finally:
+        p.kill()
 
 
 def test_a_backend_keeps_its_own_slots_when_the_global_value_changes(make_backend):

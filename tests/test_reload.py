@@ -391,7 +391,7 @@ class Running:
         check_hooks(args, hooks)
         self.demo = DemoBackend(("127.0.0.1", 0)) if args.demo else None
         backends = [("127.0.0.1", 1)] if self.demo else backends_of(args)
-        kwargs = library_settings(args, hooks, 4096, len(backends))
+        kwargs = library_settings(args, hooks, 4096, backends)
         self.lock = TCPLock(args.listen, backends=backends, **kwargs)
         token = read_token_file(args.status_token_file) if args.status_token_file else None
         self.status = StatusServer(
