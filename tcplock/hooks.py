@@ -129,6 +129,7 @@ class Reaper:
     def __init__(self) -> None:
         self._fd = None  # our end of the pipe (non-blocking; no child inherits it)
         self._proc = None
+        self._stalled = False
 
     def start(self) -> None:
         """Start the reaper unless it runs (or has died and was not told of since)."""
@@ -144,9 +145,12 @@ class Reaper:
                 return
             try:
                 os.write(self._fd, line)
+                self._stalled = False
                 return
             except BlockingIOError:
-                log.error("the reaper is not reading: process group %d may outlive tcplock", pgid)
+                if not self._stalled:  # once until it reads again
+                    self._stalled = True
+                    log.error("the reaper is not reading: commands may outlive a killed tcplock")
                 return
             except OSError:  # it has died: start another
                 self._close()

@@ -24,9 +24,7 @@ def killed_while_running(p, marked):
     wait_until(lambda: marked.alive() == [], timeout=10, what="the command's processes to die")
 
 
-def test_a_hook_running_when_tcplock_is_killed_dies_with_its_children(
-    cli, make_backend, marked
-):
+def test_a_hook_running_when_tcplock_is_killed_dies_with_its_children(cli, make_backend, marked):
     backend = make_backend("echo")
     p = cli.to(backend, "--on-activate", BUSY, env=marked.env)
     p.wait_ready()
