@@ -150,26 +150,29 @@ def reap(parent: int) -> int:
     poller.register(0, select.POLLIN)
     if tcplock.fd is not None:
         poller.register(tcplock.fd, select.POLLIN)
-    pending = b""
+    pending = [b""]
+
+    def read() -> bool:
+        """Take in what tcplock wrote; False at the end of file."""
+        data = os.read(0, 4096)
+        *lines, pending[0] = (pending[0] + data).split(b"\n")
+        for line in lines:
+            group = _Group.of(int(line))
+            if group is not None:
+                _forget(groups.pop(group.pgid, None), poller, by_fd)
+                groups[group.pgid] = group
+                if group.fd is not None:
+                    by_fd[group.fd] = group.pgid
+                    poller.register(group.fd, select.POLLIN)
+        return bool(data)
+
     gone = False
     while not gone:
         # Without pidfds (Linux < 5.3), ends are found by looking at /proc every tick.
         polling = tcplock.fd is None or any(g.fd is None for g in groups.values())
         for fd, _events in poller.poll(KEEPER_TICK * 1000 if polling else None):
             if fd == 0:
-                data = os.read(0, 4096)
-                if not data:
-                    gone = True
-                    continue
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:
-                    group = _Group.of(int(line))
-                    if group is not None:
-                        _forget(groups.pop(group.pgid, None), poller, by_fd)
-                        groups[group.pgid] = group
-                        if group.fd is not None:
-                            by_fd[group.fd] = group.pgid
-                            poller.register(group.fd, select.POLLIN)
+                gone = gone or not read()
             elif fd == tcplock.fd:
                 gone = True
             elif fd in by_fd:
@@ -178,6 +181,13 @@ def reap(parent: int) -> int:
             for group in [g for g in groups.values() if g.fd is None and not g.leads()]:
                 del groups[group.pgid]
             gone = gone or (tcplock.fd is None and tcplock.gone_within(0))
+    # What tcplock wrote just before it died may not have been read yet.
+    os.set_blocking(0, False)
+    try:
+        while read():
+            pass
+    except BlockingIOError:  # a copy of tcplock's end lives on elsewhere: what is there is read
+        pass
     for group in groups.values():
         if group.leads():
             try:

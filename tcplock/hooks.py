@@ -132,7 +132,8 @@ class Reaper:
         self._stalled = False
 
     def start(self) -> None:
-        """Start the reaper unless it runs (or has died and was not told of since)."""
+        """Start the reaper unless one was started (one that has died is found out, and
+        replaced, at the next write)."""
         if self._fd is None:
             self._start()
 
@@ -157,7 +158,11 @@ class Reaper:
         log.error("no reaper: process group %d may outlive tcplock", pgid)
 
     def _start(self) -> bool:
-        read_end, write_end = os.pipe()
+        try:
+            read_end, write_end = os.pipe()
+        except OSError as e:
+            log.error("cannot start the reaper (commands may outlive a killed tcplock): %s", e)
+            return False
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", _WATCH, "--reap", str(os.getpid())],
