@@ -132,8 +132,11 @@ class Reaper:
         self._stalled = False
 
     def start(self) -> None:
-        """Start the reaper unless one was started (one that has died is found out, and
-        replaced, at the next write)."""
+        """Start the reaper unless one runs. (One that has died is replaced here once the
+        loop has heard of its end; until then, at the next write, which finds its pipe
+        closed.)"""
+        if self._fd is not None and self._proc.returncode is not None:
+            self._close()
         if self._fd is None:
             self._start()
 
