@@ -647,6 +647,9 @@ def test_a_process_the_command_started_that_dies_gets_the_backend_started_again(
     held.sendall(b"?")
     assert held.recv(100).split()[0] == str(again).encode()
     os.kill(grandchild, signal.SIGKILL)
+    # Dead before the connection ends (a signal is delivered when its process next runs):
+    # what has not died by then cannot be known to tcplock yet.
+    wait_until(lambda: not alive(grandchild), timeout=10, what="the process to die")
     held.close()
     third, _, _, _ = ask(lock.server_port, timeout=20)
     assert third not in (pid, again)
