@@ -276,7 +276,11 @@ class Backend:
 
     def mark_up(self) -> None:
         was_ready, self.been_ready = self.been_ready, True
+        # Known to answer: a first check still due has nothing left to wait for.
+        first, self.first_check_due = self.first_check_due, False
         if self.up:
+            if first:
+                self.lock._sync_gate()
             return
         self.up = True
         self.standby = self.lock._standby_wanted(self)
