@@ -205,8 +205,10 @@ def test_libreoffice_readme_as_written(readme_clone):
 
         def all_up():  # two in service and the standby (SPARES=1, run-stack.sh's default)
             code, _, body = http(9100, "GET", "/status")
+            if code != 200:
+                return False
             states = sorted(b["state"] for b in json.loads(body)["backends"])
-            return code == 200 and states == ["standby", "up", "up"]
+            return states == ["standby", "up", "up"]
 
         wait_until(all_up, timeout=120, what="two unoservers up and the standby")
         rc.run(rc.command(LIBREOFFICE, "printf 'Hello from behind tcplock"), cwd=clone)
