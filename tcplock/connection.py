@@ -20,6 +20,7 @@ import _socket
 import logging
 import struct
 import time
+from functools import partial
 from typing import Callable, Dict, Optional
 
 from gevent import GreenletExit
@@ -384,12 +385,9 @@ class Connection:
             timer.start(self.finish, "ttl")
         relay.start(self._relayed, lock.finish_timeout, lock.client_finish_timeout)
         if relay.reason is None and lock.check_backend_close:
-            # Made ahead, while the backend works on the request: when its FIN comes, only the
-            # question itself is left to ask.
-            check = self.backend.peer_check
-            question = check.question(self.upstream, peer)
-            if question is not None:
-                relay.backend_closed = lambda: check.ask(question)
+            # Asked only when the client, after the backend's FIN, sends more or stays open
+            # (see Relay.backend_close_delay): a client that closes at once is not asked about.
+            relay.backend_closed = partial(self.backend.peer_check.closed, self.upstream, peer)
 
     def _relayed(self) -> None:
         self.finish(self.relay.reason)

@@ -108,6 +108,7 @@ class _Direction:
     __slots__ = (
         "relay", "src", "dst", "src_side", "dst_side", "up", "counter", "on_read",
         "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done", "other",
+        "ask_first",
     )  # fmt: skip
 
     def __init__(self, relay, src, dst, up: bool) -> None:
@@ -125,6 +126,9 @@ class _Direction:
         self.discard = False
         self.done = False
         self.other: Optional[_Direction] = None  # the opposite direction
+        #: Client bytes read after the backend's FIN: whether the backend closed for good
+        #: is asked before they are passed on (Relay.client_sent_after_fin).
+        self.ask_first = False
 
     def start(self) -> None:
         self.on_read.start(self.readable)
@@ -195,6 +199,8 @@ class _Direction:
                 return self._eof()
             if self.discard:
                 continue
+            if self.ask_first and self.relay.client_sent_after_fin():
+                return  # the backend has closed for good: the exchange is over
             self.sent, self.size = 0, n
             self._write()
             if self.size:
@@ -324,6 +330,10 @@ class Relay:
 
     #: Seconds between checks that a client which has finished sending is still connected.
     client_check_interval = 1.0
+    #: After the backend's FIN, how long a client that neither closes nor sends may keep the
+    #: exchange open before the kernel is asked whether the backend closed for good (see
+    #: backend_closed). A client that closes within it is never asked about.
+    backend_close_delay = 0.005
 
     # The state of an exchange, as class-level defaults: an instance stores only what changes
     # (this runs once per connection, and most of these never change).
@@ -364,6 +374,7 @@ class Relay:
     _expired = False
     _finishing = False
     _client_time_up = False
+    _backend_fin_seen = False
 
     def __init__(self, client, backend, counter) -> None:
         self.client = client
@@ -430,15 +441,16 @@ class Relay:
             self._end("closed")
         elif self._timer is None:
             if down.done:
-                # The backend has finished sending. If it has closed the connection for good,
-                # nothing more of the client's can reach it: the exchange is over. Else (it
-                # may still be reading) the client gets a bounded time to finish too.
+                if self._backend_fin_seen:
+                    return None  # (no client_finish_timeout: nothing more to arm)
+                self._backend_fin_seen = True
+                # The backend has finished sending; the client gets a bounded time to finish
+                # too (it may still be sending, and the backend reading). Whether the backend
+                # closed for good (then nothing more of the client's can reach it, and the
+                # exchange is over at once) matters only if the client does not close at
+                # once: it is asked when the client sends more, or after backend_close_delay.
                 limit = self._client_finish_timeout
-                closed = self.backend_closed
                 if limit == 0:
-                    return self._expire()
-                if closed is not None and closed():
-                    self.backend_done = True
                     return self._expire()
                 if self.client_fin:
                     self.client_fin = False
@@ -446,11 +458,10 @@ class Relay:
                         self.client.shutdown(socket.SHUT_WR)
                     except OSError as e:
                         return self.failed(CLIENT, e)
-                if closed is not None and self._recheck is None:
-                    # The FIN can arrive a moment before the closing process has let go of its
-                    # socket: ask once more shortly.
-                    self._recheck = self.loop.timer(0.001)
-                    self._recheck.start(self._recheck_backend)
+                if self.backend_closed is not None:
+                    up.ask_first = True
+                    self._recheck = self.loop.timer(self.backend_close_delay)
+                    self._recheck.start(self._ask_backend)
                 if limit is not None:
                     self._timer = self.loop.timer(limit)
                     self._timer.start(self._client_finish_expired)
@@ -475,9 +486,17 @@ class Relay:
         self._client_time_up = True
         self.changed()
 
-    def _recheck_backend(self) -> None:
-        self._recheck.close()
-        self._recheck = None
+    def _ask_backend(self) -> bool:
+        """Ask (once) whether the backend closed for good; if so, end the exchange. True if it
+        ended."""
+        recheck, self._recheck = self._recheck, None
+        if recheck is None:
+            return False
+        recheck.stop()
+        recheck.close()
+        up = self._up
+        if up is not None:
+            up.ask_first = False
         if (
             self.reason is None
             and not self._finishing
@@ -486,6 +505,13 @@ class Relay:
         ):
             self.backend_done = True
             self._expire()
+            return True
+        return False
+
+    def client_sent_after_fin(self) -> bool:
+        """The client sent bytes after the backend's FIN: True if the backend has closed for
+        good, which ends the exchange (the bytes are the lingering client's, dropped)."""
+        return self._ask_backend()
 
     def _check_client(self) -> None:
         if _gone(self.client):

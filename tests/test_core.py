@@ -449,9 +449,9 @@ def test_a_half_closed_backend_has_the_clients_eof_before_the_next_client_connec
     b.close()
 
 
-@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("check,sends", [(True, False), (True, True), (False, False)])
 def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the_client(
-    make_backend, make_lock, conn_log, check
+    make_backend, make_lock, conn_log, check, sends
 ):
     def answer_and_close(conn):
         conn.sock.sendall(b"answer %d" % conn.number)
@@ -464,6 +464,8 @@ def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the
     backend.next_conn()
     b = connect(lock.server_port)
     assert recv_all(a) == b"answer 1"  # a has its answer and EOF, and keeps its side open
+    if sends:
+        a.sendall(b"more")  # at once: bytes nothing on the backend's side can read
     if check:
         # Nothing on the backend's side can read a's bytes any more: b is served at once.
         assert recv_all(b) == b"answer 2"
