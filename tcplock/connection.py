@@ -10,6 +10,12 @@ its own, see :mod:`tcplock.steps`), and leaving a state stops them. Every way ou
 after tcplock has finished with the backend side (the TTL hook and a due restart run while the
 slot is still held), whatever ends the connection.
 
+Its transitions are one table, :data:`TRANSITIONS` (state x event -> next state): a move the
+table does not name is a bug, and raises :class:`IllegalTransition`. How each end reason ends
+is another, :data:`END_RULES`: how each side's socket is closed, whether the end calls for a
+restart, how its line is logged. Only a connection sets its own state and fields; the lock
+keeps what is the lock's (membership, the gate, counters, the log line).
+
 A connection is handed what it needs (its lock's settings and counters, the gate through the
 lock, its backend); it never imports the server.
 """
@@ -21,38 +27,22 @@ import logging
 import struct
 import time
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 from gevent import GreenletExit
 
 from .backend import Connect, format_address
+from .gate import Ticket
 from .hooks import HookFailed, call_hook
-from .proxyproto import make_v1, make_v2
-from .relay import Relay
+from .liveness import watch_departure
+from .proxyproto import HeaderError, HeaderReader, make_v1, make_v2
+from .relay import Relay, recycle
 from .steps import Step
 
-__all__ = ["Connection", "END_REASONS", "STATES"]
+__all__ = ["Connection", "END_REASONS", "END_RULES", "EndRule", "IllegalTransition", "STATES",
+           "TRANSITIONS"]
 
 log = logging.getLogger("tcplock.server")
-
-#: Every way a connection can end, as written in the log line's ``end=`` field.
-END_REASONS = (
-    "closed",  # both sides finished normally
-    "client-reset",  # the client went away abruptly while active
-    "backend-reset",  # the backend went away abruptly while active
-    "ttl",  # the connection reached its maximum lifetime and was cut
-    "client-finish-timeout",  # the client kept sending after the backend closed; both were cut
-    "left-queue",  # the client went away while waiting in the queue
-    "queue-timeout",  # the client waited longer than queue_timeout
-    "queue-full",  # max_queue clients were already waiting (see also TCPLock._headers_full)
-    "not-allowed",  # the client's address is not in the allow list
-    "untrusted-proxy",  # accept_proxy: the peer is not in trusted_proxy; nothing was read
-    "bad-proxy-header",  # accept_proxy: no valid PROXY header within proxy_header_timeout
-    "backend-refused",  # no backend connection could be made within connect_timeout
-    "hook-failed",  # the on_activate hook failed; the client never reached the backend
-    "shutdown",  # tcplock was stopping
-    "error",  # a bug in tcplock (logged with a traceback)
-)
 
 HEADER = "header"  # accept_proxy: reading the PROXY header, before admission to the queue
 QUEUED = "queued"
@@ -66,9 +56,78 @@ ENDING = "ending"  # ended; the TTL hook or a restart may still run with the slo
 ENDED = "ended"
 STATES = (HEADER, QUEUED, GRANTED, PARKED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
 
-# Ends after which the client's socket is closed with a reset rather than an orderly FIN: the
-# client must learn that the exchange did not complete.
-_ABORT_CLIENT = frozenset({"backend-reset", "ttl", "client-finish-timeout", "shutdown", "error"})
+#: state -> {event: next state}. Every state but ``ended`` may ``end``.
+TRANSITIONS: Dict[str, Dict[str, str]] = {
+    HEADER: {"header-read": QUEUED, "end": ENDING},
+    QUEUED: {"grant": GRANTED, "end": ENDING},
+    GRANTED: {"park": PARKED, "hold": HOLDING, "hook": HOOK, "connect": CONNECTING,
+              "end": ENDING},
+    PARKED: {"unpark": GRANTED, "end": ENDING},
+    HOOK: {"connect": CONNECTING, "end": ENDING},
+    CONNECTING: {"relay": RELAYING, "requeue": QUEUED, "end": ENDING},
+    RELAYING: {"end": ENDING},
+    HOLDING: {"end": ENDING},
+    ENDING: {"forget": ENDED},
+    ENDED: {},
+}  # fmt: skip
+
+
+class IllegalTransition(RuntimeError):
+    """A connection was moved where :data:`TRANSITIONS` does not lead: a bug in tcplock."""
+
+
+class EndRule(NamedTuple):
+    """How one end reason ends a connection."""
+
+    #: The client's socket, if the connection held a slot: "fin" (an orderly close; it
+    #: lingers if the backend closed first and it may still be sending) or "reset". A client
+    #: that never held a slot always gets "fin".
+    client: str
+    #: The backend's socket, if one was connected: "fin" or "reset".
+    backend: str
+    #: Whether this end calls for a restart of its backend (with ``restart_on_timeout``), and
+    #: runs the ``on_timeout`` hook first.
+    timeout: bool
+    #: The level of its log line, and whether such lines are rate-limited (refusals by
+    #: address, which may come in floods).
+    level: int
+    limited: bool
+
+
+_FIN, _RESET = "fin", "reset"
+_INFO = logging.INFO
+
+#: Every way a connection can end (its ``end=`` field), and how. Any end may be followed by a
+#: restart that was due already (see Connection._wind_up); ``shutdown`` starts none.
+END_RULES: Dict[str, EndRule] = {
+    "closed": EndRule(_FIN, _FIN, False, _INFO, False),  # both sides finished normally
+    # the client went away abruptly while active (the backend had a FIN, then is reset)
+    "client-reset": EndRule(_FIN, _RESET, False, _INFO, False),
+    "backend-reset": EndRule(_RESET, _RESET, False, _INFO, False),  # the backend went away
+    "ttl": EndRule(_RESET, _RESET, True, _INFO, False),  # reached its maximum lifetime
+    # the client kept sending after the backend closed: both cut, so a cut upload never
+    # looks complete
+    "client-finish-timeout": EndRule(_RESET, _RESET, False, _INFO, False),
+    "left-queue": EndRule(_FIN, _RESET, False, _INFO, False),  # went away while waiting
+    "queue-timeout": EndRule(_FIN, _RESET, False, _INFO, False),  # waited past queue_timeout
+    # max_queue clients were already waiting (see also TCPLock._headers_full)
+    "queue-full": EndRule(_FIN, _RESET, False, _INFO, False),
+    "not-allowed": EndRule(_FIN, _RESET, False, _INFO, True),  # not in the allow list
+    # accept_proxy: the peer is not in trusted_proxy; nothing was read
+    "untrusted-proxy": EndRule(_FIN, _RESET, False, _INFO, True),
+    # accept_proxy: no valid PROXY header within proxy_header_timeout
+    "bad-proxy-header": EndRule(_FIN, _RESET, False, _INFO, False),
+    # no backend connection could be made within connect_timeout
+    "backend-refused": EndRule(_FIN, _RESET, False, _INFO, False),
+    # the on_activate hook failed; the client never reached the backend
+    "hook-failed": EndRule(_FIN, _RESET, False, _INFO, False),
+    "shutdown": EndRule(_RESET, _RESET, False, _INFO, False),  # tcplock was stopping
+    "error": EndRule(_RESET, _RESET, False, _INFO, False),  # a bug (logged with a traceback)
+}
+
+#: Every way a connection can end, as written in the log line's ``end=`` field.
+END_REASONS = tuple(END_RULES)
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -94,7 +153,7 @@ class Connection:
         "watch", "timer", "relay", "pending", "peer", "destination",
     )  # fmt: skip
 
-    def __init__(self, lock, sock, client, number: int) -> None:
+    def __init__(self, lock, sock, client, number: int, state: str = QUEUED) -> None:
         self.lock = lock
         #: A sequence number, in accept order, starting at 1.
         self.id = number
@@ -113,8 +172,9 @@ class Connection:
         self.upstream = None
         #: The backend it was given, once granted.
         self.backend = None
-        #: One of :data:`STATES`.
-        self.state = QUEUED
+        #: One of :data:`STATES`: ``queued``, or ``header`` for one that sends a PROXY header
+        #: first. Moved on only by the connection itself (:meth:`_to`).
+        self.state = state
         #: Which activation this was (1 for the first client let through), or None if queued.
         self.activation: Optional[int] = None
         self.queued_at = time.monotonic()
@@ -219,13 +279,117 @@ class Connection:
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.label} {self.state}>"
 
+    def _to(self, event: str) -> None:
+        """Move on by :data:`TRANSITIONS`; an event its state does not take is a bug."""
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise IllegalTransition(f"{self!r}: no {event!r} from {self.state!r}") from None
+
+    # -- header: the PROXY header, before admission ------------------------------------------
+    # Read in the event loop like the rest: a read watcher and a timer, no greenlet.
+    # HeaderReader takes only the header's bytes; what the client sent after it stays in the
+    # kernel for the backend.
+
+    def read_header(self) -> None:
+        """Read the client's PROXY header; once it is complete, on to admission."""
+        reader = HeaderReader()
+        if self._header_read(reader):
+            return None  # a proxy sends its header at once: usually it is all there
+        lock = self.lock
+        self.watch = lock.loop.io(self.sock.fileno(), 1)
+        self.watch.start(self._header_readable, reader)
+        self.timer = lock.loop.timer(lock.proxy_header_timeout)
+        self.timer.start(self._header_timed_out)
+        return None
+
+    def _header_readable(self, reader: HeaderReader) -> None:
+        if self.state is HEADER:
+            self._guarded(partial(self._header_read, reader))
+
+    def _header_read(self, reader: HeaderReader) -> bool:
+        """Read what there is of the header; True once the connection has gone on (admitted,
+        or ended)."""
+        try:
+            header = reader.read(self.sock)
+        except HeaderError as e:
+            self._bad_header(str(e))
+            return True
+        if header is None:
+            return False
+        self.stop_watching()
+        if header.source is not None:
+            self.client, self.destination = header.source, header.destination
+        self._to("header-read")
+        self.queued_at = time.monotonic()  # its wait starts now
+        self.lock._let_in(self)
+        return True
+
+    def _header_timed_out(self) -> None:
+        self._bad_header(f"no complete header within {self.lock.proxy_header_timeout:g}s")
+
+    def _bad_header(self, why: str) -> None:
+        limit = self.lock._header_log
+        if limit.ready():
+            more = limit.take_held_back()
+            log.warning(
+                "%s: bad PROXY header: %s%s",
+                self.label,
+                why,
+                f" ({more} more in the last {limit.interval:.0f}s)" if more else "",
+            )
+        self.finish("bad-proxy-header")
+
+    # -- queued: a place in the gate's queue ---------------------------------------------------
+
+    def enqueue(self, queue_timeout: Optional[float]) -> None:
+        """Take a place in the queue (or a free slot at once), waiting at most
+        ``queue_timeout``."""
+        ticket = self.ticket = Ticket(self._woken)
+        if self.lock.gate.enqueue(ticket):
+            return self.lock._grant(self)
+        return self._wait(queue_timeout)
+
+    def _wait(self, queue_timeout: Optional[float]) -> None:
+        """Watch the waiting client: for leaving, and against ``queue_timeout``."""
+        sock, ticket = self.sock, self.ticket
+        if sock is not None:
+            # Most clients have sent their request by the time they are accepted: one look
+            # now spares them the departure watch (the sweep looks after them, as after any
+            # client that sent data).
+            try:
+                first = sock.recv(1, _socket.MSG_PEEK)
+            except BlockingIOError:
+                self.watch = watch_departure(self.lock.loop, sock, ticket)
+            except OSError:
+                return ticket.cancel("left-queue")
+            else:
+                if not first:
+                    return ticket.cancel("left-queue")
+        if queue_timeout is not None:
+            self.timer = self.lock.loop.timer(queue_timeout)
+            self.timer.start(ticket.cancel, "queue-timeout")
+        return None
+
+    def _woken(self) -> None:
+        """The gate granted its slot, or its wait was cancelled."""
+        self.stop_watching()
+        ticket = self.ticket
+        if ticket.granted:
+            self.lock._grant(self)
+        else:
+            self.lock.gate.discard(ticket)
+            self.finish(ticket.cancelled or "queue-timeout")
+
     # -- granted: on to the backend ------------------------------------------------------------
 
     def granted(self, backend) -> None:
         """The gate gave it a slot of ``backend``."""
-        self.lock._activated(self)  # from here on it holds the slot: activation is set
+        self._to("grant")
+        # From here on it holds the slot: its activation is set.
+        self.activation = self.lock._activated(self)
+        self.activated_at = time.monotonic()
         self.backend = backend
-        self.state = GRANTED
         self._proceed()
 
     def _proceed(self) -> None:
@@ -236,19 +400,19 @@ class Connection:
         if backend.restart_reason is not None:
             # Granted just before a restart was called for: the restart comes first. The last
             # holder runs it; the others wait for it, slot in hand.
-            self.state = PARKED
+            self._to("park")
             if backend.last_holder():
                 self.run_restart()
             else:
                 backend.parked.append(self)
             return None
         if self.sock is None:
-            self.state = HOLDING
+            self._to("hold")
             return lock._holding(self)
         backend.used()
         hook = lock.on_activate
         if hook is not None:
-            self.state = HOOK
+            self._to("hook")
             args = ("on-activate", hook, self, lock.hook_timeout)
             step = self.pending = Step(call_hook, args, self._hooked)
             step.start()
@@ -263,12 +427,12 @@ class Connection:
     def unpark(self) -> None:
         """The restart it waited for is over (or abandoned at shutdown)."""
         if self.state is PARKED:
+            self._to("unpark")
             self._guarded(self._proceed)
 
     def _unparked(self) -> None:
         self.pending = None
-        if self.state is PARKED:
-            self._guarded(self._proceed)
+        self.unpark()
 
     def _guarded(self, step: Callable[[], object]) -> None:
         # What a callback arms next must not strand the slot if it fails: a bug ends only
@@ -297,7 +461,7 @@ class Connection:
         return self._guarded(self._connect)
 
     def _connect(self) -> None:
-        self.state = CONNECTING
+        self._to("connect")
         attempt = self.pending = Connect(
             self.backend,
             time.monotonic() + self.lock.connect_timeout,
@@ -314,8 +478,28 @@ class Connection:
         attempt, self.pending = self.pending, None
         if attempt is not None:
             attempt.cancel()
-        self.lock._requeue(self)
+        self._requeue()
         return True
+
+    def _requeue(self) -> None:
+        """Its backend turned out to be down: back to the head of the queue, keeping its
+        place, its slot of that backend given back (the lock's part: :meth:`TCPLock._requeue`)
+        and its activation undone. One that waits again is watched again, within what is left
+        of its ``queue_timeout``; while tcplock stops there is no queue to go back to."""
+        lock = self.lock
+        if lock._stopping:
+            return self.finish("shutdown")
+        backend = self.backend
+        self._to("requeue")
+        self.backend = None
+        self.activation = self.activated_at = None
+        lock._requeue(self, backend)
+        if not self.ticket.granted:
+            left = lock.queue_timeout
+            if left is not None:
+                left = max(0.001, left - (time.monotonic() - self.queued_at))
+            self._wait(left)
+        return None
 
     def _backend_down(self, error) -> bool:
         # Asked by the connect after each failed round: True sends the client elsewhere.
@@ -325,7 +509,7 @@ class Connection:
         attempt, self.pending = self.pending, None
         if sock is None and attempt.gave_up:
             # The backend is down and another is up: back to the head of the queue.
-            return self.lock._requeue(self)
+            return self._requeue()
         if sock is None:
             log.warning(
                 "%s: backend %s unavailable for %.1fs: %s",
@@ -377,7 +561,7 @@ class Connection:
         return False
 
     def _relay(self, peer) -> None:
-        self.state = RELAYING
+        self._to("relay")
         lock = self.lock
         relay = self.relay = Relay(self.sock, self.upstream, self)
         if lock.timeout:
@@ -401,7 +585,7 @@ class Connection:
         state = self.state
         if state is ENDING or state is ENDED:
             return
-        self.state = ENDING
+        self._to("end")
         self.end = reason
         self.ended_at = time.monotonic()
         outcome = self.relay
@@ -421,15 +605,19 @@ class Connection:
         ):
             # Closed now, before anyone else is let in; unless nothing more can reach the
             # backend, when closing is nothing it can see: that waits until after the release.
-            graceful = outcome is not None and outcome.backend_finished and reason == "closed"
+            graceful = (
+                outcome is not None
+                and outcome.backend_finished
+                and END_RULES[reason].backend is _FIN
+            )
             close_socket(self.upstream, not graceful)
             self.upstream = None
         if self.activation is None:  # it never held a slot
-            self.lock._settle(self)
-            return self.lock._forget(self)
+            self._settle()
+            return self._forget()
         lock = self.lock
-        if reason == "ttl":
-            lock._settle(self)  # its line comes before what the hook logs
+        if END_RULES[reason].timeout:
+            self._settle()  # its line comes before what the hook logs
             hook = lock.on_timeout
             if hook is not None and not lock._stopping:
                 step = self.pending = Step(
@@ -452,12 +640,13 @@ class Connection:
         lock = self.lock
         backend = self.backend
         backend.after_use()
-        if self.end == "ttl" and lock.restart_on_timeout:
-            backend.request_restart("ttl")
-        settled = self.end == "ttl"  # (finish() settled it before the TTL hook)
+        timeout = END_RULES[self.end].timeout  # (finish() settled it before the TTL hook)
+        if timeout and lock.restart_on_timeout:
+            backend.request_restart(self.end)
+        settled = timeout
         if backend.restart_reason is not None and not lock._stopping and backend.last_holder():
             if not settled:
-                lock._settle(self)  # its line comes before what the restart logs
+                self._settle()  # its line comes before what the restart logs
             step = self.pending = backend.restart_now(self, self._release_settled)
             step.start()
             return
@@ -473,8 +662,43 @@ class Connection:
             lock._count(self)  # counted before the next client's hooks can look
         lock._release(self)
         if not settled:
-            lock._settle(self, counted=True)
-        lock._forget(self)
+            self._settle(counted=True)
+        self._forget()
+
+    def _settle(self, counted: bool = False) -> None:
+        """Close the client's side (and the backend's, if still open) as its end's rule says,
+        and have the lock account for it (its line): once (its end calls it once)."""
+        outcome, self.relay = self.relay, None  # the finished relay, if any
+        lock = self.lock
+        try:
+            upstream = self.upstream
+            if upstream is not None:
+                self.upstream = None
+                close_socket(upstream, False)
+            sock = self.sock
+            if sock is not None:
+                # A client cut while active learns it with a reset; one turned away before it
+                # got a slot gets an orderly close; one still open after the backend closed is
+                # closed once it has finished sending (see liveness.Lingering).
+                reason = self.end
+                watch = outcome.client_watch if outcome is not None else None
+                if reason == "closed" and outcome is not None and outcome.client_open:
+                    lock.liveness.linger(sock, watch, outcome.client_fin)
+                else:
+                    if watch is not None:
+                        recycle(watch, lock.loop)
+                    close_socket(
+                        sock, self.activation is not None and END_RULES[reason].client is _RESET
+                    )
+            else:
+                lock._holding(self)  # an in-process holder that waited in vain
+        finally:
+            lock._account(self, counted)
+
+    def _forget(self) -> None:
+        self.ticket = None  # its wake-up refers back to it: no cycle left to collect
+        self._to("forget")
+        self.lock._forget(self)
 
     def abort(self) -> None:
         """Cut it now (the drain time is over): a step it waits for is killed, and what
