@@ -459,10 +459,11 @@ class Relay:
                     except OSError as e:
                         return self.failed(CLIENT, e)
                 if self.backend_closed is not None:
+                    # (The client's time starts once the answer is known: see _ask_backend.)
                     up.ask_first = True
                     self._recheck = self.loop.timer(self.backend_close_delay)
                     self._recheck.start(self._ask_backend)
-                if limit is not None:
+                elif limit is not None:
                     self._timer = self.loop.timer(limit)
                     self._timer.start(self._client_finish_expired)
             elif up.done:
@@ -497,15 +498,16 @@ class Relay:
         up = self._up
         if up is not None:
             up.ask_first = False
-        if (
-            self.reason is None
-            and not self._finishing
-            and self.failure is None
-            and self.backend_closed()
-        ):
+        if self.reason is not None or self._finishing or self.failure is not None:
+            return False
+        if self.backend_closed():
             self.backend_done = True
             self._expire()
             return True
+        limit = self._client_finish_timeout
+        if limit is not None and self._timer is None:
+            self._timer = self.loop.timer(limit)
+            self._timer.start(self._client_finish_expired)
         return False
 
     def client_sent_after_fin(self) -> bool:
