@@ -36,11 +36,18 @@ from .gate import Ticket
 from .hooks import HookFailed, call_hook
 from .liveness import watch_departure
 from .proxyproto import HeaderError, HeaderReader, make_v1, make_v2
-from .relay import Relay, recycle
+from .relay import BACKEND, BUFSIZE, CLIENT, Ended, Relay, read_watcher, recycle
 from .steps import Step
 
-__all__ = ["Connection", "END_REASONS", "END_RULES", "EndRule", "IllegalTransition", "STATES",
-           "TRANSITIONS"]
+__all__ = [
+    "Connection",
+    "END_REASONS",
+    "END_RULES",
+    "EndRule",
+    "IllegalTransition",
+    "STATES",
+    "TRANSITIONS",
+]
 
 log = logging.getLogger("tcplock.server")
 
@@ -130,6 +137,9 @@ END_REASONS = tuple(END_RULES)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+_ASKS = 1  # the backend is on loopback and its close may be asked about (peer.py)
+_BACKEND_FIN = 2  # the backend's EOF has been read and passed on to the client
+
 
 def close_socket(sock, abort: bool) -> None:
     """Close ``sock``; with ``abort``, with a reset instead of an orderly FIN."""
@@ -150,7 +160,7 @@ class Connection:
     __slots__ = (
         "lock", "id", "client", "sock", "upstream", "backend", "state", "activation",
         "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "ticket",
-        "watch", "timer", "relay", "pending", "peer", "destination",
+        "watch", "timer", "relay", "pending", "peer", "destination", "bwatch", "recheck", "flat",
     )  # fmt: skip
 
     def __init__(self, lock, sock, client, number: int, state: str = QUEUED) -> None:
@@ -193,6 +203,11 @@ class Connection:
         self.relay: Optional[Relay] = None
         #: What its state waits for besides a watcher or timer: a Step, or a Connect.
         self.pending = None
+        # Relaying on the flat path (see _relay): the backend's read watcher, the timer of the
+        # question about the backend's close, and _ASKS / _BACKEND_FIN.
+        self.bwatch = None
+        self.recheck = None
+        self.flat = 0
 
     # -- what hooks and embedding code read --------------------------------------------------
 
@@ -560,18 +575,152 @@ class Connection:
         self.finish("backend-reset")
         return False
 
+    # -- relaying ------------------------------------------------------------------------------
+    # The common path is flat: a short exchange (the request, the answer, the backend's close,
+    # the client's) goes from socket to socket in the connection's own watcher callbacks, each
+    # read sent on whole at once. Anything else hands the exchange to a Relay, which keeps
+    # backpressure, splice and half-closes: a send the destination does not take whole, a read
+    # that fills the buffer (bulk), the client's EOF or an error first, a backend that may
+    # still read after its EOF.
+
     def _relay(self, peer) -> None:
         self._to("relay")
         lock = self.lock
-        relay = self.relay = Relay(self.sock, self.upstream, self)
+        loop = lock.loop
         if lock.timeout:
-            self.timer = timer = relay.loop.timer(lock.timeout)
+            self.timer = timer = loop.timer(lock.timeout)
             timer.start(self.finish, "ttl")
-        relay.start(self._relayed, lock.finish_timeout, lock.client_finish_timeout)
-        if relay.reason is None and lock.check_backend_close:
-            # Asked only when the client, after the backend's FIN, sends more or stays open
-            # (see Relay.backend_close_delay): a client that closes at once is not asked about.
-            relay.backend_closed = partial(self.backend.peer_check.closed, self.upstream, peer)
+        if lock.check_backend_close and self.backend.peer_check.local(peer):
+            self.flat = _ASKS
+        watch = self.watch = read_watcher(loop, self.sock.fileno())
+        bwatch = self.bwatch = read_watcher(loop, self.upstream.fileno())
+        watch.start(self._client_readable)
+        bwatch.start(self._backend_readable)
+        # The client has usually sent its request already: pass it on now rather than one
+        # turn of the event loop later.
+        self._client_readable()
+
+    def _client_readable(self) -> None:
+        view = self.lock.chunk
+        try:
+            n = self.sock.recv_into(view)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return self._hand_over().failed(CLIENT, e)
+        if not n:
+            if self.flat & _BACKEND_FIN:  # both sides have finished
+                return self._flat_end(Ended(client_watch=None))
+            return self._hand_over().eof(CLIENT)
+        if self.flat & _BACKEND_FIN:
+            # Bytes after the backend's EOF: they are for a backend that may still read, or
+            # for none (then the exchange is over, and they are the lingering client's).
+            if self._backend_gone():
+                return None
+            return self._hand_over(up=view[:n], backend_fin=True)
+        try:
+            m = self.upstream.send(view[:n])
+        except BlockingIOError:
+            m = 0
+        except OSError as e:
+            return self._hand_over().failed(BACKEND, e)
+        self.bytes_up += m
+        if m < n or n == BUFSIZE:
+            self._hand_over(up=view[m:n])
+        return None
+
+    def _backend_readable(self) -> None:
+        # Two reads at most: an answer and the backend's EOF often arrive together.
+        view = self.lock.chunk
+        for _ in (1, 2):
+            try:
+                n = self.upstream.recv_into(view)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                return self._hand_over().failed(BACKEND, e)
+            if not n:
+                return self._backend_eof()
+            try:
+                m = self.sock.send(view[:n])
+            except BlockingIOError:
+                m = 0
+            except OSError as e:
+                return self._hand_over().failed(CLIENT, e)
+            self.bytes_down += m
+            if m < n or n == BUFSIZE:
+                return self._hand_over(down=view[m:n])
+        return None
+
+    def _backend_eof(self) -> None:
+        limit = self.lock.client_finish_timeout
+        if limit == 0:
+            # The slot passes on now; the client gets the EOF once it has (and lingers).
+            return self._flat_end(Ended(client_watch=self._take_client_watch(), client_fin=True))
+        if not self.flat & _ASKS:
+            return self._hand_over().eof(BACKEND)  # nothing to ask: the Relay times the client
+        self.bwatch.stop()
+        try:
+            self.sock.shutdown(_socket.SHUT_WR)
+        except OSError as e:
+            return self._hand_over(backend_fin=True).failed(CLIENT, e)
+        self.flat |= _BACKEND_FIN
+        # Whether the backend closed for good matters only if the client does not close at
+        # once: asked when it sends more, or after Relay.backend_close_delay.
+        self.recheck = timer = self.lock.loop.timer(Relay.backend_close_delay)
+        timer.start(self._client_stays)
+        return None
+
+    def _client_stays(self) -> None:
+        if self.state is RELAYING and self.relay is None and not self._backend_gone():
+            self._hand_over(backend_fin=True)
+
+    def _backend_gone(self) -> bool:
+        """Ask whether the backend closed for good; if so the exchange is over (the client
+        lingers): True."""
+        recheck, self.recheck = self.recheck, None
+        if recheck is not None:
+            recheck.stop()
+            recheck.close()
+        if not self.backend.peer_check.closed(self.upstream):
+            return False
+        self._flat_end(Ended(client_watch=self._take_client_watch(), backend_done=True))
+        return True
+
+    def _take_client_watch(self):
+        watch, self.watch = self.watch, None
+        watch.stop()
+        return watch
+
+    def _flat_end(self, outcome: Ended) -> None:
+        self.relay = outcome
+        self.finish("closed")
+
+    def _hand_over(self, up=None, down=None, backend_fin: bool = False) -> Relay:
+        """Hand the exchange to a Relay, with the chunk read but not (all) sent, if any, and
+        whether the backend's EOF has been passed on (the question about it asked)."""
+        watch, bwatch, recheck = self.watch, self.bwatch, self.recheck
+        self.watch = self.bwatch = self.recheck = None
+        watch.stop()
+        bwatch.stop()
+        if recheck is not None:
+            recheck.stop()
+            recheck.close()
+        lock = self.lock
+        relay = self.relay = Relay(self.sock, self.upstream, self)
+        if self.flat & _ASKS and not backend_fin:
+            relay.backend_closed = partial(self.backend.peer_check.closed, self.upstream)
+        relay.adopt(
+            self._relayed,
+            lock.finish_timeout,
+            lock.client_finish_timeout,
+            watch,
+            bwatch,
+            up,
+            down,
+            backend_fin,
+        )
+        return relay
 
     def _relayed(self) -> None:
         self.finish(self.relay.reason)
@@ -712,13 +861,20 @@ class Connection:
             self.finish("shutdown")
 
     def stop_watching(self) -> None:
-        """Stop its state's watcher and timer."""
+        """Stop its state's watchers and timers."""
         watch, timer = self.watch, self.timer
+        loop = self.lock.loop
         if watch is not None:
             self.watch = None
-            watch.stop()
-            watch.close()
+            recycle(watch, loop)
         if timer is not None:
             self.timer = None
             timer.stop()
             timer.close()
+        if self.bwatch is not None:
+            recycle(self.bwatch, loop)
+            self.bwatch = None
+        if self.recheck is not None:
+            self.recheck.stop()
+            self.recheck.close()
+            self.recheck = None

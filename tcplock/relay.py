@@ -26,7 +26,7 @@ import gevent
 
 from .peer import is_loopback
 
-__all__ = ["Relay", "CLIENT", "BACKEND", "BUFSIZE", "SPLICE"]
+__all__ = ["Relay", "Ended", "CLIENT", "BACKEND", "BUFSIZE", "SPLICE"]
 
 #: Bytes read per system call, and the most one direction holds at once.
 BUFSIZE = 64 * 1024
@@ -111,14 +111,14 @@ class _Direction:
         "ask_first",
     )  # fmt: skip
 
-    def __init__(self, relay, src, dst, up: bool) -> None:
+    def __init__(self, relay, src, dst, up: bool, on_read=None) -> None:
         self.relay = relay
         self.src, self.dst = src, dst
         #: Client to backend (bytes_up), or back (bytes_down).
         self.up = up
         self.src_side, self.dst_side = (CLIENT, BACKEND) if up else (BACKEND, CLIENT)
         self.counter = relay.counter
-        self.on_read = read_watcher(relay.loop, src.fileno())
+        self.on_read = on_read if on_read is not None else read_watcher(relay.loop, src.fileno())
         self.on_write = None  # made when the destination first fills up (rarely, for replies)
         self.buf, self.view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
         self.sent = self.size = 0
@@ -306,6 +306,14 @@ class _Direction:
             except OSError:
                 self.size = 0
 
+    def hold(self, chunk) -> None:
+        """Send on ``chunk``, read from the source before this direction took over; until it
+        is out, the source is not read."""
+        n = len(chunk)
+        self.view[:n] = chunk
+        self.sent, self.size = 0, n
+        self._write()
+
     def sink(self) -> None:
         """Discard from now on: drop what is pending and keep reading the source to its EOF."""
         self.discard = True
@@ -409,6 +417,48 @@ class Relay:
         # The client has usually sent its request already: pass it on now rather than one
         # turn of the event loop later. One read: a request seldom comes with its EOF.
         up.readable(1)
+
+    def adopt(
+        self,
+        on_done: Callable[[], object],
+        finish_timeout: Optional[float],
+        client_finish_timeout: Optional[float],
+        client_watch,
+        backend_watch,
+        up_chunk=None,
+        down_chunk=None,
+        backend_fin: bool = False,
+    ) -> None:
+        """Take over an exchange begun elsewhere (a connection's flat path), as :meth:`start`
+        would run it from there: with the stopped read watchers of both sockets, a chunk read
+        from either side but not yet sent on (``up_chunk`` from the client, ``down_chunk``
+        from the backend), and ``backend_fin``: the backend's EOF was read and passed on to
+        the client, and whether the backend closed for good has been asked (it had not)."""
+        self._on_done = on_done
+        self._finish_timeout = finish_timeout
+        self._client_finish_timeout = client_finish_timeout
+        up = self._up = _Direction(self, self.client, self.backend, True, client_watch)
+        down = self._down = _Direction(self, self.backend, self.client, False, backend_watch)
+        up.other, down.other = down, up
+        up.start()
+        if backend_fin:
+            down.done = True
+            self._backend_fin_seen = True
+            if client_finish_timeout is not None:
+                self._timer = self.loop.timer(client_finish_timeout)
+                self._timer.start(self._client_finish_expired)
+        else:
+            down.start()
+        if up_chunk is not None and up_chunk:
+            up.hold(up_chunk)
+        if down_chunk is not None and down_chunk and self._down is not None:
+            down.hold(down_chunk)
+
+    def eof(self, side: str) -> None:
+        """The EOF of ``side`` (CLIENT or BACKEND) was read before this relay took over."""
+        direction = self._up if side == CLIENT else self._down
+        if direction is not None:
+            direction._eof()
 
     def stop(self) -> None:
         """Stop relaying now; no callback. The sockets are left to the caller."""
@@ -574,6 +624,21 @@ class Relay:
             self._recheck.stop()
             self._recheck.close()
             self._recheck = None
+
+
+class Ended:
+    """How an exchange that needed no Relay ended (``closed``): the attributes a finished
+    Relay has."""
+
+    __slots__ = ("client_watch", "client_open", "client_fin", "backend_done")
+    reason = "closed"
+    backend_finished = True
+
+    def __init__(self, client_watch=None, client_fin: bool = False, backend_done: bool = False):
+        self.client_watch = client_watch
+        self.client_open = client_watch is not None
+        self.client_fin = client_fin
+        self.backend_done = backend_done
 
 
 def _gone(sock) -> bool:
