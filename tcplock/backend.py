@@ -625,7 +625,7 @@ class Connect:
 
     __slots__ = (
         "backend", "deadline", "on_done", "loop", "addrs", "index", "sock", "watch", "timer",
-        "step", "delay", "error", "sockaddr", "give_up", "gave_up",
+        "step", "delay", "error", "sockaddr", "give_up", "gave_up", "local",
     )  # fmt: skip
 
     def __init__(self, backend: Backend, deadline: float, on_done, give_up=None) -> None:
@@ -645,8 +645,9 @@ class Connect:
         self.step = None
         self.delay = 0.01
         self.error: Optional[BaseException] = None
-        #: The address that accepted, once one has.
+        #: The address that accepted, once one has, and whether it is on loopback.
         self.sockaddr = None
+        self.local = False
 
     def start(self) -> None:
         addrs = self.backend.addresses()
@@ -750,7 +751,8 @@ class Connect:
             s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             # (Not on loopback: the kernel answers the probes for a backend that hangs, and
             # closes the connection of one that dies, so they could never tell anything.)
-            if not self.backend.peer_check.local(sockaddr):
+            self.local = self.backend.peer_check.local(sockaddr)
+            if not self.local:
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
         except OSError as e:
             s.close()

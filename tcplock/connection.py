@@ -137,6 +137,7 @@ END_REASONS = tuple(END_RULES)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+_BOTH_DONE = Ended()  # how the common exchange ends: both sides closed
 _ASKS = 1  # the backend is on loopback and its close may be asked about (peer.py)
 _BACKEND_FIN = 2  # the backend's EOF has been read and passed on to the client
 
@@ -541,7 +542,7 @@ class Connection:
         if (lock.send_proxy or lock.send_proxy_v2) and not self._send_proxy_header(sock):
             return None
         try:
-            self._relay(attempt.sockaddr)
+            self._relay(attempt.local)
         except Exception:
             log.exception("%s: unexpected error", self.label)
             self.finish("error")
@@ -583,14 +584,14 @@ class Connection:
     # that fills the buffer (bulk), the client's EOF or an error first, a backend that may
     # still read after its EOF.
 
-    def _relay(self, peer) -> None:
+    def _relay(self, local: bool) -> None:
         self._to("relay")
         lock = self.lock
         loop = lock.loop
         if lock.timeout:
             self.timer = timer = loop.timer(lock.timeout)
             timer.start(self.finish, "ttl")
-        if lock.check_backend_close and self.backend.peer_check.local(peer):
+        if local and lock.check_backend_close:
             self.flat = _ASKS
         watch = self.watch = read_watcher(loop, self.sock.fileno())
         bwatch = self.bwatch = read_watcher(loop, self.upstream.fileno())
@@ -610,7 +611,7 @@ class Connection:
             return self._hand_over().failed(CLIENT, e)
         if not n:
             if self.flat & _BACKEND_FIN:  # both sides have finished
-                return self._flat_end(Ended(client_watch=None))
+                return self._flat_end(_BOTH_DONE)
             return self._hand_over().eof(CLIENT)
         if self.flat & _BACKEND_FIN:
             # Bytes after the backend's EOF: they are for a backend that may still read, or

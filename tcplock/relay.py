@@ -87,10 +87,12 @@ def recycle(watcher, loop=None) -> None:
     """Stop a watcher from :func:`read_watcher` (which drops its callback) and keep it for
     reuse by ``loop``, or close it."""
     watcher.stop()
-    if loop is not None and len(_READERS) < _KEEP_READERS and _poolable(loop):
-        _READERS.append((loop, watcher))
-    else:
-        watcher.close()
+    if loop is not None and len(_READERS) < _KEEP_READERS:
+        poolable = _POOLABLE.get(type(loop))
+        if poolable or (poolable is None and _poolable(loop)):
+            _READERS.append((loop, watcher))
+            return
+    watcher.close()
 
 
 _Failure = Optional[Tuple[str, OSError]]
