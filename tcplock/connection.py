@@ -152,8 +152,11 @@ def close_socket(sock, abort: bool) -> None:
     sock.close()
 
 
-class Connection:
+class Connection(Ticket):
     """One client connection, as hooks and embedding code see it.
+
+    It is its own place in the gate's queue (a :class:`~tcplock.gate.Ticket`: the gate calls
+    its :meth:`wake`).
 
     Times are ``time.monotonic()`` values; the ``*_seconds`` properties are what to read.
     """
@@ -196,7 +199,12 @@ class Connection:
         self.bytes_down = 0
         #: How the connection ended (one of END_REASONS), once it has.
         self.end: Optional[str] = None
+        #: Itself, once it has taken a place in the queue (None before, and once ended).
         self.ticket = None
+        # As a Ticket (see gate.py): not cancelled, not out of the queue, no unit granted yet.
+        self.cancelled = None
+        self.dead = False
+        self.unit = None
         self.watch = None
         self.timer = None
         #: The relay while it runs; once it has finished (``relay.reason`` set), how the
@@ -361,8 +369,8 @@ class Connection:
     def enqueue(self, queue_timeout: Optional[float]) -> None:
         """Take a place in the queue (or a free slot at once), waiting at most
         ``queue_timeout``."""
-        ticket = self.ticket = Ticket(self._woken)
-        if self.lock.gate.enqueue(ticket):
+        self.ticket = self
+        if self.lock.gate.enqueue(self):
             return self.lock._grant(self)
         return self._wait(queue_timeout)
 
@@ -387,7 +395,7 @@ class Connection:
             self.timer.start(ticket.cancel, "queue-timeout")
         return None
 
-    def _woken(self) -> None:
+    def wake(self) -> None:
         """The gate granted its slot, or its wait was cancelled."""
         self.stop_watching()
         ticket = self.ticket
@@ -399,7 +407,7 @@ class Connection:
 
     # -- granted: on to the backend ------------------------------------------------------------
 
-    def granted(self, backend) -> None:
+    def grant(self, backend) -> None:
         """The gate gave it a slot of ``backend``."""
         self._to("grant")
         # From here on it holds the slot: its activation is set.
@@ -846,7 +854,7 @@ class Connection:
             lock._account(self, counted)
 
     def _forget(self) -> None:
-        self.ticket = None  # its wake-up refers back to it: no cycle left to collect
+        self.ticket = None  # (itself: no cycle left to collect)
         self._to("forget")
         self.lock._forget(self)
 

@@ -480,9 +480,9 @@ class TCPLock(StreamServer):
     # -- admission: from accept to the queue -----------------------------------------------------
 
     # A client's life starts in the event loop: do_read accepts it, do_handle admits it. A
-    # client that has to wait gets no greenlet: its place in the queue is a Ticket, and the
-    # loop watches its socket for departure (or, once it has sent data, the sweep looks for a
-    # reset). From its grant on, the Connection drives itself from event-loop callbacks; only
+    # client that has to wait gets no greenlet: its place in the queue is its connection (a
+    # Ticket), and the loop watches its socket for departure (or, once it has sent data, the
+    # sweep looks for a reset). From its grant on, the Connection drives itself from event-loop callbacks; only
     # what may block (a hook, a restart, a name lookup) runs as a step in a greenlet.
 
     def do_read(self):
@@ -569,7 +569,7 @@ class TCPLock(StreamServer):
     def _start_granted(self, conn: Connection) -> None:
         self._activating = True
         try:
-            conn.granted(conn.ticket.unit)
+            conn.grant(conn.unit)
         except Exception:
             log.exception("%s: unexpected error", conn.label)
             conn.finish("error")
