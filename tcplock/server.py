@@ -482,8 +482,9 @@ class TCPLock(StreamServer):
     # A client's life starts in the event loop: do_read accepts it, do_handle admits it. A
     # client that has to wait gets no greenlet: its place in the queue is its connection (a
     # Ticket), and the loop watches its socket for departure (or, once it has sent data, the
-    # sweep looks for a reset). From its grant on, the Connection drives itself from event-loop callbacks; only
-    # what may block (a hook, a restart, a name lookup) runs as a step in a greenlet.
+    # sweep looks for a reset). From its grant on, the Connection drives itself from
+    # event-loop callbacks; only what may block (a hook, a restart, a name lookup) runs as a
+    # step in a greenlet.
 
     def do_read(self):
         try:
