@@ -165,6 +165,7 @@ class Connection(Ticket):
         "lock", "id", "client", "sock", "upstream", "backend", "state", "activation",
         "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "ticket",
         "watch", "timer", "relay", "pending", "peer", "destination", "bwatch", "recheck", "flat",
+        "baddr",
     )  # fmt: skip
 
     def __init__(self, lock, sock, client, number: int, state: str = QUEUED) -> None:
@@ -217,6 +218,7 @@ class Connection(Ticket):
         self.bwatch = None
         self.recheck = None
         self.flat = 0
+        self.baddr = None  # the backend's address (for the question)
 
     # -- what hooks and embedding code read --------------------------------------------------
 
@@ -550,7 +552,7 @@ class Connection(Ticket):
         if (lock.send_proxy or lock.send_proxy_v2) and not self._send_proxy_header(sock):
             return None
         try:
-            self._relay(attempt.local)
+            self._relay(attempt.sockaddr, attempt.local)
         except Exception:
             log.exception("%s: unexpected error", self.label)
             self.finish("error")
@@ -592,7 +594,7 @@ class Connection(Ticket):
     # that fills the buffer (bulk), the client's EOF or an error first, a backend that may
     # still read after its EOF.
 
-    def _relay(self, local: bool) -> None:
+    def _relay(self, baddr, local: bool) -> None:
         self._to("relay")
         lock = self.lock
         loop = lock.loop
@@ -601,6 +603,7 @@ class Connection(Ticket):
             timer.start(self.finish, "ttl")
         if local and lock.check_backend_close:
             self.flat = _ASKS
+            self.baddr = baddr
         watch = self.watch = read_watcher(loop, self.sock.fileno())
         bwatch = self.bwatch = read_watcher(loop, self.upstream.fileno())
         watch.start(self._client_readable)
@@ -668,14 +671,19 @@ class Connection(Ticket):
             return self._flat_end(Ended(client_watch=self._take_client_watch(), client_fin=True))
         if not self.flat & _ASKS:
             return self._hand_over().eof(BACKEND)  # nothing to ask: the Relay times the client
+        if self._slot_wanted() and self.backend.peer_check.closed(self.upstream, self.baddr):
+            # Someone waits for the slot, and nothing on the backend's side can read any more:
+            # the slot passes on now; the client gets its EOF after, and lingers.
+            watch = self._take_client_watch()
+            return self._flat_end(Ended(client_watch=watch, client_fin=True, backend_done=True))
         self.bwatch.stop()
         try:
             self.sock.shutdown(_socket.SHUT_WR)
         except OSError as e:
             return self._hand_over(backend_fin=True).failed(CLIENT, e)
         self.flat |= _BACKEND_FIN
-        # Whether the backend closed for good matters only if the client does not close at
-        # once: asked when it sends more, or after Relay.backend_close_delay.
+        # Whether the backend closed for good matters now only if the client does not close
+        # at once: asked when it sends more, or after Relay.backend_close_delay.
         self.recheck = timer = self.lock.loop.timer(Relay.backend_close_delay)
         timer.start(self._client_stays)
         return None
@@ -691,10 +699,15 @@ class Connection(Ticket):
         if recheck is not None:
             recheck.stop()
             recheck.close()
-        if not self.backend.peer_check.closed(self.upstream):
+        if not self.backend.peer_check.closed(self.upstream, self.baddr):
             return False
         self._flat_end(Ended(client_watch=self._take_client_watch(), backend_done=True))
         return True
+
+    def _slot_wanted(self) -> bool:
+        """Whether a client waits for a slot: then the backend's close decides when this one
+        passes on, and is worth asking about as soon as the backend's EOF comes."""
+        return self.lock.gate.waiting > 0
 
     def _take_client_watch(self):
         watch, self.watch = self.watch, None
@@ -718,7 +731,9 @@ class Connection(Ticket):
         lock = self.lock
         relay = self.relay = Relay(self.sock, self.upstream, self)
         if self.flat & _ASKS and not backend_fin:
-            relay.backend_closed = partial(self.backend.peer_check.closed, self.upstream)
+            check = self.backend.peer_check
+            relay.backend_closed = partial(check.closed, self.upstream, self.baddr)
+            relay.slot_wanted = self._slot_wanted
         relay.adopt(
             self._relayed,
             lock.finish_timeout,
