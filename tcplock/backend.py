@@ -745,7 +745,8 @@ class Connect:
         self.start()
 
     def _connected(self, s) -> None:
-        self.backend.answered(self.addrs, self.index)
+        if self.index:
+            self.backend.answered(self.addrs, self.index)
         sockaddr = self.sockaddr = self.addrs[self.index][4]
         try:
             s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)

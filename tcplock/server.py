@@ -536,10 +536,7 @@ class TCPLock(StreamServer):
             return conn.finish("shutdown")
         if self.allow is not None and not self._allowed(conn.client[0]):
             return conn.finish("not-allowed")
-        return self._enqueue(conn)
-
-    def _enqueue(self, conn: Connection) -> None:
-        """Into the queue (or straight to a slot), unless the queue is full."""
+        # Into the queue (or straight to a slot), unless the queue is full.
         max_queue = self.max_queue
         if max_queue is not None and self.gate.waiting >= max_queue and self.gate.would_wait():
             return conn.finish("queue-full")
@@ -563,11 +560,8 @@ class TCPLock(StreamServer):
             # Granted by a connection that ended while being granted: start this one on the
             # next turn, not inside that one's call (a queue of such ends would recurse through
             # the whole queue).
-            self.loop.run_callback(self._start_granted, conn)
-        else:
-            self._start_granted(conn)
-
-    def _start_granted(self, conn: Connection) -> None:
+            self.loop.run_callback(self._grant, conn)
+            return
         self._activating = True
         try:
             conn.grant(conn.unit)
