@@ -488,6 +488,9 @@ class Connection(Ticket):
 
     def _connect(self) -> None:
         self._to("connect")
+        now = self.backend.connect_now()  # on loopback, usually: no Connect needed
+        if now is not None:
+            return self._on_backend(now[0], now[1], True)
         attempt = self.pending = Connect(
             self.backend,
             time.monotonic() + self.lock.connect_timeout,
@@ -545,6 +548,10 @@ class Connection(Ticket):
                 getattr(error, "strerror", None) or error,
             )
             return self.finish("backend-refused")
+        return self._on_backend(sock, attempt.sockaddr, attempt.local)
+
+    def _on_backend(self, sock, sockaddr, local: bool) -> None:
+        """Connected to its backend, at ``sockaddr``: on to relaying."""
         self.upstream = sock
         if not self.backend.up:
             self.backend.mark_up()  # it answered: no need to wait for its check
@@ -552,7 +559,7 @@ class Connection(Ticket):
         if (lock.send_proxy or lock.send_proxy_v2) and not self._send_proxy_header(sock):
             return None
         try:
-            self._relay(attempt.sockaddr, attempt.local)
+            self._relay(sockaddr, local)
         except Exception:
             log.exception("%s: unexpected error", self.label)
             self.finish("error")
