@@ -5,7 +5,9 @@ What it owns: the life of one connection as a state machine driven by the event 
     [header] -> queued -> granted -> [parked] -> [hook] -> connecting -> relaying -> ending -> ended
 
 Each state has at most one timer and one watcher (or one step: a blocking call in a greenlet of
-its own, see :mod:`tcplock.steps`), and leaving a state stops them. Every way out leads to
+its own, see :mod:`tcplock.steps`), and leaving a state stops them; ``relaying`` has a watcher
+per socket, as it relays a short exchange itself and hands anything else to a
+:class:`~tcplock.relay.Relay` (see ``_relay``). Every way out leads to
 :meth:`Connection.finish`, once. The rule it keeps: a slot is released exactly once, and only
 after tcplock has finished with the backend side (the TTL hook and a due restart run while the
 slot is still held), whatever ends the connection.
@@ -620,7 +622,7 @@ class Connection(Ticket):
         self._client_readable()
 
     def _client_readable(self) -> None:
-        view = self.lock.chunk
+        view = self.lock._chunk
         try:
             n = self.sock.recv_into(view)
         except BlockingIOError:
@@ -650,7 +652,7 @@ class Connection(Ticket):
 
     def _backend_readable(self) -> None:
         # Two reads at most: an answer and the backend's EOF often arrive together.
-        view = self.lock.chunk
+        view = self.lock._chunk
         for _ in (1, 2):
             try:
                 n = self.upstream.recv_into(view)

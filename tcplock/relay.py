@@ -9,7 +9,9 @@ Each direction is driven by the event loop itself: a watcher on the source calls
 that reads one chunk and writes it on; if the destination is full, the function swaps to a
 watcher on the destination until the chunk is out. No greenlet per direction, so no switch per
 read or write. How the exchange ends is decided in the same callbacks, and reported by a
-callback too (:meth:`Relay.start`). Every watcher is stopped when the relay ends or is stopped.
+callback too (:meth:`Relay.start`). A relay may also take over an exchange a connection began
+relaying itself (:meth:`Relay.adopt`). Every watcher is stopped when the relay ends or is
+stopped.
 It knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
 """
 

@@ -209,9 +209,9 @@ class TCPLock(StreamServer):
         self._idle.set()
         #: The sweep and the lingering clients.
         self.liveness = Liveness(self)
-        #: The buffer of every connection's flat path (see Connection._relay): a read is sent
-        #: on whole before its callback returns, or handed to a Relay with what is left of it.
-        self.chunk = memoryview(bytearray(BUFSIZE))
+        # The buffer of every connection's flat path (see Connection._relay): a read is sent
+        # on whole before its callback returns, or handed to a Relay with what is left of it.
+        self._chunk = memoryview(bytearray(BUFSIZE))
         self._numbers = 0
         self._stopping = False
         self._activating = False
