@@ -37,6 +37,9 @@ BUFSIZE = 64 * 1024
 SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 #: Bytes moved per splice call (the pipe is sized to match); also the most in flight.
 SPLICE_CHUNK = 1 << 20
+#: Full buffers a direction copies before it opens its pipe: setting a pipe up costs more than
+#: copying a few buffers (see BENCHMARKS.md), so an exchange of up to this many never pays it.
+SPLICE_AFTER = 2
 _F_SETPIPE_SZ = 1031
 #: Congestion control for bulk traffic sent to a peer on loopback (see _Direction._open_pipe).
 LOOPBACK_CONGESTION = b"reno"
@@ -112,7 +115,7 @@ class _Direction:
     __slots__ = (
         "relay", "src", "dst", "src_side", "dst_side", "up", "counter", "on_read",
         "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done", "other",
-        "ask_first",
+        "ask_first", "full",
     )  # fmt: skip
 
     def __init__(self, relay, src, dst, up: bool, on_read=None) -> None:
@@ -133,6 +136,7 @@ class _Direction:
         #: Client bytes read after the backend's FIN: whether the backend closed for good
         #: is asked before they are passed on (Relay.client_sent_after_fin).
         self.ask_first = False
+        self.full = 0  # reads that filled the buffer (see SPLICE_AFTER)
 
     def start(self) -> None:
         self.on_read.start(self.readable)
@@ -210,7 +214,10 @@ class _Direction:
             if self.size:
                 return  # the destination is full: wait for it
             if n == BUFSIZE and SPLICE and self.pipe is None:
-                # A full buffer means more is coming: move the rest without copying it.
+                self.full += 1
+                if self.full < SPLICE_AFTER:
+                    continue
+                # Full buffers mean bulk: move the rest without copying it.
                 return self._open_pipe()
 
     def _write(self) -> None:
