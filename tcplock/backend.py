@@ -20,7 +20,6 @@ import errno
 import inspect
 import logging
 import os
-import sys
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -836,21 +835,9 @@ def _tune(sock, local: bool) -> None:
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
 
 
-_TCP_INFO = getattr(_socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-# The first byte of struct tcp_info is the connection's state: established, or already closed
-# by the peer after the handshake.
-_CONNECTED_STATES = frozenset({1, 8})  # TCP_ESTABLISHED, TCP_CLOSE_WAIT
-
-
 def _connected(sock) -> bool:
     """Whether a non-blocking connect has completed already, as it usually has on loopback
-    (the handshake runs within the connect call): then there is nothing to wait for. (On
-    Linux the state is read from TCP_INFO, which makes no address to convert.)"""
-    if _TCP_INFO is not None:
-        try:
-            return sock.getsockopt(_socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _CONNECTED_STATES
-        except OSError:
-            return False
+    (the handshake runs within the connect call): then there is nothing to wait for."""
     try:
         sock.getpeername()
     except OSError:
