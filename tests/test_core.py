@@ -1050,6 +1050,45 @@ def test_both_sockets_have_nodelay_and_the_client_keepalive(make_backend, make_l
     c.close()
 
 
+@pytest.mark.parametrize("size", [65535, 65536, 65537, 131072, 3 * 65536 + 7])
+def test_answers_around_the_buffer_size_arrive_whole_both_ways(
+    make_backend, make_lock, conn_log, size
+):
+    # A request and an answer of about one or a few buffers each: where a short exchange
+    # turns into bulk (a full buffer), or meets a side that cannot take a whole read at once
+    # (a client with a small receive buffer that reads late), nothing is lost, doubled or
+    # reordered on either side.
+    request = os.urandom(size)
+    answer = os.urandom(size)
+
+    def echo_digest_then_answer(conn):
+        got = bytearray()
+        while len(got) < size:
+            data = conn.sock.recv(1 << 20)
+            if not data:
+                break
+            got += data
+        conn.received = got
+        conn.sock.sendall(answer)
+        conn.sock.close()
+
+    backend = make_backend(echo_digest_then_answer)
+    lock = make_lock(backend)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.settimeout(10)
+    c.connect((LOOPBACK, lock.server_port))
+    c.sendall(request)
+    wait_until(lambda: backend.conns and len(backend.conns[0].received) == size)
+    gevent.sleep(0.05)  # the answer meets a full receive buffer
+    assert recv_all(c) == answer
+    c.close()
+    line = conn_log.next_end()
+    assert line["end"] == "closed"
+    assert bytes(backend.conns[0].received) == request
+    assert (int(line["up"]), int(line["down"])) == (size, size)
+
+
 def test_backend_that_stops_reading_stalls_the_client_without_buffering(make_backend, make_lock):
     reading = Event()
 
