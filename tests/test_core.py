@@ -1089,6 +1089,36 @@ def test_answers_around_the_buffer_size_arrive_whole_both_ways(
     assert (int(line["up"]), int(line["down"])) == (size, size)
 
 
+def test_an_answer_a_client_takes_a_little_at_a_time_arrives_whole(
+    make_backend, make_lock, conn_log
+):
+    # The client's socket takes little at a time (small buffers on both ends of it), so that
+    # tcplock's sends to it are cut short mid-answer: what is left of each read must still go
+    # out, once and in order. (Accepted sockets inherit the listener's send buffer on Linux.)
+    answer = os.urandom(300_000)
+
+    def answer_in_pieces(conn):
+        conn.sock.recv(2)
+        for i in range(0, len(answer), 10_000):
+            conn.sock.sendall(answer[i : i + 10_000])
+        conn.sock.close()
+
+    backend = make_backend(answer_in_pieces)
+    lock = make_lock(backend, client_finish_timeout=10)
+    lock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.settimeout(10)
+    c.connect((LOOPBACK, lock.server_port))
+    c.sendall(b"go")
+    backend.next_conn()
+    gevent.sleep(0.1)  # the answer meets full buffers
+    assert recv_all(c, timeout=10) == answer
+    c.close()
+    line = conn_log.next_end()
+    assert line["end"] == "closed" and int(line["down"]) == len(answer)
+
+
 def test_backend_that_stops_reading_stalls_the_client_without_buffering(make_backend, make_lock):
     reading = Event()
 
