@@ -743,7 +743,7 @@ class Connection(Ticket):
             check = self.backend.peer_check
             relay.backend_closed = partial(check.closed, self.upstream, self.baddr)
             relay.slot_wanted = self._slot_wanted
-        relay.adopt(
+        relay.start(
             self._relayed,
             lock.finish_timeout,
             lock.client_finish_timeout,

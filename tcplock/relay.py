@@ -9,9 +9,8 @@ Each direction is driven by the event loop itself: a watcher on the source calls
 that reads one chunk and writes it on; if the destination is full, the function swaps to a
 watcher on the destination until the chunk is out. No greenlet per direction, so no switch per
 read or write. How the exchange ends is decided in the same callbacks, and reported by a
-callback too (:meth:`Relay.start`). A relay may also take over an exchange a connection began
-relaying itself (:meth:`Relay.adopt`). Every watcher is stopped when the relay ends or is
-stopped.
+callback too (:meth:`Relay.start`, which may also take over an exchange a connection began
+relaying itself). Every watcher is stopped when the relay ends or is stopped.
 It knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
 """
 
@@ -410,6 +409,11 @@ class Relay:
         on_done: Callable[[], object],
         finish_timeout: Optional[float],
         client_finish_timeout: Optional[float],
+        client_watch=None,
+        backend_watch=None,
+        up_chunk=None,
+        down_chunk=None,
+        backend_fin: bool = False,
     ) -> None:
         """Start relaying. ``on_done()`` is called once when the exchange has ended (see
         :attr:`reason`), unless :meth:`stop` came first: from an event-loop callback, or from
@@ -420,35 +424,12 @@ class Relay:
         reply is discarded), and ``client_finish_timeout``, how long the client may keep its
         side open after the backend closed (0: not at all; the exchange ends as ``closed``).
         None is no limit.
-        """
-        self._on_done = on_done
-        self._finish_timeout = finish_timeout
-        self._client_finish_timeout = client_finish_timeout
-        up = self._up = _Direction(self, self.client, self.backend, True)
-        down = self._down = _Direction(self, self.backend, self.client, False)
-        up.other, down.other = down, up
-        up.start()
-        down.start()
-        # The client has usually sent its request already: pass it on now rather than one
-        # turn of the event loop later. One read: a request seldom comes with its EOF.
-        up.readable(1)
 
-    def adopt(
-        self,
-        on_done: Callable[[], object],
-        finish_timeout: Optional[float],
-        client_finish_timeout: Optional[float],
-        client_watch,
-        backend_watch,
-        up_chunk=None,
-        down_chunk=None,
-        backend_fin: bool = False,
-    ) -> None:
-        """Take over an exchange begun elsewhere (a connection's flat path), as :meth:`start`
-        would run it from there: with the stopped read watchers of both sockets, a chunk read
-        from either side but not yet sent on (``up_chunk`` from the client, ``down_chunk``
-        from the backend), and ``backend_fin``: the backend's EOF was read and passed on to
-        the client, and whether the backend closed for good has been asked (it had not)."""
+        The exchange may have begun elsewhere (a connection's flat path): then it is taken
+        over with the stopped read watchers of both sockets, a chunk read from either side but
+        not yet sent on (``up_chunk`` from the client, ``down_chunk`` from the backend), and
+        ``backend_fin``: the backend's EOF was read and passed on to the client, and whether
+        the backend closed for good has been asked (it had not)."""
         self._on_done = on_done
         self._finish_timeout = finish_timeout
         self._client_finish_timeout = client_finish_timeout
