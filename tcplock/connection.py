@@ -680,9 +680,10 @@ class Connection(Ticket):
             return self._flat_end(Ended(client_watch=self._take_client_watch(), client_fin=True))
         if not self.flat & _ASKS:
             return self._hand_over().eof(BACKEND)  # nothing to ask: the Relay times the client
-        if self._slot_wanted() and self.backend.peer_check.closed(self.upstream, self.baddr):
-            # Someone waits for the slot, and nothing on the backend's side can read any more:
-            # the slot passes on now; the client gets its EOF after, and lingers.
+        if self.lock.gate.waiting and self.backend.peer_check.closed(self.upstream, self.baddr):
+            # (As _slot_wanted.) Someone waits for the slot, and nothing on the backend's side
+            # can read any more: the slot passes on now; the client gets its EOF after, and
+            # lingers.
             watch = self._take_client_watch()
             return self._flat_end(Ended(client_watch=watch, client_fin=True, backend_done=True))
         self.bwatch.stop()
@@ -792,7 +793,10 @@ class Connection(Ticket):
                 and outcome.backend_finished
                 and END_RULES[reason].backend is _FIN
             )
-            close_socket(self.upstream, not graceful)
+            if graceful:
+                self.upstream.close()
+            else:
+                close_socket(self.upstream, True)
             self.upstream = None
         if self.activation is None:  # it never held a slot
             self._settle()
@@ -856,7 +860,7 @@ class Connection(Ticket):
             upstream = self.upstream
             if upstream is not None:
                 self.upstream = None
-                close_socket(upstream, False)
+                upstream.close()
             sock = self.sock
             if sock is not None:
                 # A client cut while active learns it with a reset; one turned away before it
