@@ -15,7 +15,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["tcplock", "tcplock.*"]),
     python_requires=">=3.9",
-    install_requires=["gevent>=22.10", "ConfigArgParse>=1.5", "prometheus_client>=0.16"],
+    install_requires=["gevent>=22.10", "prometheus_client>=0.16"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "gunicorn>=21", "cffi>=1.12"],
     },

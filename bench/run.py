@@ -408,7 +408,7 @@ def ensure_tcplock(tree: str = REPO) -> str:
     probe = [
         sys.executable,
         "-c",
-        "import gevent, configargparse, tcplock; print(tcplock.__version__, tcplock.__file__)",
+        "import gevent, tcplock.cli; print(tcplock.__version__, tcplock.__file__)",
     ]
     r = subprocess.run(
         probe, capture_output=True, text=True, cwd=tree, env=tcplock_env(tree), timeout=60

@@ -97,6 +97,10 @@ class Backend:
         self.last_used = 0.0
         #: False once connecting to it failed, until a check finds it answering again.
         self.up = True
+        #: Whether it has been ready since tcplock started: a supervised backend once its
+        #: first start is done, another once a check found it answering (the first runs at
+        #: start). Until then /healthz does not count it as up, whatever ``up`` says.
+        self.been_ready = False
         #: Set by the operator: it finishes its clients and takes no new ones.
         self.draining = False
         #: Taken out of the pool (TCPLock.set_backends): it finishes its clients and takes no
@@ -183,8 +187,8 @@ class Backend:
     # -- up and down -------------------------------------------------------------------------
 
     def mark_down(self, error) -> None:
-        """Connecting failed: take no clients while another backend is up, and check it every
-        ``check_interval`` until it answers."""
+        """Connecting (or a check) failed: take no clients while another backend is up, and
+        check it every ``check_interval`` until it answers."""
         if not self.up:
             return
         self.up = False
@@ -199,12 +203,20 @@ class Backend:
         self._checks.start(self._check_now)
 
     def mark_up(self) -> None:
+        was_ready, self.been_ready = self.been_ready, True
         if self.up:
             return
         self.up = True
         self._stop_checks()
-        log.warning("backend %s is up again", self.label)
+        log.warning("backend %s is up%s", self.label, " again" if was_ready else "")
         self.lock._sync_gate()
+
+    def check_first(self) -> None:
+        """When tcplock starts (or it joins the pool): a backend tcplock does not run is
+        checked at once, as one that is down is; if the check fails, it is down, and checked
+        every ``check_interval`` until it answers."""
+        if self.process is None and not self.been_ready and self._check is None:
+            self._check_now()
 
     def _check_now(self) -> None:
         if self._check is not None:
@@ -219,16 +231,20 @@ class Backend:
         self._check = Connect(self, time.monotonic() + limit, self._checked)
         self._check.start()
 
-    def _checked(self, sock, _error) -> None:
+    def _checked(self, sock, error) -> None:
         self._check = None
         if sock is not None:
             self.close_check(sock)
             self.mark_up()
+        else:
+            self.mark_down(error)  # nothing more if it is down already
 
-    def _probed(self, result, _error) -> None:
+    def _probed(self, result, error) -> None:
         self._check = None
         if result is not None and result[0]:
             self.mark_up()
+        else:
+            self.mark_down(f"not ready: {result[1]}" if result is not None else error)
 
     def close_check(self, sock) -> None:
         """Close a check's connection. A backend sent PROXY headers is sent one first,
@@ -327,9 +343,12 @@ class Backend:
     # -- a backend tcplock runs ----------------------------------------------------------------
 
     def start_process(self) -> None:
-        """Start a supervised backend's command (when tcplock starts): as a restart with
-        nothing to stop, so that no client reaches it before it is ready."""
-        if self.process is None or self.restart_reason is not None:
+        """Start a supervised backend's command (when tcplock starts, or it joins the pool):
+        as a restart with nothing to stop, so that no client reaches it before it is ready.
+        Another backend is checked instead (:meth:`check_first`)."""
+        if self.process is None:
+            return self.check_first()
+        if self.restart_reason is not None:
             return
         self.restart_reason = "start"
         self.lock._sync_gate()
@@ -379,6 +398,7 @@ class Backend:
                 self.process.found_ready()
                 self._stop_checks()
                 self.up = True
+                self.been_ready = True
             self.restart_reason = None
             self.restart_step = None
             parked, self.parked = self.parked, []

@@ -1,10 +1,12 @@
 """The ``tcplock`` command: options, hooks, signals and exit codes.
 
-What it owns: turning the settings table (:mod:`tcplock.settings`) into the command line (the
-config file and the ``TCPLOCK_*`` environment are read by :mod:`tcplock.config`, which says
-where a bad value was written), and the resulting values into a running
-:class:`~tcplock.server.TCPLock`; signals, systemd notification and the descriptor limit. The
-rule it keeps: bad input is one line on standard error and exit status 2, never a traceback.
+What it owns: turning the settings table (:mod:`tcplock.settings`) into the command line, an
+argparse parser with the table's groups (the config file and the ``TCPLOCK_*`` environment are
+read by :mod:`tcplock.config`, which says where a bad value was written), and the resulting
+values into a running :class:`~tcplock.server.TCPLock`; ``--check-config``, which makes the
+same checks up to the lock made but not started; signals, systemd notification and the
+descriptor limit. The rule it keeps: bad input is one line on standard error and exit status 2,
+never a traceback; an unknown option is named with the one it was probably meant to be.
 
 Only :func:`main` monkey-patches gevent (so that Python hooks may block cooperatively); importing
 this module does not.
@@ -20,15 +22,14 @@ import signal
 import sys
 from typing import Callable, List, Optional, Sequence
 
-import configargparse
-
 from . import __version__
-from .config import ConfigError, Resolved, resolve
+from .config import ConfigError, Resolved, render_effective, resolve, suggest
 from .settings import (
     ENV_PREFIX,
     LIBRARY,
     SETTINGS,
     check_together,
+    grouped,
     parse_address,
     parse_duration,
     validate,
@@ -60,9 +61,22 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-class _Parser(configargparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2: a usage error is the caller's fault
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # As argparse's, but an unknown option is named with the one it was probably meant to
+        # be, as an unknown config-file key or TCPLOCK_* variable is (tcplock.config.suggest).
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            unknown = [a for a in extras if a.startswith("-") and a.strip("-")]
+            if unknown:
+                word = unknown[0].split("=", 1)[0]
+                flags = [f for a in self._actions for f in a.option_strings]
+                self.error(f"unrecognized option {word}{suggest(word, flags)}")
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
     def _get_values(self, action, arg_strings):
         # argparse takes a lone "--" attached to an option ("--slots=--") as an empty list;
@@ -74,13 +88,12 @@ class _Parser(configargparse.ArgumentParser):
         return super()._get_values(action, arg_strings)
 
 
-def _add_setting(parser: configargparse.ArgumentParser, setting) -> None:
+def _add_setting(parser, setting) -> None:
     # No default here: the command line says only what it was given (argparse.SUPPRESS), and
     # tcplock.config puts it over the environment, the config file and the defaults.
     kwargs = dict(
-        help=setting.help_text.replace("%", "%%"),
+        help=f"{setting.help_text} [env var: {setting.env}]".replace("%", "%%"),
         default=argparse.SUPPRESS,
-        env_var=setting.env,  # for --help; tcplock.config reads the environment
     )
     if setting.action is not None:
         kwargs["action"] = setting.action
@@ -89,13 +102,17 @@ def _add_setting(parser: configargparse.ArgumentParser, setting) -> None:
     parser.add_argument(*setting.flags, **kwargs)
 
 
-def build_parser() -> configargparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """The parser of the command line: one option per setting of
-    :data:`~tcplock.settings.SETTINGS`, in its order. It reads the command line only (the
-    config file and the environment are :mod:`tcplock.config`'s) and leaves out what was not
-    given there."""
+    :data:`~tcplock.settings.SETTINGS`, by group, and ``--check-config`` and ``--version``. It
+    reads the command line only (the config file and the environment are
+    :mod:`tcplock.config`'s) and leaves out what was not given there."""
     p = _Parser(
         prog="tcplock",
+        usage=(
+            "%(prog)s -l [HOST:]PORT (-p [HOST:]PORT | --backend HOST:PORT ... | --demo) "
+            "[OPTION ...]\n       %(prog)s --check-config [OPTION ...]"
+        ),
         description=(
             "A TCP proxy that lets at most N clients at a time (default 1) through to a backend "
             "service, in strict arrival order, with a maximum lifetime per connection and hooks "
@@ -108,21 +125,45 @@ def build_parser() -> configargparse.ArgumentParser:
             "500ms, 20s, 1m30s, 5min, 1h30m, 2d; a bare number is seconds."
         ),
         allow_abbrev=False,
-        add_config_file_help=False,
+        add_help=False,
     )
-    for setting in SETTINGS:
-        _add_setting(p, setting)
-    p.add_argument("--version", action="version", version=f"tcplock {__version__}", env_var=None)
+    for group, settings in grouped():
+        options = p.add_argument_group(group)
+        if group == "general":
+            options.add_argument("-h", "--help", action="help", help="print this help and exit")
+            options.add_argument(
+                "--version",
+                action="version",
+                version=f"tcplock {__version__}",
+                help="print the version and exit",
+            )
+            options.add_argument(
+                "--check-config",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="read and check the settings as a start would (the config file, the "
+                "environment, the --hooks and token files, the rules between settings), print "
+                "them with where each came from, and exit: 0 if they are valid, 2 if not; no "
+                "port is bound and no backend started",
+            )
+        for setting in settings:
+            _add_setting(options, setting)
     return p
 
 
 def load(argv: Optional[Sequence[str]] = None, env=None) -> Resolved:
     """The settings from ``argv``, ``env`` (the process's environment if None) and the config
     file, with where each came from; a usage error exits 2 with one line."""
+    return _read(argv, os.environ if env is None else env)[0]
+
+
+def _read(argv, env):
+    """(the settings, whether --check-config was given): see :func:`load`."""
     parser = build_parser()
-    given = vars(parser.parse_args(argv, env_vars={}))
+    given = vars(parser.parse_args(argv))
+    check = given.pop("check_config", False)
     try:
-        return resolve(given, os.environ if env is None else env)
+        return resolve(given, env), check
     except ConfigError as e:  # it says where: the file and line, or the variable
         parser.exit(2, f"{parser.prog}: error: {_one_line(str(e))}\n")
 
@@ -214,13 +255,28 @@ def max_status_connections(capacity: int) -> int:
     return max(1, min(64, capacity // 16))
 
 
+#: Descriptors an active connection may hold: client, backend, and a pipe each way for bulk
+#: data.
+_FDS_PER_CONNECTION = 6
+
+
+def max_slots(capacity: int, backends: int) -> int:
+    """Slots per backend whose connections, all active at once, fit in the descriptor limit."""
+    return capacity // (_FDS_PER_CONNECTION * backends)
+
+
 def default_max_queue(capacity: int, slots: int, status_connections: int = 0) -> int:
     """Waiting clients the descriptor limit has room for: each holds one descriptor, each
     active connection up to six (client, backend, and a pipe each way for bulk data), each
     lingering client one (see max_lingering), and each connection of the status server one
     (``status_connections``, see max_status_connections)."""
     return max(
-        0, capacity - _RESERVED_FDS - 6 * slots - max_lingering(capacity) - status_connections
+        0,
+        capacity
+        - _RESERVED_FDS
+        - _FDS_PER_CONNECTION * slots
+        - max_lingering(capacity)
+        - status_connections,
     )
 
 
@@ -300,6 +356,55 @@ def check_hooks(args, hooks: dict) -> None:
         )
 
 
+def start_checks(loaded: Resolved):
+    """(hooks, status token): what a start, a reload and --check-config check past the
+    settings themselves. The --hooks file is run, and the token file read; UsageError, in one
+    line naming where, for what cannot be taken."""
+    args = loaded.args
+    hooks = load_hooks(args, loaded.named)
+    check_hooks(args, hooks)
+    token = None
+    if args.status_token_file:
+        from .status import read_token_file
+
+        try:
+            token = read_token_file(args.status_token_file)
+        except ValueError as e:
+            raise UsageError(f"--status-token-file: {e}") from None
+    return hooks, token
+
+
+def make_lock(args, hooks: dict, capacity: int, backends: list):
+    """The lock the settings describe, not started (nothing is bound); ValueError for what
+    the parser lets through but the lock refuses."""
+    from .server import TCPLock
+
+    kwargs = library_settings(args, hooks, capacity, len(backends))
+    return TCPLock(args.listen, backends=backends, **kwargs)
+
+
+def check_config(loaded: Resolved) -> int:
+    """--check-config: the checks of a start, up to the lock made but not started; the settings
+    printed as a config file, with where each came from. 0 if they are valid, 2 if not."""
+    for warning in loaded.warnings:
+        print(f"tcplock: warning: {_one_line(warning)}", file=sys.stderr)
+    args = loaded.args
+    try:
+        hooks, _token = start_checks(loaded)
+        # The demo's backend is not started: a stand-in address takes its place.
+        backends = [("127.0.0.1", 1)] if args.demo else backends_of(args)
+        lock = make_lock(args, hooks, raise_descriptor_limit(), backends)
+    except (UsageError, ValueError) as e:
+        print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    print(
+        f"# tcplock {__version__}: the settings are valid. Each is given as it would be used, "
+        "with where it came\n# from; those at their default are commented out.\n"
+    )
+    print(render_effective(loaded, {"max_queue": lock.max_queue}), end="")
+    return 0
+
+
 def backends_of(args) -> list:
     """The pool's addresses the settings name (the demo's own backend is not among them)."""
     return list(args.backend or [(args.proxy_host, args.proxy_port)])
@@ -307,14 +412,24 @@ def backends_of(args) -> list:
 
 def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
     """Every library setting by its own name: hooks as loaded, max-queue as the descriptor
-    limit allows unless it is set."""
+    limit allows unless it is set (one waiting client at least: a queue of none would turn
+    every client away while the slots are taken). UsageError if the slots' connections would
+    not fit in the descriptor limit."""
+    most = max_slots(capacity, backends)
+    if args.slots > most:
+        each = f" for each of {backends} backends" if backends > 1 else ""
+        raise UsageError(
+            f"--slots {args.slots}{each} is more than the descriptor limit of {capacity} "
+            f"allows: at most {most} (each connection may hold {_FDS_PER_CONNECTION} "
+            "descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+        )
     kwargs = {
         attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
         for attr, setting in LIBRARY.items()
     }
     if kwargs["max_queue"] is None:
         status = max_status_connections(capacity) if args.status is not None else 0
-        kwargs["max_queue"] = default_max_queue(capacity, args.slots * backends, status)
+        kwargs["max_queue"] = max(1, default_max_queue(capacity, args.slots * backends, status))
     return kwargs
 
 
@@ -390,36 +505,19 @@ class Reloader:
                 raise UsageError(
                     f"{resolved.sources['demo']}: demo: switching it on needs a restart"
                 )
-            hooks = load_hooks(new, resolved.named)
-            check_hooks(new, hooks)
+            kept = self.keep_fixed(old, new)
+            hooks, token = start_checks(resolved)
             backends = None if self.demo is not None else backends_of(new)
             count = len(backends or self.lock.backends)
             values = library_settings(new, hooks, self.capacity, count)
             for attr, value in values.items():
                 values[attr] = validate(attr, value)
             check_together(values)
-            token = None
-            if new.status_token_file:
-                from .status import read_token_file
-
-                try:
-                    token = read_token_file(new.status_token_file)
-                except ValueError as e:
-                    raise UsageError(f"--status-token-file: {e}") from None
         except (ConfigError, UsageError, ValueError) as e:
             log.error("reload failed; the running settings stay: %s", _one_line(str(e)))
             return False
-        for s in _FIXED:
-            if getattr(new, s.dest) != getattr(old, s.dest):
-                log.warning(
-                    "reload: %s stays %s: changing it needs a restart",
-                    s.name,
-                    _show(getattr(old, s.dest)),
-                )
-                setattr(new, s.dest, getattr(old, s.dest))
-        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
-            for dest in ("proxy_host", "proxy_port", "backend"):
-                setattr(new, dest, getattr(old, dest))
+        for name, running in kept:
+            log.warning("reload: %s stays %s: changing it needs a restart", name, running)
         for name, _address, server in self.extras:
             if name == "status":
                 server.token = token
@@ -443,6 +541,20 @@ class Reloader:
         log.warning("reloaded: %s", "; ".join(changed) or "no setting changed")
         return True
 
+    def keep_fixed(self, old, new) -> list:
+        """Put the running values of what a reload cannot change back into ``new``, before
+        anything is made of it: what the file now says of them is never applied, nor checked
+        against the rest. The (name, running value) of each the file or environment changed."""
+        kept = []
+        for s in _FIXED:
+            if getattr(new, s.dest) != getattr(old, s.dest):
+                kept.append((s.name, _show(getattr(old, s.dest))))
+                setattr(new, s.dest, getattr(old, s.dest))
+        if self.demo is not None:  # the demo's backend stays; so do the settings naming one
+            for dest in ("proxy_host", "proxy_port", "backend"):
+                setattr(new, dest, getattr(old, dest))
+        return kept
+
     def set_logging(self, level: str, fmt: str) -> None:
         from .logs import JSONFormatter, TextFormatter
 
@@ -461,7 +573,7 @@ def connection_log(handler):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    loaded = load(argv, env=os.environ)
+    loaded, check = _read(argv, os.environ)
     args = loaded.args
 
     from gevent import monkey
@@ -469,28 +581,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Patched here, never on import: hooks written in Python may then use blocking libraries
     # (subprocess, sockets, time.sleep) without stalling the other clients.
     monkey.patch_all()
+    if check:
+        return check_config(loaded)
 
     import gevent
     from gevent.event import Event
 
     from .logs import setup_logging
-    from .server import LOOPBACK, TCPLock, format_address
+    from .server import LOOPBACK, format_address
 
     try:
-        hooks = load_hooks(args, loaded.named)
-        check_hooks(args, hooks)
+        hooks, token = start_checks(loaded)
     except UsageError as e:
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    token = None
-    if args.status_token_file:
-        from .status import read_token_file
-
-        try:
-            token = read_token_file(args.status_token_file)
-        except ValueError as e:
-            print(f"tcplock: error: --status-token-file: {_one_line(str(e))}", file=sys.stderr)
-            return 2
     # Batched: info lines reach the log within 0.02 s, a write() per batch (see BatchedStream).
     handler = setup_logging(args.log_level, args.log_format, batched=True)
     atexit.register(handler.flush)
@@ -506,11 +610,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         backends = [("127.0.0.1", demo.server_port)]
 
     capacity = raise_descriptor_limit()
-    kwargs = library_settings(args, hooks, capacity, len(backends))
     status_connections = max_status_connections(capacity) if args.status is not None else 0
     try:
-        lock = TCPLock(args.listen, backends=backends, **kwargs)
-    except ValueError as e:  # what the parser lets through but the lock refuses
+        lock = make_lock(args, hooks, capacity, backends)
+    except (UsageError, ValueError) as e:  # what the parser lets through but the lock refuses
         print(f"tcplock: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     lock.max_lingering = max_lingering(capacity)
@@ -575,7 +678,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
         default_max_queue(capacity, args.slots * len(lock.backends), status_connections),
-        kwargs["max_queue"],
+        lock.max_queue,
     )
     if args.accept_proxy:
         trusted = lock.trusted_proxy if lock.trusted_proxy is not None else LOOPBACK

@@ -3,7 +3,9 @@
 What it owns: reading the config file and the ``TCPLOCK_*`` environment into values, each text
 parsed by its setting's own parser (:mod:`tcplock.settings`); merging them with what the
 command line gave, in the order command line, environment, config file, defaults; and the rules
-between settings. :func:`resolve` does all of it, at start-up and again on a reload.
+between settings. :func:`resolve` does all of it, at start-up, again on a reload, and for
+``--check-config``, which prints the result back as a config file with where each value came
+from (:func:`render_effective`).
 
 The rule it keeps: a bad value is one :class:`ConfigError` line that says where it came from
 (``TCPLOCK_TIMEOUT: ...``, ``/etc/tcplock.conf, line 7: timeout: ...``); a line of the file
@@ -28,7 +30,17 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .settings import ENV_PREFIX, SETTINGS, Setting
 
-__all__ = ["ConfigError", "Resolved", "resolve", "read_config", "read_environment", "parse_text"]
+__all__ = [
+    "ConfigError",
+    "Resolved",
+    "resolve",
+    "read_config",
+    "read_environment",
+    "parse_text",
+    "suggest",
+    "format_text",
+    "render_effective",
+]
 
 BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_DEST: Dict[str, Setting] = {s.dest: s for s in SETTINGS}
@@ -56,6 +68,9 @@ class Resolved:
     config_file: Optional[str] = None
     #: What the command line gave (dest -> value): a reload reads the rest again over it.
     command_line: Dict[str, Any] = field(default_factory=dict)
+    #: The settings whose value follows from another one's (dest -> that one's dest): the
+    #: host of ``-p HOST:PORT``, the listen address of ``--demo``.
+    derived: Dict[str, str] = field(default_factory=dict)
 
     def named(self, dest: str) -> str:
         """How a message names the setting ``dest``: by where it was given (``TCPLOCK_HOOKS``,
@@ -121,7 +136,9 @@ def parse_value(setting: Setting, text: str):
     return [parse_text(setting, item) for item in items]
 
 
-def _suggest(word: str, names) -> str:
+def suggest(word: str, names) -> str:
+    """`` (did you mean 'NAME'?)`` with the name of ``names`` closest to ``word``, if one is
+    close; empty otherwise."""
     close = difflib.get_close_matches(word, list(names), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -179,7 +196,7 @@ def read_config(path: str) -> Dict[str, Tuple[Any, str]]:
         if setting is None:
             names = [s.name for s in SETTINGS if s.name != "config"]
             raise ConfigError(
-                f"{where}: unknown setting {_short(key)}{_suggest(key.strip('-'), names)}"
+                f"{where}: unknown setting {_short(key)}{suggest(key.strip('-'), names)}"
             )
         if setting.name == "config":
             raise ConfigError(f"{where}: config: a config file cannot name another one")
@@ -205,7 +222,7 @@ def read_environment(env: Mapping[str, str]) -> Tuple[Dict[str, Tuple[Any, str]]
         setting = BY_ENV.get(name)
         if setting is None:
             known = [s.env[len(ENV_PREFIX) :] for s in SETTINGS]
-            hint = _suggest(name[len(ENV_PREFIX) :], known).replace("'", "'" + ENV_PREFIX, 1)
+            hint = suggest(name[len(ENV_PREFIX) :], known).replace("'", "'" + ENV_PREFIX, 1)
             warnings.append(f"{_one_line(name)} is not a tcplock setting; ignored{hint}")
             continue
         if setting.name == "config":
@@ -253,12 +270,14 @@ def resolve(command_line: Mapping[str, Any], env: Mapping[str, str]) -> Resolved
         values[dest], sources[dest] = value, "command line"
     values["config"] = config_path or None
     args = argparse.Namespace(**values)
-    _check_together(args, sources)
-    return Resolved(args, sources, warnings, config_path or None, dict(command_line))
+    derived = _check_together(args, sources)
+    return Resolved(args, sources, warnings, config_path or None, dict(command_line), derived)
 
 
-def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
-    """The rules between settings, on the merged values; normalises -p HOST:PORT."""
+def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> Dict[str, str]:
+    """The rules between settings, on the merged values; normalises -p HOST:PORT. Returns the
+    settings whose value it set from another's (dest -> that one's dest)."""
+    derived = {}
 
     def named(dest):
         return _named(BY_DEST[dest], sources.get(dest, "command line"))
@@ -269,6 +288,7 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
                 f"{named('proxy_port')} names the host: leave out {named('proxy_host')}"
             )
         args.proxy_host, args.proxy_port = args.proxy_port
+        derived["proxy_host"] = "proxy_port"
     if args.backend:
         given = [
             named(dest)
@@ -299,6 +319,7 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
             )
         if args.listen is None:
             args.listen = ("127.0.0.1", 9000)
+            derived["listen"] = "demo"
     else:
         missing = [
             "/".join(s.flags)
@@ -335,3 +356,84 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> None:
         raise ConfigError(
             f"{named('restart_above_rss')} needs --backend-cmd (a backend tcplock runs)"
         )
+    return derived
+
+
+# -- the settings as a config file (--check-config) ---------------------------------------------
+
+_DURATION_PARTS = (("d", 86400), ("h", 3600), ("m", 60))
+_SIZE_PARTS = (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+
+
+def format_text(setting: Setting, value) -> Optional[str]:
+    """``value`` of ``setting`` as a config file writes it (parse_value reads it back the
+    same), or None if no text gives it (a setting that is not set and takes no ``off``)."""
+    if value is None:
+        try:
+            return "off" if parse_text(setting, "off") is None else None
+        except ConfigError:
+            return None
+    if isinstance(value, list):
+        return "[" + ", ".join(format_text(setting, v) or "" for v in value) + "]"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if setting.kind == "duration":
+        parts, rest = [], value
+        for unit, size in _DURATION_PARTS:
+            if rest >= size:
+                n = int(rest // size)
+                parts.append(f"{n}{unit}")
+                rest -= n * size
+        if rest or not parts:
+            parts.append(f"{rest:.6f}".rstrip("0").rstrip(".") + "s")
+        return "".join(parts)
+    if setting.kind == "size":
+        unit = next((u for u, size in _SIZE_PARTS if value % size == 0), "")
+        return f"{value // dict(_SIZE_PARTS).get(unit, 1)}{unit}"
+    if isinstance(value, tuple) and len(value) == 2:  # an address
+        host, port = value
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    text = str(value)
+    if text != text.strip() or text[:1] in ("'", '"') or _COMMENT.search(text):
+        quote = "'" if "'" not in text else '"'
+        return f"{quote}{text}{quote}"
+    return text
+
+
+def render_effective(resolved: Resolved, effective: Optional[Mapping[str, Any]] = None) -> str:
+    """The settings as a config file, grouped as ``--help`` has them, each line saying where its
+    value came from (an option, a variable, the config file and line, or the default); those
+    at their default are commented out. ``effective``: values (by dest) that the command works
+    out from the default, shown in its place (max-queue from the descriptor limit)."""
+    from .settings import grouped
+
+    args, lines, effective = resolved.args, [], effective or {}
+    for group, settings in grouped():
+        lines.append(f"\n# -- {group} --")
+        for s in settings:
+            value = getattr(args, s.dest)
+            if s.name == "config":
+                where = _label(resolved, s.dest) if "config" in resolved.sources else s.env
+                where = where if value is not None else "default"
+                lines.append(f"# config file: {value or 'none'}  # {where}")
+                continue
+            given = s.dest in resolved.sources or s.dest in resolved.derived
+            if not given and s.dest in effective:
+                value = effective[s.dest]
+            text = format_text(s, value)
+            if not given:
+                text = text if text is not None else (s.default_text or "(none)")
+                where = f"default: {s.shown}" if s.dest in effective and s.shown else "default"
+                lines.append(f"# {s.name} = {text}  # {where}")
+            else:
+                lines.append(f"{s.name} = {_one_line(text or '')}  # {_label(resolved, s.dest)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _label(resolved: Resolved, dest: str) -> str:
+    """Where the value of ``dest`` came from, as --check-config gives it."""
+    if dest in resolved.derived:
+        other = resolved.derived[dest]
+        return "from " + _label(resolved, other)
+    where = resolved.sources[dest]
+    return "/".join(BY_DEST[dest].flags) if where == "command line" else where

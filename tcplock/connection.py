@@ -520,11 +520,11 @@ class Connection(Ticket):
         lock = self.lock
         if lock._stopping:
             return self.finish("shutdown")
-        backend = self.backend
+        backend, activation = self.backend, self.activation
         self._to("requeue")
         self.backend = None
         self.activation = self.activated_at = None
-        lock._requeue(self, backend)
+        lock._requeue(self, backend, activation)
         if not self.ticket.granted:
             left = lock.queue_timeout
             if left is not None:

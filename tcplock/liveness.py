@@ -78,8 +78,10 @@ class Liveness:
         longer watched for readiness (its data keeps the socket readable), so look for a reset
         here. One that merely closed its sending side keeps its place, as it should. Lingering
         clients whose time is up are closed here too (one timer for all of them), and a backend
-        tcplock runs that lost a process while idle is called for a restart."""
+        tcplock runs that lost a process while idle is called for a restart. And the lock
+        takes a sample for its history (:meth:`TCPLock.history`)."""
         lock = self.lock
+        lock._sample()
         for conn in lock.connections:
             if (
                 conn.state == "queued"

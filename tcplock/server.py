@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -142,6 +143,8 @@ class TCPLock(StreamServer):
     #: at once).
     linger_time = 5.0
     max_lingering = 256
+    #: How many samples :meth:`history` keeps: one per sweep (sweep_interval), so five minutes.
+    history_length = 300
     #: Called with each connection that has ended, in place of its INFO line through
     #: :mod:`logging`. None: ``log.info``.
     connection_log: Optional[Callable[[Connection], object]] = None
@@ -187,8 +190,12 @@ class TCPLock(StreamServer):
         self._header_log = _RateLimit(10.0)
         #: Connections still sending their PROXY header (the ``header`` state).
         self._reading: Dict[Connection, None] = {}
-        #: Activations so far (slots granted).
+        #: Activations so far (slots granted), each client once: one sent back to the queue by
+        #: a backend that refused it is counted again only when it is let through again.
         self.activations = 0
+        self._activation_numbers = 0
+        #: The activation numbers of clients sent back to the queue: they keep theirs.
+        self._requeued: Dict[Connection, int] = {}
         #: Connections that held a slot and have finished.
         self.served = 0
         #: How the most recent connection that held a slot ended.
@@ -217,6 +224,8 @@ class TCPLock(StreamServer):
         self._activating = False
         self._operator_paused = False
         self._tune_clients = True
+        self._samples = deque(maxlen=self.history_length)  # (when, queued, active, rate)
+        self._sampled = (self.started_at, 0)  # when the last sample was taken, and _numbers then
 
     # -- what embedding code reads ---------------------------------------------------------------
 
@@ -312,12 +321,14 @@ class TCPLock(StreamServer):
         self._update_open()
         return any(b.open and b.up for b in self.backends if b is not backend)
 
-    def _requeue(self, conn: Connection, backend: Backend) -> None:
+    def _requeue(self, conn: Connection, backend: Backend, activation: int) -> None:
         """The lock's part of sending a granted client back to the head of the queue (see
         :meth:`Connection.back_to_queue`): its slot of ``backend`` given back, keeping its
-        place."""
+        place, and its grant not counted (it keeps its ``activation`` number for the next)."""
         backend.activations -= 1
         backend.since_restart -= 1
+        self.activations -= 1
+        self._requeued[conn] = activation
         self._active.pop(conn, None)
         self.gate.requeue(conn.ticket)
         self.gate.release(backend)
@@ -439,6 +450,28 @@ class TCPLock(StreamServer):
             "draining": self._stopping,
             "uptime_seconds": round(now - self.started_at, 3),
         }
+
+    def history(self) -> dict:
+        """The last minutes of the lock, one sample per second, oldest first, as plain data
+        (what ``GET /history`` returns): for each sample, how many seconds ago it was taken
+        (``age_seconds``), the clients waiting then (``queued``), the connections holding a
+        slot (``active``), and how many connections arrived per second since the sample
+        before (``connections_per_second``)."""
+        now = time.monotonic()
+        samples = list(self._samples)
+        return {
+            "age_seconds": [round(now - s[0], 2) for s in samples],
+            "queued": [s[1] for s in samples],
+            "active": [s[2] for s in samples],
+            "connections_per_second": [round(s[3], 2) for s in samples],
+        }
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        then, arrived = self._sampled
+        rate = (self._numbers - arrived) / (now - then) if now > then else 0.0
+        self._sampled = (now, self._numbers)
+        self._samples.append((now, self.gate.waiting, len(self._active), rate))
 
     @contextmanager
     def slot(self, timeout: Optional[float] = None) -> Iterator[Connection]:
@@ -579,8 +612,12 @@ class TCPLock(StreamServer):
     def _activated(self, conn: Connection) -> int:
         """``conn`` holds a slot now: listed as active; its activation number."""
         self.activations += 1
+        number = self._requeued.pop(conn, None)
+        if number is None:
+            self._activation_numbers += 1
+            number = self._activation_numbers
         self._active[conn] = None
-        return self.activations
+        return number
 
     def _release(self, conn: Connection) -> None:
         """Give the connection's slot back (to the head of the queue): once per grant (the
@@ -593,6 +630,8 @@ class TCPLock(StreamServer):
     def _forget(self, conn: Connection) -> None:
         """``conn`` has ended: no longer one of the lock's."""
         self._connections.pop(conn, None)
+        if self._requeued:
+            self._requeued.pop(conn, None)
         if self._reading:
             self._reading.pop(conn, None)
         if not self._connections:

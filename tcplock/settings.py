@@ -54,7 +54,7 @@ MAX_SECONDS = 10**9
 #: Duration units, longest first: a duration names each at most once, in this order.
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0, "ms": 0.001}
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_PART = re.compile(rf"({_NUMBER})\s*(ms|min|d|h|m|s)\s*", re.IGNORECASE)
+_PART = re.compile(rf"({_NUMBER})\s*(ms|min|d|h|m|s)\s*", re.IGNORECASE | re.ASCII)
 _BARE = re.compile(rf"\s*({_NUMBER})\s*")
 _OFF = ("off", "none", "never")
 _DURATION_HINT = "use e.g. 500ms, 20s, 1m30s, 5min, 1h30m, 2d"
@@ -103,7 +103,9 @@ def parse_duration(text: str, *, allow_off: bool = False, allow_zero: bool = Fal
 #: The largest size any setting takes, in bytes (1 EiB).
 MAX_BYTES = 1 << 60
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", re.IGNORECASE)
+_SIZE = re.compile(
+    r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", re.IGNORECASE | re.ASCII
+)
 
 
 def parse_size(text: str, *, allow_off: bool = True) -> Optional[int]:
@@ -160,14 +162,36 @@ def _duration(**kw):
     return parse
 
 
-def parse_port(text: str, *, allow_zero: bool = False) -> int:
+#: The largest count any setting takes (slots, max-queue, restart-every).
+MAX_COUNT = 10**9
+_INTEGER = re.compile(r"(-?)0*([0-9]+)")
+
+
+def parse_integer(text: str, minimum: int, maximum: int, what: str = "number") -> int:
+    """A whole number as operators write it: ASCII digits only (no ``+``, no ``_``, no
+    exponent, no other script's digits), from ``minimum`` (at least 0) to ``maximum``; a ``-``
+    is read only to say that the number is too small. Every count and every port is read by
+    this one parser."""
     text = text.strip()
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}")
-    port = int(text)
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
-    return port
+    m = _INTEGER.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid {what} {_shown(text)}")
+    sign, digits = m.groups()
+    # Its length first: a number of thousands of digits is never converted.
+    negative = sign == "-" and digits != "0"
+    high = not negative and (len(digits) > len(str(maximum)) or int(digits) > maximum)
+    low = negative or (not high and int(digits) < minimum)
+    if not (high or low):
+        return int(digits)
+    shown = sign + (digits if len(digits) <= 30 else digits[:27] + "...")
+    if what == "number":
+        bound = f"at least {minimum}" if low else f"at most {maximum}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, not {shown}")
+    raise argparse.ArgumentTypeError(f"{what} {shown} is out of range ({minimum}-{maximum})")
+
+
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    return parse_integer(text, 0 if allow_zero else 1, 65535, "port")
 
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]:
@@ -213,22 +237,24 @@ def parse_proxy_port(text: str):
 
 def _count(minimum: int):
     def parse(text: str) -> int:
-        text = text.strip()
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
+        return parse_integer(text, minimum, MAX_COUNT)
 
     parse.__name__ = "number"
     return parse
 
 
 def _host(text: str) -> str:
+    """A host name or address, without a port (``[IPV6]`` in brackets or not): a host with a
+    port would otherwise be looked up as a name, and fail only when the first client comes."""
     text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
+    bracketed = text.startswith("[")
+    if (bracketed and "]:" in text) or (not bracketed and text.count(":") == 1):
+        if text.rpartition(":")[2].strip():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has a port: use --proxy-port HOST:PORT or --backend HOST:PORT instead"
+            )
+        raise argparse.ArgumentTypeError(f"invalid host {text!r}")
+    if bracketed and text.endswith("]"):
         text = text[1:-1]
     if not text or any(c.isspace() for c in text):
         raise argparse.ArgumentTypeError(f"invalid host {text!r}")
@@ -282,7 +308,7 @@ def _check_duration(off: bool, zero: bool) -> Callable[[Any], Optional[float]]:
 
 
 def _check_count(minimum: int, none: Optional[str]) -> Callable[[Any], Optional[int]]:
-    what = f"a whole number of at least {minimum}"
+    what = f"a whole number from {minimum} to {MAX_COUNT}"
     if none:
         what += f", or None for {none}"
 
@@ -290,7 +316,7 @@ def _check_count(minimum: int, none: Optional[str]) -> Callable[[Any], Optional[
         if value is None and none:
             return None
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            if value >= minimum:
+            if minimum <= value <= MAX_COUNT:
                 return int(value)
         raise ValueError(f"must be {what}, not {_shown(value)}")
 
@@ -377,6 +403,20 @@ def _show_flag(value) -> str:
 
 # -- the table ---------------------------------------------------------------------------------
 
+#: The groups of settings, in the order of ``--help``, the README and the sample config.
+GROUPS: Tuple[str, ...] = (
+    "general",
+    "listening",
+    "backends",
+    "limits and timeouts",
+    "hooks",
+    "restarts",
+    "supervised backends",
+    "status",
+    "logging",
+    "PROXY protocol",
+)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -412,6 +452,12 @@ class Setting:
     required: bool = False
     #: Whether it may be changed on a running lock.
     reload: bool = False
+    #: Its group in ``--help``, the README and the sample config: one of :data:`GROUPS`.
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"setting {self.name}: group {self.group!r} is not in GROUPS")
 
     @property
     def dest(self) -> str:
@@ -483,7 +529,7 @@ def _flag_setting(name, help, attr, **kw) -> Setting:
     )
 
 
-def _command_setting(name, attr, help, example) -> Setting:
+def _command_setting(name, attr, help, example, **kw) -> Setting:
     return Setting(
         name,
         (f"--{name}",),
@@ -494,10 +540,11 @@ def _command_setting(name, attr, help, example) -> Setting:
         check=_check_hook,
         example=example,
         reload=True,
+        **kw,
     )
 
 
-def _shell_setting(name, attr, help, example, reload) -> Setting:
+def _shell_setting(name, attr, help, example, reload, **kw) -> Setting:
     return Setting(
         name,
         (f"--{name}",),
@@ -509,12 +556,14 @@ def _shell_setting(name, attr, help, example, reload) -> Setting:
         check=_check_shell,
         example=example,
         reload=reload,
+        **kw,
     )
 
 
 _ADDRESS = dict(kind="address", metavar="[HOST:]PORT", parse=parse_address)
 
-#: Every setting, in the order of ``--help`` and the README.
+#: Every setting; ``--help`` and the docs give them by group (:func:`grouped`), each group in
+#: this order.
 SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "config",
@@ -522,6 +571,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "read settings from FILE (lines of 'name = value')",
         kind="file",
         metavar="FILE",
+        group="general",
     ),
     Setting(
         "listen",
@@ -530,6 +580,7 @@ SETTINGS: Tuple[Setting, ...] = (
         required=True,
         example="9000",
         **_ADDRESS,
+        group="listening",
     ),
     Setting(
         "proxy-host",
@@ -540,6 +591,7 @@ SETTINGS: Tuple[Setting, ...] = (
         parse=_host,
         default="localhost",
         reload=True,
+        group="backends",
     ),
     Setting(
         "proxy-port",
@@ -552,6 +604,7 @@ SETTINGS: Tuple[Setting, ...] = (
         required=True,
         example="2003",
         reload=True,
+        group="backends",
     ),
     Setting(
         "backend",
@@ -565,6 +618,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="the one of --proxy-host and --proxy-port",
         example="[127.0.0.1:2003, 127.0.0.1:2004]",
         reload=True,
+        group="backends",
     ),
     Setting(
         "slots",
@@ -577,6 +631,7 @@ SETTINGS: Tuple[Setting, ...] = (
         check=_check_count(1, None),
         default=1,
         reload=True,
+        group="backends",
     ),
     _duration_setting(
         "timeout",
@@ -584,6 +639,7 @@ SETTINGS: Tuple[Setting, ...] = (
         help="maximum lifetime of a relayed connection; then both sides are cut",
         attr="timeout",
         off=True,
+        group="limits and timeouts",
     ),
     _duration_setting(
         "queue-timeout",
@@ -591,6 +647,7 @@ SETTINGS: Tuple[Setting, ...] = (
         help="close a client that has waited this long for a slot",
         attr="queue_timeout",
         off=True,
+        group="limits and timeouts",
     ),
     Setting(
         "max-queue",
@@ -604,6 +661,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="as many as the descriptor limit leaves room for",
         example="1000",
         reload=True,
+        group="limits and timeouts",
     ),
     Setting(
         "allow",
@@ -619,6 +677,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="any client that reaches --listen",
         example="[127.0.0.0/8, ::1/128, 10.1.2.0/24]",
         reload=True,
+        group="listening",
     ),
     _flag_setting(
         "accept-proxy",
@@ -626,6 +685,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "client address it gives is used for the log, --allow, hooks and status; a connection "
         "without a valid header is closed",
         "accept_proxy",
+        group="PROXY protocol",
     ),
     Setting(
         "trusted-proxy",
@@ -641,6 +701,7 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="loopback (127.0.0.0/8, ::1/128)",
         example="[127.0.0.1/32, 10.0.0.5/32]",
         reload=True,
+        group="PROXY protocol",
     ),
     _duration_setting(
         "proxy-header-timeout",
@@ -649,18 +710,21 @@ SETTINGS: Tuple[Setting, ...] = (
         "time",
         attr="proxy_header_timeout",
         default=5.0,
+        group="PROXY protocol",
     ),
     _flag_setting(
         "send-proxy",
         "send a PROXY protocol v1 header to the backend on each connection, with the client's "
         "address",
         "send_proxy",
+        group="PROXY protocol",
     ),
     _flag_setting(
         "send-proxy-v2",
         "the same with a v2 (binary) header; not together with --send-proxy",
         "send_proxy_v2",
         example=None,
+        group="PROXY protocol",
     ),
     _duration_setting(
         "connect-timeout",
@@ -668,6 +732,7 @@ SETTINGS: Tuple[Setting, ...] = (
         help="keep retrying the backend connection this long",
         attr="connect_timeout",
         default=5.0,
+        group="backends",
     ),
     _duration_setting(
         "check-interval",
@@ -676,6 +741,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "pool when it answers",
         attr="check_interval",
         default=2.0,
+        group="backends",
     ),
     _duration_setting(
         "finish-timeout",
@@ -684,6 +750,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="finish_timeout",
         zero=True,
         default=10.0,
+        group="limits and timeouts",
     ),
     _duration_setting(
         "client-finish-timeout",
@@ -694,12 +761,14 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="client_finish_timeout",
         zero=True,
         default=10.0,
+        group="limits and timeouts",
     ),
     _command_setting(
         "on-activate",
         "on_activate",
         "shell command run before each client is let through; it waits for the command",
         "/usr/local/bin/check-backend",
+        group="hooks",
     ),
     _command_setting(
         "on-timeout",
@@ -707,6 +776,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "shell command run after a connection was cut at its timeout, before the next "
         "client is let through",
         "systemctl restart unoserver",
+        group="hooks",
     ),
     _duration_setting(
         "hook-timeout",
@@ -715,12 +785,14 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="hook_timeout",
         off=True,
         default=60.0,
+        group="hooks",
     ),
     _command_setting(
         "restart-cmd",
         "restart",
         "shell command that restarts the backend; run while no client is relayed",
         "systemctl restart unoserver",
+        group="restarts",
     ),
     Setting(
         "restart-every",
@@ -734,11 +806,13 @@ SETTINGS: Tuple[Setting, ...] = (
         shown="never",
         example="50",
         reload=True,
+        group="restarts",
     ),
     _flag_setting(
         "restart-on-timeout",
         "restart the backend after a connection was cut at its timeout",
         "restart_on_timeout",
+        group="restarts",
     ),
     _duration_setting(
         "ready-timeout",
@@ -748,6 +822,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="ready_timeout",
         off=True,
         default=30.0,
+        group="restarts",
     ),
     _shell_setting(
         "backend-cmd",
@@ -757,6 +832,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "replaces --restart-cmd",
         "unoserver --port $TCPLOCK_BACKEND_PORT",
         reload=False,
+        group="supervised backends",
     ),
     _shell_setting(
         "ready-cmd",
@@ -766,6 +842,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "it, ready means accepting a TCP connection",
         "unoping --port $TCPLOCK_BACKEND_PORT",
         reload=True,
+        group="restarts",
     ),
     Setting(
         "restart-above-rss",
@@ -779,6 +856,7 @@ SETTINGS: Tuple[Setting, ...] = (
         check=_check_size,
         example="800M",
         reload=True,
+        group="supervised backends",
     ),
     _duration_setting(
         "stop-timeout",
@@ -788,6 +866,7 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="stop_timeout",
         zero=True,
         default=10.0,
+        group="supervised backends",
     ),
     Setting(
         "hooks",
@@ -798,6 +877,7 @@ SETTINGS: Tuple[Setting, ...] = (
         metavar="FILE.py",
         example="/etc/tcplock/hooks.py",
         reload=True,
+        group="hooks",
     ),
     _duration_setting(
         "drain-timeout",
@@ -806,15 +886,17 @@ SETTINGS: Tuple[Setting, ...] = (
         attr="drain_timeout",
         zero=True,
         default=10.0,
+        group="limits and timeouts",
     ),
     Setting(
         "status",
         ("--status",),
-        "serve GET /healthz, GET /status (JSON), GET /metrics (Prometheus), POST /pause, POST "
-        "/resume and POST /backends/HOST:PORT/drain or /enable over HTTP here; a bare PORT is "
-        "on 127.0.0.1",
+        "serve GET / (a status page for a browser), GET /healthz, GET /status (JSON), GET "
+        "/metrics (Prometheus), POST /pause, POST /resume and POST /backends/HOST:PORT/drain "
+        "or /enable over HTTP here; a bare PORT is on 127.0.0.1",
         example="9100",
         **_ADDRESS,
+        group="status",
     ),
     Setting(
         "status-token-file",
@@ -825,6 +907,7 @@ SETTINGS: Tuple[Setting, ...] = (
         metavar="FILE",
         example="/etc/tcplock/status-token",
         reload=True,
+        group="status",
     ),
     Setting(
         "agent-check",
@@ -834,6 +917,7 @@ SETTINGS: Tuple[Setting, ...] = (
         "falls as the load grows",
         example="9101",
         **_ADDRESS,
+        group="status",
     ),
     Setting(
         "log-level",
@@ -845,6 +929,7 @@ SETTINGS: Tuple[Setting, ...] = (
         choices=("debug", "info", "warning", "error"),
         default="info",
         reload=True,
+        group="logging",
     ),
     Setting(
         "log-format",
@@ -856,6 +941,7 @@ SETTINGS: Tuple[Setting, ...] = (
         choices=("text", "json"),
         default="text",
         reload=True,
+        group="logging",
     ),
     Setting(
         "demo",
@@ -864,8 +950,15 @@ SETTINGS: Tuple[Setting, ...] = (
         kind="flag",
         default=False,
         action="store_true",
+        group="backends",
     ),
 )
+
+
+def grouped():
+    """(group, its settings) for each of :data:`GROUPS`, in order."""
+    return [(g, [s for s in SETTINGS if s.group == g]) for g in GROUPS]
+
 
 #: The settings of the library, by TCPLock keyword argument.
 LIBRARY: Dict[str, Setting] = {s.attr: s for s in SETTINGS if s.attr is not None}
@@ -932,12 +1025,18 @@ CONF_HEADER = """\
 
 
 def render_markdown() -> str:
-    """The README's settings table."""
+    """The README's settings tables, one per group under a heading of its own."""
+    return "\n".join(_markdown_table(group, settings) for group, settings in grouped())
+
+
+def _markdown_table(group: str, settings) -> str:
     lines = [
+        f"### {group[:1].upper()}{group[1:]}",
+        "",
         "| Option | Config key | Environment | Default | Reloads | Meaning |",
         "|---|---|---|---|---|---|",
     ]
-    for s in SETTINGS:
+    for s in settings:
         flags = ", ".join(f"`{f}`" for f in s.flags)
         if s.required:
             shown = "required"
@@ -956,20 +1055,27 @@ def render_markdown() -> str:
 def render_conf() -> str:
     """``contrib/tcplock.conf``: every setting a config file can hold, with its help."""
     parts = [CONF_HEADER]
-    for s in SETTINGS:
-        if s.name == "config":  # a config file does not name another
-            continue
-        comment = textwrap.fill(
-            s.help_text,
-            width=100,
-            initial_indent="# ",
-            subsequent_indent="# ",
-            break_on_hyphens=False,
-            break_long_words=False,
-        )
-        line = f"{s.name} = {s.sample}"
-        parts.append(f"\n{comment}\n{line if s.required else '# ' + line}\n")
+    for group, settings in grouped():
+        settings = [s for s in settings if s.name != "config"]  # a file does not name another
+        if settings:
+            title = f" {group[:1].upper()}{group[1:]} "
+            parts.append(f"\n\n# {title:-^98}\n")
+        for s in settings:
+            parts.append(_conf_entry(s))
     return "".join(parts)
+
+
+def _conf_entry(s: Setting) -> str:
+    comment = textwrap.fill(
+        s.help_text,
+        width=100,
+        initial_indent="# ",
+        subsequent_indent="# ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+    line = f"{s.name} = {s.sample}"
+    return f"\n{comment}\n{line if s.required else '# ' + line}\n"
 
 
 def _main(argv=None) -> int:

@@ -2,29 +2,36 @@
 check and bearer token, Prometheus metrics, and HAProxy's agent-check.
 
 What it owns: turning a :class:`~tcplock.server.TCPLock`'s state into answers. The rules it
-keeps: nothing here can slow the proxy down — every answer is computed from counters the lock
-keeps anyway, in the same event loop, with no lock held and no I/O beyond the answer itself —
-and nothing here can starve the proxy of descriptors: the status server holds at most
-``max_connections`` connections (the rest wait in the kernel's listen backlog), closes one
-whose request has not arrived within ``request_timeout``, refuses a request head over
-:data:`MAX_HEAD` bytes, and logs bad requests and accept failures as one line per interval.
+keeps: nothing here can take much of the proxy's time — every answer is computed from
+counters the lock keeps anyway, in the same event loop, with no lock held and no I/O beyond the
+answer itself; the Prometheus exposition is made at most once per :data:`METRICS_MAX_AGE`;
+at most ``max_rate`` requests a second are answered, as many more get a short 429, and then
+the server accepts nothing until the second is over — and nothing here can starve the proxy of
+descriptors: the status server holds at most ``max_connections`` connections (the rest wait
+in the kernel's listen backlog), closes one whose request (head and body) has not arrived
+within ``request_timeout``, refuses a request head over :data:`MAX_HEAD` bytes and a body over
+:data:`MAX_BODY` bytes without reading it, never reads the body of a request it refuses, and
+logs bad requests and accept failures as one line per interval.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
 import os
 import stat
+import time
 from io import BytesIO
 from typing import Optional, Tuple
 
 from gevent import Timeout
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 
+from . import page
 from .server import (
     _EXHAUSTED,
     END_REASONS,
@@ -41,10 +48,14 @@ __all__ = [
     "AgentCheck",
     "agent_reply",
     "health",
+    "is_up",
     "read_token_file",
     "MAX_CONNECTIONS",
     "REQUEST_TIMEOUT",
     "MAX_HEAD",
+    "MAX_BODY",
+    "MAX_RATE",
+    "METRICS_MAX_AGE",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,10 +157,11 @@ class _LockCollector:
             (
                 GaugeMetricFamily(
                     "tcplock_backend_up",
-                    "1 while the backend answers (0: down, checked every check_interval).",
+                    "1 while the backend is up (0: down, checked every check_interval, or "
+                    "not yet ready since tcplock started).",
                     labels=["backend"],
                 ),
-                lambda b: int(b.up),
+                lambda b: int(is_up(b)),
             ),
             (
                 GaugeMetricFamily(
@@ -212,17 +224,30 @@ class _LockCollector:
 
 #: The status server's bounds, by default: how many connections it holds at once (others wait
 #: in the kernel's listen backlog, using no descriptor of tcplock's), how long a request may
-#: take to arrive in full (request line and headers, counted from when the server starts
-#: waiting for it; an idle keep-alive connection is closed then too), and the largest request
-#: head (request line and headers) it reads.
+#: take to arrive in full (request line, headers and body, counted from when the server starts
+#: waiting for it; an idle keep-alive connection is closed then too), the largest request
+#: head (request line and headers) it reads, the largest body it takes (no endpoint reads
+#: one; a larger one is refused with 413 unread), and how many requests a second it answers
+#: (as many more get 429; then it accepts nothing until the second is over).
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0
 MAX_HEAD = 8192
+MAX_BODY = 1024
+MAX_RATE = 200
+#: How old, in seconds, the ``/metrics`` answer may be: it is made again at most this often.
+METRICS_MAX_AGE = 1.0
 
 # Bad requests and accept failures: one line per interval, with a count of the rest.
 _LOG_INTERVAL = 10.0
 # The longest token a token file may hold.
 _MAX_TOKEN = 4096
+
+
+def is_up(backend) -> bool:
+    """Whether a backend counts as up for ``/healthz``, the agent-check and
+    ``tcplock_backend_up``: it has been ready since tcplock started, and has not been found
+    down since (a restart of one that was ready, for a policy, keeps it up)."""
+    return backend.up and backend.been_ready
 
 
 def health(lock: TCPLock) -> Tuple[bool, dict]:
@@ -234,9 +259,10 @@ def health(lock: TCPLock) -> Tuple[bool, dict]:
     A paused lock still queues clients, but lets none through until it is resumed; a load
     balancer should send them elsewhere meanwhile, so it is not healthy. A backend that is
     restarting counts as up: clients queue for the moment the restart takes, as they do for a
-    busy slot. Whether a backend is up is what tcplock last saw (see ``Backend.up``); nothing
-    is checked to answer."""
-    up = [b for b in lock.backends if b.up]
+    busy slot, once it has been ready; one that has not been ready since tcplock started (a
+    supervised one starting, another whose first check has not answered) is down. Whether a
+    backend is up is what tcplock last saw (:func:`is_up`); nothing is checked to answer."""
+    up = [b for b in lock.backends if is_up(b)]
     if lock.draining:
         status = "stopping"
     elif not lock.started:
@@ -314,25 +340,52 @@ class _HeadTooLarge(ValueError):
 
 
 class _TooSlow(TimeoutError):
-    """The request did not arrive within ``request_timeout`` (an OSError: pywsgi closes the
-    connection quietly when it comes while waiting for the request line)."""
+    """The request did not arrive within ``request_timeout`` (an OSError, with an errno as
+    pywsgi expects of one: it closes the connection quietly when it comes while waiting for
+    the request line)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*(args or (errno.ETIMEDOUT, "request not received in time")))
 
 
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
+class _Refused(ValueError):
+    """A request answered ``code`` before its headers (429) or its body (411, 413) are read;
+    its connection is closed after the answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+}
 
 
 def _error_response(code: int, message: str) -> bytes:
     body = (json.dumps({"error": message}) + "\n").encode()
+    retry = "Retry-After: 1\r\n" if code == 429 else ""
     return (
-        f"HTTP/1.1 {code} {_REASONS[code]}\r\nConnection: close\r\n"
+        f"HTTP/1.1 {code} {_REASONS[code]}\r\nConnection: close\r\n{retry}"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
 class _Handler(WSGIHandler):
-    """pywsgi's handler, bounded: each request must arrive in full within the server's
-    ``request_timeout``, its head must fit in :data:`MAX_HEAD` bytes, a socket operation that
-    stalls for ``request_timeout`` fails, and what goes wrong is a rate-limited log line."""
+    """pywsgi's handler, bounded: each request must arrive in full (head and body) within the
+    server's ``request_timeout``, its head must fit in :data:`MAX_HEAD` bytes and its body in
+    :data:`MAX_BODY` (a body of unknown length is refused too), a request beyond the server's
+    rate is answered 429 unread, a socket operation that stalls for ``request_timeout`` fails,
+    and what goes wrong is a rate-limited log line.
+
+    No endpoint reads a body. A refused request's body (401, 404, 405, 411, 413, 429) is never
+    read: its connection is closed after the answer. The body of one that is answered is read
+    after the answer, within the same deadline, so that the connection can carry the next."""
 
     def __init__(self, sock, address, server, rfile=None) -> None:
         # Bounds every read and write (a client that stops reading its answer), on top of the
@@ -352,9 +405,33 @@ class _Handler(WSGIHandler):
 
     def read_request(self, raw_requestline):
         try:
-            return super().read_request(raw_requestline)
-        finally:
+            if not self.server._admit():
+                raise _Refused(429, f"over {self.server.max_rate} requests a second")
+            parsed = super().read_request(raw_requestline)
+            if self.headers.get("transfer-encoding") is not None:
+                raise _Refused(411, f"a request body needs a Content-Length (at most {MAX_BODY})")
+            if self.content_length and self.content_length > MAX_BODY:
+                raise _Refused(413, f"request body over {MAX_BODY} bytes")
+        except BaseException:
+            self._deadline.cancel()
+            raise
+        if not self.content_length:
             self._deadline.cancel()  # the request is in: answering it is not bounded by it
+        self._body_unread = False
+        return parsed
+
+    def start_response(self, status, headers, exc_info=None):
+        if self.content_length and not status.startswith("2"):
+            self._body_unread = True  # so the connection cannot carry another request
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
+    def run_application(self):
+        try:
+            super().run_application()
+        finally:
+            if self._body_unread:
+                self.wsgi_input = Input(None, 0)  # what pywsgi reads the rest of the body from
 
     def MessageClass(self, fp, *args):
         # The headers, read up to what is left of MAX_HEAD after the request line, then parsed.
@@ -379,6 +456,8 @@ class _Handler(WSGIHandler):
     def _handle_client_error(self, ex):
         if isinstance(ex, _HeadTooLarge):
             code, message = 431, str(ex)
+        elif isinstance(ex, _Refused):
+            code, message = ex.code, str(ex)
         elif isinstance(ex, _TooSlow):
             code, message = 408, f"request not received within {self.server.request_timeout:g}s"
         else:
@@ -436,8 +515,14 @@ class StatusServer(_Bounded, WSGIServer):
 
     ``max_connections`` and ``request_timeout`` bound what clients of this server can hold
     (see :data:`MAX_CONNECTIONS`); a server with its own descriptor budget counts
-    ``max_connections`` in it.
+    ``max_connections`` in it. ``max_rate`` bounds the time they can take: each second, that
+    many requests are answered, as many more get ``429`` (``Retry-After: 1``) without their
+    headers being read, and then the server accepts nothing more until the second is over.
     """
+
+    #: One new connection per turn of the event loop: a burst of them is taken in turn with
+    #: the lock's own work, not all before it.
+    max_accept = 1
 
     def __init__(
         self,
@@ -447,11 +532,14 @@ class StatusServer(_Bounded, WSGIServer):
         token=None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
+        max_rate: int = MAX_RATE,
     ) -> None:
         if isinstance(max_connections, bool) or not isinstance(max_connections, int):
             raise ValueError(f"max_connections must be a whole number, not {max_connections!r}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if isinstance(max_rate, bool) or not isinstance(max_rate, int) or max_rate < 1:
+            raise ValueError(f"max_rate must be a whole number of at least 1, not {max_rate!r}")
         if isinstance(request_timeout, bool) or not (
             isinstance(request_timeout, (int, float)) and 0 < request_timeout < float("inf")
         ):
@@ -462,8 +550,15 @@ class StatusServer(_Bounded, WSGIServer):
         self.token = token
         self.max_connections = max_connections
         self.request_timeout = float(request_timeout)
+        self.max_rate = max_rate
         self.metrics = Metrics(lock)
+        self._exposition = None  # (made at, body, content type)
         self._bad_log = _RateLimit(_LOG_INTERVAL)
+        # This second's requests: when it ends, how many were answered and refused, and the
+        # timer that starts accepting again once it ends, if it was used up.
+        self._second_ends = 0.0
+        self._answered = self._refused = 0
+        self._reopen = None
         super().__init__(
             listener,
             self.app,
@@ -483,6 +578,40 @@ class StatusServer(_Bounded, WSGIServer):
     def token(self, token) -> None:
         self._token = _check_token(token)
 
+    def _admit(self) -> bool:
+        """Whether a request that has begun is answered (else 429), within ``max_rate``."""
+        now = time.monotonic()
+        if now >= self._second_ends:
+            self._second_ends = now + 1.0
+            self._answered = self._refused = 0
+        if self._answered < self.max_rate:
+            self._answered += 1
+            return True
+        self._refused += 1
+        if self._refused >= self.max_rate and self._reopen is None:
+            self.stop_accepting()  # the rest wait in the listen backlog
+            self._reopen = self.loop.timer(self._second_ends - now)
+            self._reopen.start(self._next_second)
+        return False
+
+    def _next_second(self) -> None:
+        self._stop_reopen()
+        self._start_accepting_if_started()
+
+    def _stop_reopen(self) -> None:
+        if self._reopen is not None:
+            self._reopen.stop()
+            self._reopen.close()  # closed, not left to the garbage collector (libuv)
+            self._reopen = None
+
+    def _start_accepting_if_started(self, _event=None):
+        if self._reopen is None:  # else the second's end does it
+            super()._start_accepting_if_started(_event)
+
+    def close(self) -> None:
+        self._stop_reopen()
+        super().close()
+
     def _bad_request(self, address, message: str) -> None:
         if self._bad_log.ready():
             more = self._bad_log.take_held_back()
@@ -497,7 +626,8 @@ class StatusServer(_Bounded, WSGIServer):
     def app(self, environ, start_response):
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
+        # Neither needs the token: the page holds no data (it asks for the token itself).
+        if path in ("/healthz", "/"):
             if method not in ("GET", "HEAD"):
                 return _reply(
                     start_response,
@@ -505,7 +635,8 @@ class StatusServer(_Bounded, WSGIServer):
                     {"error": "use GET"},
                     [("Allow", "GET, HEAD")],
                 )
-            body = self._healthz(start_response)
+            serve = self._healthz if path == "/healthz" else page.serve
+            body = serve(start_response)
             return [] if method == "HEAD" else body
         token = self._token
         if token is not None:
@@ -524,6 +655,7 @@ class StatusServer(_Bounded, WSGIServer):
         routes = {
             ("GET", "/status"): self._status,
             ("GET", "/metrics"): self._metrics,
+            ("GET", "/history"): self._history,
             ("POST", "/pause"): self._pause,
             ("POST", "/resume"): self._resume,
         }
@@ -542,7 +674,7 @@ class StatusServer(_Bounded, WSGIServer):
             return _reply(
                 start_response,
                 "404 Not Found",
-                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/healthz"})},
+                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/", "/healthz"})},
             )
         return handler(start_response)
 
@@ -591,8 +723,15 @@ class StatusServer(_Bounded, WSGIServer):
     def _status(self, start_response):
         return _reply(start_response, "200 OK", self.lock.status())
 
+    def _history(self, start_response):
+        return _reply(start_response, "200 OK", self.lock.history())
+
     def _metrics(self, start_response):
-        body, content_type = self.metrics.exposition()
+        made = self._exposition
+        now = time.monotonic()
+        if made is None or now - made[0] >= METRICS_MAX_AGE:
+            made = self._exposition = (now, *self.metrics.exposition())
+        _, body, content_type = made
         start_response(
             "200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         )
@@ -623,7 +762,7 @@ def agent_reply(lock: TCPLock) -> str:
     take clients (100% when idle)."""
     if lock.paused or lock.draining:
         return "drain\n"
-    up = [b for b in lock.backends if b.up]
+    up = [b for b in lock.backends if is_up(b)]
     if not up:
         return "down#no backend is up\n"
     serving = [b for b in up if b.open]

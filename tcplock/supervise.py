@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Dict, Mapping, Optional, Tuple
 
-from gevent import sleep, subprocess
+from gevent import Timeout, sleep, subprocess
 from gevent.event import Event
 
 from .hooks import HookFailed, describe_status, kill_group
@@ -43,6 +43,14 @@ _WATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_watch.py")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: The longest line of output logged as one; a longer one is logged in pieces.
 MAX_LINE = 1 << 16
+#: The output of a backend's command logged each second, at most (see _pass_on); what comes
+#: beyond is read at a bounded pace and dropped, and the dropped lines are counted.
+OUTPUT_LINES_PER_SECOND = 200
+OUTPUT_BYTES_PER_SECOND = 256 << 10
+#: The most of a command's output read at once, before the loop runs again.
+OUTPUT_CHUNK = 64 << 10
+#: Once a second's budget is spent, one chunk is read (and dropped) this often, at most.
+OUTPUT_DRAIN_INTERVAL = 0.01
 #: How often the whole process table is read for the members of a group (between two reads,
 #: the members found last are read again, which costs a few file reads instead of hundreds).
 RESCAN_INTERVAL = 5.0
@@ -292,17 +300,100 @@ class BackendProcess:
 
 def _pass_on(stream, label: str) -> None:
     """Log what a backend's command prints, line by line, until its last process closes its
-    output. A command that writes without pause is read at the event loop's pace: a read
-    finds data waiting without ever blocking, so this yields after each line, or it would
-    hold the loop (every client, every timer) for as long as the command keeps writing."""
-    readline = stream.readline
+    output, within a budget per second: at most :data:`OUTPUT_LINES_PER_SECOND` lines and
+    :data:`OUTPUT_BYTES_PER_SECOND` bytes logged.
+
+    Output is read in chunks of at most :data:`OUTPUT_CHUNK` bytes, and this yields after each
+    chunk and each line it logs, so that a command that writes without pause (a read always
+    finds data waiting, and never blocks) does not hold the loop. Once a second's budget is
+    spent, what comes is dropped until the second is over, and read at most one chunk per
+    :data:`OUTPUT_DRAIN_INTERVAL`: a flood costs a few reads a second-tenth, its writer waits
+    on the full pipe in between, and the group's other processes still get their writes
+    through. The number of dropped lines is logged (at WARNING) when the next second starts."""
+    read = stream.read1
+    pending = b""  # the start of a line whose end has not been read yet
+    skipping = False  # a dropped line's end is still to come (it is counted when it comes)
+    dropped = 0
+    window_end = 0.0
+    lines_left = bytes_left = 0
     while True:
-        line = readline(MAX_LINE)
-        if not line:
+        now = time.monotonic()
+        if now >= window_end:
+            if dropped:
+                _note_dropped(label, dropped)
+                dropped = 0
+            window_end = now + 1.0
+            lines_left, bytes_left = OUTPUT_LINES_PER_SECOND, OUTPUT_BYTES_PER_SECOND
+        if not dropped:
+            data = read(OUTPUT_CHUNK)
+        else:  # a count to log when the second is over, even if nothing more comes
+            data = None
+            with Timeout(max(window_end - now, 0.001), False):
+                data = read(OUTPUT_CHUNK)
+            if data is None:
+                continue
+        if not data:
+            if pending:
+                if lines_left > 0 and len(pending) <= bytes_left:
+                    _log_line(label, pending)
+                else:
+                    dropped += 1
+            if dropped + skipping:
+                _note_dropped(label, dropped + skipping)
             return
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        output_log.info("backend %s: %s", label, text, extra={"backend": label})
+        if lines_left <= 0:  # over budget: dropped whole, and read again a while later
+            dropped += data.count(b"\n")
+            skipping = not data.endswith(b"\n")  # (each newline ended one dropped line)
+            pending = b""
+            sleep(max(min(OUTPUT_DRAIN_INTERVAL, window_end - time.monotonic()), 0.001))
+            continue
+        if skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                sleep(0)
+                continue
+            dropped += 1
+            data = data[end + 1 :]
+            skipping = False
+        buf = pending + data if pending else data
+        pos = 0
+        while pos < len(buf):
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos < MAX_LINE:
+                    break  # the rest of the line is still to come
+                end = pos + MAX_LINE - 1  # a longer line is logged in pieces
+            if lines_left <= 0 or end + 1 - pos > bytes_left:
+                # The budget is spent: the rest of the chunk is dropped, its lines counted.
+                lines_left = 0
+                dropped += buf.count(b"\n", pos)
+                skipping = not buf.endswith(b"\n")
+                pos = len(buf)
+                break
+            _log_line(label, buf[pos : end + 1])
+            lines_left -= 1
+            bytes_left -= end + 1 - pos
+            pos = end + 1
+            sleep(0)
+        pending = buf[pos:]
         sleep(0)
+
+
+def _log_line(label: str, line: bytes) -> None:
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    output_log.info("backend %s: %s", label, text, extra={"backend": label})
+
+
+def _note_dropped(label: str, count: int) -> None:
+    output_log.warning(
+        "backend %s: %d line%s of its output dropped (more than %d lines or %d bytes a second)",
+        label,
+        count,
+        "" if count == 1 else "s",
+        OUTPUT_LINES_PER_SECOND,
+        OUTPUT_BYTES_PER_SECOND,
+        extra={"backend": label},
+    )
 
 
 def _closed(result, error) -> None:

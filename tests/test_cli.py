@@ -20,7 +20,7 @@ def test_version_and_help():
     assert status == 0 and out.startswith("tcplock ")
     status, out, err = run_cli("--help")
     assert status == 0
-    for flag in ("--listen", "--proxy-port", "--slots", "--timeout", "--config", "TCPLOCK_"):
+    for flag in ("--listen", "--proxy-port", "--slots", "--timeout", "--config", "--check-config"):
         assert flag in out
 
 
@@ -69,6 +69,27 @@ def test_bad_input_is_one_line_naming_the_option_and_exit_2(args, names):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("tcplock: error:") and names in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timout", "5s"], "unrecognized option --timout (did you mean '--timeout'?)"),
+        (
+            ["--queue-timout=5s"],
+            "unrecognized option --queue-timout (did you mean '--queue-timeout'?)",
+        ),
+        (["--time", "5s"], "unrecognized option --time (did you mean '--timeout'?)"),
+        (["--proxyport", "2"], "unrecognized option --proxyport (did you mean '--proxy-port'?)"),
+        (["--zzzzzz"], "unrecognized option --zzzzzz"),
+        (["stray", "words"], "unrecognized arguments: stray words"),
+    ],
+)
+def test_an_unknown_option_is_named_with_the_one_meant(args, message):
+    # As an unknown config-file key or TCPLOCK_* variable is: one line, exit 2.
+    status, out, err = run_cli("-l", "9000", "-p", "1", *args)
+    assert status == 2 and out == ""
+    assert err.splitlines() == [f"tcplock: error: {message} (see tcplock --help)"]
 
 
 def test_missing_config_file_is_a_usage_error(tmp_path):
@@ -128,6 +149,7 @@ def test_config_file_and_environment_drive_a_real_run(cli, make_backend, tmp_pat
         "-c", str(conf), env={"TCPLOCK_PROXY_PORT": str(backend.server_port), "TCPLOCK_SLOTS": "2"}
     )
     port = p.wait_ready()
+    backend.take_check()
     clients = [connect(port) for _ in range(3)]
     backend.next_conn()
     backend.next_conn()

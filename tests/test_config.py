@@ -258,3 +258,28 @@ def test_proxy_port_with_a_host_and_proxy_host_too_is_an_error(args, env, messag
 def test_proxy_port_with_a_bad_host_port_names_the_option():
     message = one_error_line(*run_cli("-l", "9000", "-p", "h:99999")[::2])
     assert message.startswith("argument -p/--proxy-port: ") and "99999" in message
+
+
+HOST_WITH_PORT = "has a port: use --proxy-port HOST:PORT or --backend HOST:PORT instead"
+
+
+@pytest.mark.parametrize("host", ["localhost:2003", "127.0.0.1:2003", "[::1]:2003"])
+def test_proxy_host_with_a_port_is_a_usage_error_wherever_it_is_written(tmp_path, host):
+    # Taken, it would be looked up as a name, and the first client would wait out
+    # --connect-timeout for "Name or service not known".
+    assert one_error_line(*run_cli(*BASE, "--proxy-host", host)[::2]) == (
+        f"argument --proxy-host: {host!r} {HOST_WITH_PORT} (see tcplock --help)"
+    )
+    assert one_error_line(*run_cli(*BASE, env={"TCPLOCK_PROXY_HOST": host})[::2]) == (
+        f"TCPLOCK_PROXY_HOST: {host!r} {HOST_WITH_PORT}"
+    )
+    assert conf_error(tmp_path, f"listen = 9000\nproxy-host = {host}\n", "-p", "1") == (
+        f"FILE, line 2: proxy-host: {host!r} {HOST_WITH_PORT}"
+    )
+
+
+@pytest.mark.parametrize(
+    "host, taken", [("::1", "::1"), ("[::1]", "::1"), ("db.local", "db.local")]
+)
+def test_proxy_host_takes_names_and_addresses_ipv6_too(host, taken):
+    assert parse_args(["-l", "9000", "-p", "1", "--proxy-host", host], env={}).proxy_host == taken

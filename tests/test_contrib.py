@@ -174,6 +174,7 @@ def test_gunicorn_four_workers_share_one_lock(make_backend, gunicorn):
         {"APP_BACKEND": f"{LOOPBACK}:{backend.server_port}", "APP_LOCK_PORT": str(lock_port)}
     )
     g.wait_booted()
+    backend.take_check()
     assert g.lock_port == lock_port and g.tcplock_pid, g.output()
     # The master started tcplock before forking the workers, and only once.
     assert g.output().count(f"listening on 127.0.0.1:{lock_port}") == 1
@@ -301,6 +302,7 @@ def test_gunicorn_reload_keeps_the_one_tcplock(make_backend, gunicorn):
         args=["--graceful-timeout", "3", "-c", "gunicorn.conf.py", "app:app"],
     )
     g.wait_booted()
+    backend.take_check()
     fire(g.port, 8)
     g.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: len(g.workers) == 8, timeout=30, what="4 new workers after SIGHUP")

@@ -583,8 +583,12 @@ def test_backend_down_closes_client_and_passes_slot(make_lock, conn_log):
 
 
 def _warm(lock, listener):
-    """One connection through the lock to a plain listener: the lock has resolved the backend's
-    address since, so the next connection is made from the event loop."""
+    """The lock's check of the backend at start, then one connection through the lock to a
+    plain listener: the lock has resolved the backend's address since, so the next connection
+    is made from the event loop."""
+    check, _ = listener.accept()
+    assert check.recv(1) == b""  # closed at once
+    check.close()
     c = connect(lock.server_port)
     b, _ = listener.accept()
     c.close()

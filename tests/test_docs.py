@@ -3,6 +3,7 @@ checked here in full (every column, defaults and help included), and the parser 
 against the same table, so that the documentation cannot drift from the code."""
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tcplock.cli import build_parser, parse_args
-from tcplock.settings import SETTINGS, render_conf, render_markdown
+from tcplock.settings import SETTINGS, grouped, render_conf, render_markdown
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,13 +26,15 @@ def readme_settings_section() -> str:
 
 
 def readme_table() -> str:
-    lines = [line for line in readme_settings_section().splitlines() if line.startswith("|")]
-    return "\n".join(lines) + "\n"
+    """The tables of settings, one per group, that end the README's settings section."""
+    return (
+        "### General\n" + readme_settings_section().split("\n### General\n", 1)[1].rstrip() + "\n"
+    )
 
 
 def test_readme_settings_table_is_the_one_printed_from_the_settings():
     assert readme_table() == render_markdown(), (
-        "README settings table is out of date; replace it with the output of "
+        "README settings tables are out of date; replace them with the output of "
         "'python -m tcplock.settings --markdown'"
     )
 
@@ -55,12 +58,12 @@ def test_the_docs_are_printed_by_the_settings_module(what, path):
     assert out == (readme_table() if path is None else path.read_text())
 
 
-def test_the_parser_has_one_option_per_setting_with_its_help_and_default():
-    actions = [a for a in build_parser()._actions if a.dest not in ("help", "version")]
-    assert [tuple(a.option_strings) for a in actions] == [s.flags for s in SETTINGS]
-    for action, setting in zip(actions, SETTINGS):
-        assert action.help.replace("%%", "%") == setting.help_text, setting.name
-        assert action.env_var == setting.env, setting.name
+def test_the_parser_has_one_option_per_setting_and_what_is_not_given_is_the_default():
+    actions = {a.dest: a for a in build_parser()._actions if a.dest not in ("help", "version")}
+    assert sorted(actions) == sorted(["check_config"] + [s.dest for s in SETTINGS])
+    for setting in SETTINGS:
+        action = actions[setting.dest]
+        assert tuple(action.option_strings) == setting.flags
         assert action.metavar == (None if setting.action == "store_true" else setting.metavar)
     # What is not given anywhere is the table's default.
     args = parse_args(["-l", "9000", "-p", "1"], env={})
@@ -69,22 +72,44 @@ def test_the_parser_has_one_option_per_setting_with_its_help_and_default():
             assert getattr(args, setting.dest) == setting.default, setting.name
 
 
-def test_help_shows_every_setting_with_its_default():
-    out = subprocess.run(
-        [sys.executable, "-m", "tcplock", "--help"], capture_output=True, text=True, timeout=30
+def help_text() -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "tcplock", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, "COLUMNS": "100"},
     ).stdout
-    words = " ".join(out.split())
+
+
+def test_help_shows_every_setting_with_its_default_and_variable():
+    words = " ".join(help_text().split())
     for setting in SETTINGS:
-        assert " ".join(setting.help_text.split()) in words, setting.name
-        assert setting.env in words or setting.name == "config"
+        text = f"{setting.help_text} [env var: {setting.env}]"
+        assert " ".join(text.split()) in words, setting.name
 
 
-def test_every_environment_variable_the_parser_reads_is_documented():
-    readme = README.read_text()
-    for action in build_parser()._actions:
-        env = getattr(action, "env_var", None)
-        if env:
-            assert env in readme, env
+def test_help_gives_the_settings_in_the_groups_of_the_readme():
+    # Each group's heading, then its options, in the README's order; no option twice.
+    out = help_text()
+    headings = [line[:-1] for line in out.splitlines() if line.endswith(":") and line[:1] != " "]
+    assert headings == [g for g, _ in grouped()]
+    sections = out.split("\n\n")
+    for group, settings in grouped():
+        section = next(s for s in sections if s.startswith(group + ":\n"))
+        options = re.findall(r"^  (-[-\w]+)", section, re.M)
+        extra = ["-h", "--version", "--check-config"] if group == "general" else []
+        assert options == extra + [s.flags[0] for s in settings], group
+        readme = readme_table().split(f"### {group[:1].upper()}{group[1:]}\n", 1)[1]
+        rows = re.findall(r"^\| `(-[-\w]+)`", readme.split("\n### ", 1)[0], re.M)
+        assert rows == [s.flags[0] for s in settings], group
+
+
+def test_every_setting_is_in_one_group():
+    assert sorted(s.name for _, settings in grouped() for s in settings) == sorted(
+        s.name for s in SETTINGS
+    )
 
 
 def test_sample_config_sets_the_required_settings_and_every_value_parses(tmp_path):

@@ -77,6 +77,7 @@ def test_embedded_lock_serialises_and_shows_its_queue(make_backend, example):
     backend = make_backend("hold")
     ex = example("--backend", f"{LOOPBACK}:{backend.server_port}", "--listen", "0", "--http", "0")
     ex.wait_started()
+    backend.take_check()
 
     status = ex.status()
     assert status["queued"] == 0 and status["active"] == [] and status["slots"] == 1
@@ -118,6 +119,7 @@ def test_sigterm_while_busy_drains_then_exits_zero(make_backend, example):
         "--drain", "0.5",
     )  # fmt: skip
     ex.wait_started()
+    backend.take_check()
     active = gevent.spawn(client, ex.lock_port, b"busy")
     backend.next_conn()
     waiting = gevent.spawn(client, ex.lock_port, b"waiting")

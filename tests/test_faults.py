@@ -114,6 +114,8 @@ def test_slow_reader_keeps_memory_bounded_and_throttles_backend(cli):
         digest.update(chunk)
 
     def streamer(conn):
+        if conn.number == 1:
+            return  # tcplock's check at start, closed at once
         while sent["n"] < total:
             conn.sock.sendall(chunk)
             sent["n"] += len(chunk)
@@ -347,6 +349,7 @@ def test_flood_with_max_queue_turns_away_at_once_and_keeps_fifo(make_backend, cl
     backend = make_backend("hold")
     p = cli.to(backend, "--max-queue", "50", "--finish-timeout", "0")
     port = p.wait_ready()
+    backend.take_check()
     baseline_fds = fd_count(p.proc.pid)
     first = connect(port)
     first.sendall(b"first")

@@ -28,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import limited_cli
 from tcplock.cli import ENV_PREFIX, build_parser, parse_address, parse_args
 from tcplock.settings import LIBRARY, validate
 
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 
 _ACTIONS = [a for a in build_parser()._actions if a.option_strings]
 _EXITING = {"-h", "--help", "--version"}  # print to stdout and exit 0
+_NOT_SETTINGS = _EXITING | {"--check-config"}  # what the command does, not a setting's value
 ALL_OPTIONS = sorted(s for a in _ACTIONS for s in a.option_strings)
 # option string -> does it take a value?
 TAKES_VALUE = {s: a.nargs != 0 for a in _ACTIONS for s in a.option_strings}
@@ -45,7 +47,7 @@ SPELLINGS = {s: tuple(a.option_strings) for a in _ACTIONS for s in a.option_stri
 LONG_NAMES = sorted(
     next(s for s in a.option_strings if s.startswith("--"))[2:] for a in _ACTIONS
 )  # the config-file keys
-SETTINGS = [n for n in LONG_NAMES if n not in ("help", "version")]
+SETTINGS = [n for n in LONG_NAMES if "--" + n not in _NOT_SETTINGS]
 ENV_NAMES = {n: ENV_PREFIX + n.upper().replace("-", "_") for n in SETTINGS}
 
 
@@ -70,7 +72,7 @@ DURATIONS = {a.dest: _duration_rule(a.type) for a in _ACTIONS if _TYPE_NAME[a.de
 COUNTS = {a.dest: _minimum(a.type) for a in _ACTIONS if _TYPE_NAME[a.dest] == "number"}
 ADDRESSES = {a.dest for a in _ACTIONS if _TYPE_NAME[a.dest] == "parse_address"}
 CHOICES = {a.dest: set(a.choices) for a in _ACTIONS if a.choices}
-FLAGS = {a.dest for a in _ACTIONS if a.nargs == 0 and a.option_strings[0] not in _EXITING}
+FLAGS = {a.dest for a in _ACTIONS if a.nargs == 0 and a.option_strings[-1] not in _NOT_SETTINGS}
 ADDRESS_OPTIONS = {s for a in _ACTIONS if a.dest in ADDRESSES for s in a.option_strings}
 
 
@@ -495,8 +497,9 @@ HOOK_FILES = [os.path.join(HOOK_DIR, n) for n in [*HOOK_SOURCES, "missing.py"]] 
 
 # Options that run shell commands take harmless ones (no client ever connects, so they do not
 # run anyway); addresses that would parse are replaced by 127.0.0.1:0; --hooks takes the files
-# above; --config is left to the in-process tests; --help/--version exit 0.
-_SUBPROCESS_SKIP = {"-c", "--config", "--hooks", *_EXITING}
+# above; --config is left to the in-process tests; --help/--version exit 0; --check-config has
+# tests of its own (test_check_config.py).
+_SUBPROCESS_SKIP = {"-c", "--config", "--hooks", *_NOT_SETTINGS}
 _COMMANDS = {"--on-activate", "--on-timeout", "--restart-cmd"}
 SUBPROCESS_OPTIONS = [o for o in ALL_OPTIONS if o not in _SUBPROCESS_SKIP]
 
@@ -613,3 +616,68 @@ def test_the_command_starts_or_exits_2_with_one_line(argv):
         assert rc == 2, f"exit {rc}:\n{err}"
         assert one_line(err) and err.startswith("tcplock: error:"), repr(err)
         assert not out, out
+    # --check-config passes exactly what starts, and fails with the start's own error.
+    checked, check_rc, check_err, check_out = run_command(["--check-config", *argv])
+    assert not checked and "Traceback" not in check_err, check_err
+    if started:
+        assert check_rc == 0 and check_out, f"exit {check_rc}:\n{check_err}"
+    else:
+        assert (check_rc, check_err, check_out) == (2, err, ""), check_err
+
+
+# --- 5. numbers: ASCII digits within range, and slots within the descriptor limit -------------
+
+_WHOLE = ("number", "parse_port", "parse_proxy_port", "parse_address", "parse_backend")
+NUMBER_OPTIONS = sorted(a.option_strings[-1] for a in _ACTIONS if _TYPE_NAME[a.dest] in _WHOLE)
+
+
+@pytest.mark.parametrize("option", NUMBER_OPTIONS)
+@pytest.mark.parametrize("number", ["٩٠٠٠", "99999999999999999999", "1e9", "-1"])
+def test_every_number_and_port_is_ascii_digits_within_range(option, number):
+    action = ACTION_OF[option]
+    value = number if _TYPE_NAME[action.dest] in _WHOLE[:3] else f"127.0.0.1:{number}"
+    base = ["-l", "9000"] + ([] if option == "--backend" else ["-p", "1"])
+    for argv, env, names in (
+        ([*base, option, value], {}, SPELLINGS[option]),
+        (base, {ENV_NAMES[option[2:]]: value}, (ENV_NAMES[option[2:]],)),
+    ):
+        kind, code, out, err = run_parse(argv, env)
+        assert (kind, code, out) == ("exit", 2, ""), (argv, env, err)
+        assert one_line(err) and err.startswith("tcplock: error:"), err
+        assert any(n in err for n in names), err
+
+
+def ended_with_one_line(p):
+    assert p.wait() == 2, p.output()
+    assert len(p.lines) == 1 and p.lines[0].startswith("tcplock: error: "), p.output()
+    return p.lines[0]
+
+
+@pytest.mark.parametrize(
+    "pool, most",
+    [(["-p", "1"], 3333), (["--backend", "127.0.0.1:1", "--backend", "127.0.0.1:2"], 1666)],
+)
+def test_slots_beyond_the_descriptor_limit_are_one_line_naming_both(pool, most):
+    p = limited_cli(["-l", "127.0.0.1:0", *pool, "--slots", str(most + 1)], nofile=20000)
+    try:
+        line = ended_with_one_line(p)
+        assert f"--slots {most + 1}" in line and "descriptor limit of 20000" in line, line
+        assert f"at most {most}" in line, line
+    finally:
+        p.kill()
+    p = limited_cli(["-l", "127.0.0.1:0", *pool, "--slots", str(most)], nofile=20000)
+    try:
+        p.wait_ready()
+    finally:
+        p.kill()
+
+
+@pytest.mark.parametrize("slots, nofile", [(3300, 20000), (1, 64)])
+def test_the_default_max_queue_is_never_zero(slots, nofile):
+    p = limited_cli(["-l", "127.0.0.1:0", "-p", "1", "--slots", str(slots)], nofile=nofile)
+    try:
+        p.wait_ready()
+        line = p.wait_for("max-queue")
+        assert f"descriptor limit {nofile}: room for about 0 waiting clients; max-queue 1" in line
+    finally:
+        p.kill()

@@ -110,7 +110,8 @@ def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, con
         b = connect(lock.server_port)  # the other backend is busy: this goes to the revived one
         assert recv_all(b) == b"back"
         b.close()
-        assert any("is up again" in line for line in conn_log.lines)
+        # Never up since the start (its first check was refused): now it is.
+        assert any(f"backend 127.0.0.1:{port} is up" in line for line in conn_log.lines)
     finally:
         revived.stop(timeout=0)
         other.release_all()
@@ -269,6 +270,8 @@ def test_the_command_takes_a_pool_in_each_form(form, make_backend, cli, tmp_path
     proc = cli(*args, env=env)
     port = proc.wait_ready()
     assert all(a in proc.output() for a in addresses)
+    for b in backends:
+        b.take_check()
     hold = connect(port)  # one client on each backend at once
     hold.sendall(b"1")
     assert recv_exactly(hold, 1) == b"1"
@@ -484,3 +487,92 @@ def test_a_client_requeued_while_stopping_is_ended_and_leaves_nothing(
         filler.close()
         silent.close()
         live.release_all()
+
+
+def counters(lock, status_port):
+    """Every count of clients let through and finished, as the lock, /status and /metrics
+    give them."""
+    st = json.loads(http(status_port)[2])
+    body = http(status_port, path="/metrics")[2].decode()
+    samples = [s for f in text_string_to_metric_families(body) for s in f.samples]
+    return {
+        "lock": (lock.activations, lock.served, [b.activations for b in lock.backends]),
+        "status": (st["activations"], st["served"], [b["activations"] for b in st["backends"]]),
+        "metrics by backend": [
+            s.value for s in samples if s.name == "tcplock_backend_connections_total"
+        ],
+        "ended": dict(lock.ended),
+        "metrics by end": {
+            s.labels["reason"]: s.value
+            for s in samples
+            if s.name == "tcplock_connections_total" and s.value
+        },
+    }
+
+
+def test_a_client_requeued_by_a_refusing_backend_is_counted_once(
+    make_backend, make_pool, conn_log, tmp_path
+):
+    seen = tmp_path / "activations"
+    hook = CommandHook(f"echo $TCPLOCK_ACTIVATION $TCPLOCK_CLIENT >> {seen}", "on-activate")
+    live = make_backend("echo")
+    lock = make_pool([free_port(), live.server_port], on_activate=hook, connect_timeout=60)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    try:
+        clients = []
+        for i in range(3):  # the first is granted the dead backend, refused, and requeued
+            c = connect(lock.server_port)
+            c.sendall(b"%d" % i)
+            assert recv_exactly(c, 1, timeout=10) == b"%d" % i
+            clients.append(c.getsockname())
+            c.close()
+            assert conn_log.next_end()["end"] == "closed"
+        assert [b.state for b in lock.backends] == ["down", "up"]
+        assert counters(lock, status.server_port) == {
+            "lock": (3, 3, [0, 3]),
+            "status": (3, 3, [0, 3]),
+            "metrics by backend": [0, 3],
+            "ended": {"closed": 3},
+            "metrics by end": {"closed": 3},
+        }
+        # The hook ran twice for the first client (once per grant), with the same number.
+        by_client = {}
+        for line in seen.read_text().split("\n")[:-1]:
+            number, client = line.split()
+            by_client.setdefault(client, set()).add(int(number))
+        assert by_client == {f"{h}:{p}": {n} for n, (h, p) in enumerate(clients, 1)}
+        assert len(seen.read_text().split("\n")[:-1]) == 4
+    finally:
+        status.stop(timeout=0)
+
+
+def test_a_requeued_client_that_leaves_the_queue_is_not_counted_as_let_through(
+    make_backend, make_lock, conn_log
+):
+    live = make_backend("hold")
+    lock = make_lock([live.server_port, free_port()], connect_timeout=5)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    a = connect(lock.server_port)
+    try:
+        live.next_conn()  # A holds the live backend's only slot
+        b = connect(lock.server_port)  # granted the dead one, refused, back to the queue
+        wait_until(lambda: lock.queued == 1, what="B back in the queue")
+        b.close()
+        assert conn_log.next_end(timeout=3)["end"] == "left-queue"
+        live.release_all()
+        a.close()
+        conn_log.next_end(timeout=3)
+        got = counters(lock, status.server_port)
+        ended = got.pop("ended")
+        assert got.pop("metrics by end") == ended and sum(ended.values()) == 2
+        assert got == {
+            "lock": (1, 1, [1, 0]),
+            "status": (1, 1, [1, 0]),
+            "metrics by backend": [1, 0],
+        }
+    finally:
+        live.release_all()
+        a.close()
+        status.stop(timeout=0)

@@ -634,6 +634,7 @@ def test_the_command_logs_hooks_and_status_with_the_header_address(cli, make_bac
         f'echo "$TCPLOCK_CLIENT $TCPLOCK_CLIENT_HOST $TCPLOCK_CLIENT_PORT" >> {out}',
     )
     port = p.wait_ready()
+    backend.take_check()
     line = p.wait_for(r"status on http://\S+:\d+/status")
     status_port = int(line.rsplit(":", 1)[1].split("/")[0])
     assert "10.0.0.0/8, 127.0.0.1/32" in p.wait_for("PROXY headers taken from")

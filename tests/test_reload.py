@@ -3,15 +3,25 @@ change takes effect (slots, the pool, hooks, the log format) without dropping a 
 or cutting an active connection; a config file with a mistake is logged with its file and line
 and the running settings stay; what cannot change (the listen address) is logged as kept."""
 
+import io
 import json
+import logging
+import os
 import re
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 from gevent import socket
 
-from conftest import connect, http, recv_exactly, wait_until
+from conftest import connect, free_port, http, recv_exactly, wait_until
+from tcplock import TCPLock
+from tcplock.cli import Reloader, backends_of, check_hooks, library_settings, load, load_hooks
+from tcplock.demo import DemoBackend
 from tcplock.hooks import CommandHook
+from tcplock.settings import SETTINGS
+from tcplock.status import StatusServer, read_token_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -147,6 +157,7 @@ def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_the
     p = cli("-c", str(conf.path), "--status", "127.0.0.1:0")
     port = p.wait_ready()
     status_port = int(re.search(r"status on http://127.0.0.1:(\d+)/", p.wait_for("status on"))[1])
+    a.take_check()
     on_a = connect(port)
     assert echoes(on_a, b"a1")
     waiting = connect(port)
@@ -156,7 +167,8 @@ def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_the
     line = reload(p, conf, backend=f"[{label_a}, {label_b}]")
     assert line.endswith(f"reloaded: backends [{label_a}] -> [{label_a}, {label_b}]"), line
     assert recv_exactly(waiting, 2) == b"w1"  # the new backend took the waiting client
-    assert b.count == 1 and a.count == 1
+    wait_until(lambda: b.count == 2)  # that client, and tcplock's check of a backend joining
+    assert a.count == 1
 
     line = reload(p, conf, backend=f"[{label_b}]")
     assert f"backend {label_a} leaves the pool once its 1 client(s) have finished" in p.output()
@@ -176,7 +188,7 @@ def test_an_added_backend_gets_clients_and_a_removed_one_finishes_its_client_the
     assert label_b.encode() in metrics and label_a.encode() not in metrics
     waiting.close()
     assert recv_exactly(later, 2) == b"l1"  # on b
-    assert a.count == 1 and b.count == 2
+    assert a.count == 1 and b.count == 3
     later.close()
 
 
@@ -227,7 +239,8 @@ def test_set_backends_adds_and_removes_backends_on_a_running_lock(make_lock, mak
 
     lock.set_backends([("127.0.0.1", a.server_port), ("127.0.0.1", b.server_port)])
     assert recv_exactly(waiting, 1) == b"w"  # the new backend took the head of the queue
-    assert [x.label for x in lock.backends] == [label_a, label_b] and b.count == 1
+    assert [x.label for x in lock.backends] == [label_a, label_b]
+    wait_until(lambda: b.count == 2)  # that client, and tcplock's check of a backend joining
 
     lock.set_backends([("127.0.0.1", b.server_port)])
     assert [(x["address"], x["state"]) for x in lock.status()["backends"]] == [
@@ -243,7 +256,7 @@ def test_set_backends_adds_and_removes_backends_on_a_running_lock(make_lock, mak
     assert lock.backend == ("127.0.0.1", b.server_port) and lock.queued == 1
     waiting.close()
     assert recv_exactly(later, 1) == b"l"
-    assert (a.count, b.count) == (1, 2)
+    assert (a.count, b.count) == (1, 3)
     later.close()
 
 
@@ -293,3 +306,233 @@ def test_a_leaving_backend_whose_restart_fails_leaves_instead_of_retrying(make_l
     d = connect(lock.server_port)
     assert echoes(d, b"d")
     d.close()
+
+
+# -- every setting: a reload changes what reloads, and nothing else ----------------------------
+# Driven by the settings table: each setting is set to one value, the file is edited to
+# another and then to none, and after each reload every setting in force is compared with what
+# a tcplock started afresh would have (from the edited file for what reloads, from the first
+# file for the rest). A setting of a kind added later needs two values below, and is covered.
+
+# Two values of each kind of setting, as a config file writes them.
+TWO_VALUES = {
+    "duration": ("3s", "4s"),
+    "count": ("5", "6"),
+    "flag": ("true", "false"),
+    "networks": ("[10.0.0.0/8]", "[10.1.0.0/16]"),
+    "command": ("echo a", "echo b"),
+    "shell": ("echo a", "echo b"),
+    "size": ("800M", "900M"),
+    "host": ("127.0.0.1", "localhost"),
+    "port": ("2001", "2002"),
+    "addresses": ("[127.0.0.1:2001]", "[127.0.0.1:2002]"),
+    "address": ("127.0.0.1:2001", "127.0.0.1:2002"),
+}
+# What else the file needs for a setting to be taken (the rules between settings).
+NEEDS = {
+    "restart-every": {"backend-cmd": "sleep 1"},
+    "restart-on-timeout": {"backend-cmd": "sleep 1"},
+    "restart-above-rss": {"backend-cmd": "sleep 1"},
+    "status-token-file": {"status": "127.0.0.1:0"},
+    "backend": {"proxy-host": None, "proxy-port": None},
+    "demo": {"proxy-host": None, "proxy-port": None},
+}
+ALL = [s for s in SETTINGS if s.name != "config"]
+
+
+def two_values(setting, tmp_path):
+    if setting.kind == "choice":
+        return setting.choices[:2]
+    if setting.kind == "file":  # a hooks file, a token file
+        paths = [tmp_path / f"{setting.name}-{n}" for n in "ab"]
+        for path, n in zip(paths, "ab"):
+            path.write_text(f"def on_activate(conn):\n    return {n!r}\n" if setting.name ==
+                            "hooks" else f"token-{n}\n")  # fmt: skip
+            path.chmod(0o600)
+        return tuple(str(p) for p in paths)
+    return TWO_VALUES[setting.kind]
+
+
+class Running:
+    """tcplock's settings as ``main`` makes them from a config file, in process: the lock (not
+    started), its status server (not started) and the reloader SIGHUP calls."""
+
+    def __init__(self, path):
+        loaded = load(["-c", str(path)], env={})
+        args = loaded.args
+        hooks = load_hooks(args, loaded.named)
+        check_hooks(args, hooks)
+        self.demo = DemoBackend(("127.0.0.1", 0)) if args.demo else None
+        backends = [("127.0.0.1", 1)] if self.demo else backends_of(args)
+        kwargs = library_settings(args, hooks, 4096, len(backends))
+        self.lock = TCPLock(args.listen, backends=backends, **kwargs)
+        token = read_token_file(args.status_token_file) if args.status_token_file else None
+        self.status = StatusServer(("127.0.0.1", 0), self.lock, token=token)
+        extras = [("status", args.status, self.status)] if args.status else []
+        self.handler = logging.StreamHandler(io.StringIO())
+        self.reloader = Reloader(self.lock, loaded, self.handler, 4096, extras, self.demo)
+        self.reloader.set_logging(args.log_level, args.log_format)
+
+    def in_force(self, setting):
+        """What ``setting`` is on this tcplock, as its lock, status server and log have it."""
+        lock = self.lock
+        if setting.kind == "command" or setting.name == "hooks":
+            hook = getattr(lock, setting.attr or "on_activate")
+            return hook.command if isinstance(hook, CommandHook) else hook and hook(None)
+        if setting.attr is not None:
+            return getattr(lock, setting.attr)
+        if setting.name in ("proxy-host", "proxy-port", "backend"):
+            return [b.address for b in lock.backends]
+        if setting.name == "status-token-file":
+            return self.status.token
+        if setting.name == "log-level":
+            return logging.getLogger().level
+        if setting.name == "log-format":
+            record = logging.LogRecord("tcplock", logging.WARNING, "", 0, "x", (), None)
+            return self.handler.format(record)[:1]
+        # The listeners (listen, status, agent-check) and the demo backend are made once, at
+        # the start; the command's settings say which.
+        return getattr(self.reloader.args, setting.dest)
+
+    def settings(self):
+        return {s.name: self.in_force(s) for s in ALL}
+
+
+def started(path):
+    """What a tcplock started from the config file at ``path`` has in force; None if it would
+    not start (exit 2). The log level is the process's: it is put back as it was."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        return Running(path).settings()
+    except SystemExit as e:
+        assert e.code == 2
+        return None
+    finally:
+        root.setLevel(level)
+
+
+@pytest.fixture
+def keep_logging():
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+@pytest.mark.parametrize("setting", ALL, ids=lambda s: s.name)
+def test_a_reload_changes_what_reloads_and_keeps_the_rest_whatever_the_file_says(
+    setting, tmp_path, conn_log, keep_logging, monkeypatch
+):
+    for name in [n for n in os.environ if n.startswith("TCPLOCK_")]:
+        monkeypatch.delenv(name)
+    first_value, second_value = two_values(setting, tmp_path)
+    base = {"listen": "127.0.0.1:2000", "proxy-host": "127.0.0.1", "proxy-port": "2000"}
+    base.update(NEEDS.get(setting.name, {}))
+    first = Conf(tmp_path / "first.conf", **base)
+    first.write(**{setting.name: first_value})
+    running = Running(first.path)
+    at_first = started(first.path)
+    assert running.settings() == at_first
+    edited = Conf(tmp_path / "tcplock.conf", **base)
+    monkeypatch.setattr(running.reloader, "command_line", {"config": str(edited.path)})
+    for value in (second_value, None):  # edited, then deleted
+        if setting.name == "demo" and value is not None:
+            edited.write(**{setting.name: value, "proxy-port": "2000"})
+        else:
+            edited.write(**{setting.name: value})
+        before = running.settings()
+        if started(edited.path) is None:  # what would not start is not taken: nothing changes
+            expected = before
+        else:  # what reloads as the edited file says, the rest as it was
+            expected = started(edited.path if setting.reload else first.path)
+        conn_log.lines.clear()
+        taken = running.reloader.reload()
+        assert running.settings() == expected, conn_log.lines
+        assert taken == (started(edited.path) is not None), conn_log.lines
+        said = "\n".join(conn_log.lines)
+        changed = started(edited.path) not in (None, at_first)
+        if not setting.reload and changed:
+            assert f"reload: {setting.name} stays " in said, said
+            assert re.search(f"reloaded: .*{setting.name} ", said) is None, said
+        else:
+            assert f"{setting.name} stays" not in said, said
+
+
+# -- a backend's command: kept by a reload, edited or deleted in the file -----------------------
+
+PIDSERVER = Path(__file__).resolve().parent / "backends" / "pidserver.py"
+CRASHED = "its command was killed by SIGKILL"
+
+
+def served_by(port):
+    """The process id of the backend that serves one client."""
+    c = connect(port, timeout=10)
+    try:
+        c.sendall(b"?")
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = c.recv(100)
+            assert chunk, f"closed without an answer after {line!r}"
+            line += chunk
+    finally:
+        c.close()
+    return int(line.split()[0])
+
+
+def test_a_backend_cmd_edited_or_deleted_stays_and_the_next_restart_runs_the_running_one(
+    cli, conf, tmp_path
+):
+    started = tmp_path / "started"
+
+    def command(name):
+        return (
+            f"echo {name} >> {started}; "
+            f"exec {sys.executable} {PIDSERVER} --port $TCPLOCK_BACKEND_PORT"
+        )
+
+    conf.base.pop("proxy-host")
+    conf.base["backend"] = f"[127.0.0.1:{free_port()}]"
+    conf.write(**{"backend-cmd": command("first")})
+    p = cli("-c", str(conf.path), "--status", "127.0.0.1:0")
+    port = p.wait_ready()
+    status_port = int(re.search(r"status on http://127.0.0.1:(\d+)/", p.wait_for("status on"))[1])
+    pid = served_by(port)
+    kept = f"reload: backend-cmd stays {command('first')}: changing it needs a restart"
+    crashes = 0
+    try:
+        for edit in (command("second"), None):  # edited, then deleted
+            line = reload(p, conf, **{"backend-cmd": edit})
+            assert line.endswith("reloaded: no setting changed"), p.output()
+            assert p.output().count(kept) == (1 if edit else 2)
+            os.kill(pid, signal.SIGKILL)  # a crash: tcplock starts the command again
+            crashes += 1
+            wait_until(lambda n=crashes: p.output().count(CRASHED) == n, what="the crash")
+            new_pid = served_by(port)
+            assert new_pid != pid
+            pid = new_pid
+            assert started.read_text().split() == ["first"] * (crashes + 1)
+            status = json.loads(http(status_port)[2])
+            assert [b["state"] for b in status["backends"]] == ["up"]
+        assert "Traceback" not in p.output() and "error" not in p.output().lower()
+    finally:
+        p.signal(signal.SIGTERM)
+        assert p.wait() == 0
+
+
+def test_a_reload_to_more_slots_than_the_descriptor_limit_allows_changes_nothing(
+    tmp_path, conn_log, keep_logging
+):
+    conf = Conf(tmp_path / "tcplock.conf", listen="127.0.0.1:2000", **{"proxy-port": "2000"})
+    conf.write(slots=2)
+    running = Running(conf.path)  # under a descriptor limit of 4096: at most 682 slots
+    before = running.settings()
+    conf.write(slots=683, timeout="5s")
+    assert not running.reloader.reload()
+    assert running.settings() == before
+    assert conn_log.lines[-1] == (
+        "reload failed; the running settings stay: --slots 683 is more than the descriptor "
+        "limit of 4096 allows: at most 682 (each connection may hold 6 descriptors; raise the "
+        "limit with ulimit -n or LimitNOFILE=)"
+    )

@@ -2,6 +2,7 @@
 command line takes and refuses the rest with a ValueError naming the setting, for any input;
 the defaults are the library's; and every setting is documented."""
 
+import argparse
 import ipaddress
 import math
 import re
@@ -12,7 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcplock.settings import LIBRARY, SETTINGS, check_together, default, validate
+from tcplock.settings import (
+    LIBRARY,
+    SETTINGS,
+    check_together,
+    default,
+    parse_duration,
+    parse_size,
+    validate,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -348,3 +357,58 @@ def test_every_setting_is_in_the_readme_table_and_the_sample_config():
         if s.name != "config":  # a config file does not name another
             assert s.name in conf_keys
     assert len(conf_keys) == len(SETTINGS) - 1
+
+
+# -- numbers: ASCII digits within a sane range, for every count and every port -----------------
+
+# Texts no count or port takes: other scripts' digits, signs, separators, exponents, and
+# numbers beyond any range (one too long to convert at all).
+NOT_NUMBERS = ["٩٠٠٠", "٣", "１２", "²", "1e9", "1_000", "+5", "0x10", "5.", "", "9 9"]
+TOO_LARGE = ["99999999999999999999", "1" * 5000]
+WHOLE_NUMBERS = [s for s in SETTINGS if s.kind in ("count", "port", "address", "addresses")]
+
+
+def as_written(setting, number):
+    """``number`` where ``setting`` takes one: the port of an address."""
+    return f"127.0.0.1:{number}" if setting.kind in ("address", "addresses") else number
+
+
+@pytest.mark.parametrize("setting", WHOLE_NUMBERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("text", NOT_NUMBERS + TOO_LARGE)
+def test_every_count_and_port_is_ascii_digits_within_its_range(setting, text):
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        setting.parse(as_written(setting, text))
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 200, message
+    if text in TOO_LARGE:
+        assert "at most 1000000000" in message or "out of range" in message, message
+    assert setting.parse(as_written(setting, " 0012 ")) in (12, ("127.0.0.1", 12))
+
+
+def test_counts_have_a_largest_value_in_the_library_as_on_the_command_line():
+    for attr in ("slots", "max_queue", "restart_every"):
+        assert validate(attr, 10**9) == 10**9
+        for value in (10**9 + 1, 10**20):
+            assert "from" in refused(attr, value)
+    parse = next(s for s in SETTINGS if s.name == "slots").parse
+    assert parse("1000000000") == 10**9
+    assert str(pytest.raises(argparse.ArgumentTypeError, parse, "1000000001").value) == (
+        "must be at most 1000000000, not 1000000001"
+    )
+    assert str(pytest.raises(argparse.ArgumentTypeError, parse, "-3").value) == (
+        "must be at least 1, not -3"
+    )
+
+
+@pytest.mark.parametrize(
+    "parse, text",
+    [
+        (parse_size, "٨٠٠M"),  # Arabic-Indic 800
+        (parse_size, "5\u212a"),  # the Kelvin sign, which matches 'k' ignoring case
+        (parse_duration, "٥s"),
+        (parse_duration, "5\u017f"),  # a long s, which matches 's' ignoring case
+    ],
+)
+def test_sizes_and_durations_are_ascii_too(parse, text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse(text)

@@ -327,6 +327,31 @@ def test_healthz_follows_the_backend_going_down_and_up_pause_drain_and_stop(make
         backend.stop(timeout=0)
 
 
+def test_healthz_is_down_until_a_backend_not_run_by_tcplock_first_answers(make_lock):
+    # Nothing listens on the backend's port at start: it is checked at once, found down,
+    # and /healthz says so before any client has tried it; it is checked again every
+    # check_interval, and found when it listens.
+    port = free_port()
+    lock = make_lock(port, check_interval=0.05)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    backend = None
+    try:
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        assert agent_reply(lock) == "down#no backend is up\n"
+        wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
+        assert health_of(status.server_port) == (503, {"status": "down", "backends_up": 0})
+        backend = StreamServer((LOOPBACK, port), lambda s, _a: recv_all(s) and None)
+        backend.start()
+        wait_until(lambda: health_of(status.server_port)[0] == 200, what="healthy")
+        assert health_of(status.server_port) == (200, {"status": "ok", "backends_up": 1})
+        assert agent_reply(lock) == "up ready 100%\n"
+    finally:
+        status.stop(timeout=0)
+        if backend is not None:
+            backend.stop(timeout=0)
+
+
 # -- the token ---------------------------------------------------------------------------------
 
 
@@ -553,6 +578,114 @@ def test_status_connections_are_bounded_in_number_and_head_size(make_backend, ma
         assert code == 200
         for s in held[1:]:
             s.close()
+    finally:
+        server.stop(timeout=0)
+
+
+def _answer(sock, timeout):
+    """What comes back until the server closes (a reset after the answer counts as closed:
+    bytes sent to a closed socket are answered by one), and how long that took."""
+    start, chunks = time.monotonic(), []
+    try:
+        with gevent.Timeout(timeout):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - start
+
+
+def test_a_request_body_is_bounded_and_a_refused_one_is_never_read(make_backend, make_lock):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer(
+        (LOOPBACK, 0), lock, token="t0ken", request_timeout=1.0, max_connections=4
+    )
+    server.start()
+    trickling = []
+    try:
+        # Six connections, more than the server holds, each announcing a body of 1 GB and
+        # sending a byte of it every 0.2 s, without the token: each is refused with 413 at
+        # once, unread, and closed; none is held.
+        def trickle(s):
+            try:
+                s.sendall(b"POST /pause HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+                while True:
+                    gevent.sleep(0.2)
+                    s.sendall(b"x")
+            except OSError:
+                return
+
+        conns = [connect(server.server_port) for _ in range(6)]
+        trickling = [gevent.spawn(trickle, s) for s in conns]
+        for s in conns:
+            reply, took = _answer(s, timeout=3)
+            assert reply.startswith(b"HTTP/1.1 413 "), reply
+            assert b"Connection: close" in reply and took < 0.9
+        assert health_of(server.server_port)[0] == 200
+        assert not lock.paused
+        # A small body on a request refused for want of the token: 401 at once, and the
+        # connection is closed without waiting for the body.
+        s = connect(server.server_port)
+        s.sendall(b"POST /pause HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        reply, took = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 401 ") and took < 0.9
+        s.close()
+        # A body of unknown length is refused too.
+        s = connect(server.server_port)
+        s.sendall(b"POST /pause HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        reply, took = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 411 ") and took < 0.9
+        s.close()
+        # An accepted request whose small body trickles: answered, and its body must still
+        # arrive within the request deadline, or the connection is closed then.
+        s = connect(server.server_port)
+        start = time.monotonic()
+        s.sendall(
+            b"POST /pause HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        slow = gevent.spawn(lambda: [gevent.sleep(0.2) or s.sendall(b"y") for _ in range(100)])
+        reply, _ = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 200 ") and lock.paused
+        assert time.monotonic() - start < 2.5
+        slow.kill()
+        s.close()
+        # A whole small body is read after the answer: the connection carries the next one.
+        s = connect(server.server_port)
+        auth = b"Authorization: Bearer t0ken\r\n"
+        s.sendall(b"POST /resume HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 2\r\n\r\n{}")
+        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n" + auth + b"Connection: close\r\n\r\n")
+        reply, _ = _answer(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 200 ") == 2
+        assert not lock.paused
+        s.close()
+    finally:
+        for g in trickling:
+            g.kill()
+        server.stop(timeout=0)
+
+
+def test_requests_beyond_the_rate_get_429_then_wait_for_the_next_second(make_backend, make_lock):
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock, max_rate=5)
+    server.start()
+    try:
+        start = time.monotonic()
+        codes = [ask(server.server_port, path="/healthz") for _ in range(10)]
+        assert [c for c, _, _ in codes] == [200] * 5 + [429] * 5
+        assert codes[-1][1]["retry-after"] == "1"
+        assert json.loads(codes[-1][2]) == {"error": "over 5 requests a second"}
+        # As many refused as answered: the next connection waits in the listen backlog
+        # until the second is over, and is answered then.
+        s = connect(server.server_port)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = recv_all(s, timeout=3)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - start >= 0.95
+        s.close()
     finally:
         server.stop(timeout=0)
 

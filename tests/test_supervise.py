@@ -6,6 +6,7 @@ The backend is ``tests/backends/pidserver.py``, which tells each client its proc
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -16,7 +17,8 @@ import pytest
 
 from conftest import LOOPBACK, connect, free_port, http, run_cli, wait_until
 from tcplock import TCPLock
-from tcplock.status import Metrics
+from tcplock.status import Metrics, StatusServer
+from tcplock.supervise import OUTPUT_LINES_PER_SECOND
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,6 +157,37 @@ def test_clients_wait_in_the_queue_until_the_backend_is_ready(supervised, tmp_pa
     assert lock.backends[0].state == "up"
 
 
+def test_healthz_is_down_until_a_supervised_backend_is_first_ready_not_while_it_restarts(
+    supervised, tmp_path
+):
+    ready = tmp_path / "ready"
+    lock = supervised(1, ready_cmd=f"test -e {ready}", restart_every=1)
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+
+    def health():
+        code, _, body = http(status.server_port, path="/healthz")
+        return code, json.loads(body)
+
+    try:
+        # Starting: its command runs, but it is not ready yet.
+        assert lock.backends[0].state == "starting"
+        assert health() == (503, {"status": "down", "backends_up": 0})
+        ready.touch()
+        wait_until(lambda: lock.backends[0].state == "up", timeout=10)
+        assert health() == (200, {"status": "ok", "backends_up": 1})
+        # Restarted after each client: once ready before, it counts as up meanwhile.
+        ready.unlink()
+        ask(lock.server_port)
+        wait_until(lambda: lock.backends[0].state == "restarting", timeout=10)
+        assert health() == (200, {"status": "ok", "backends_up": 1})
+        ready.touch()
+        wait_until(lambda: lock.backends[0].state == "up", timeout=10)
+        assert health() == (200, {"status": "ok", "backends_up": 1})
+    finally:
+        status.stop(timeout=0)
+
+
 def test_restart_every_k_clients_of_each_backend(supervised, pidfile):
     lock = supervised(2, restart_every=2)
     seen = {1: [], 2: []}
@@ -206,10 +239,13 @@ def test_a_killed_backend_is_started_again_and_later_clients_are_served(
 
 
 @pytest.mark.timeout(30)
-def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(supervised, pidfile):
+def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(
+    supervised, pidfile, conn_log
+):
     """Output that is always there to read (``yes`` in the backend's group, for as long as it
-    runs) is passed on at the event loop's pace: clients are served meanwhile, and the stop
-    ends it."""
+    runs) is passed on within a budget per second: clients are served meanwhile, the log says
+    how many lines were dropped, what it logs stays within the budget, and the stop ends it."""
+    started = time.monotonic()
     lock = supervised(1, backend_cmd="yes flood & " + pidserver("--pidfile", pidfile))
     ticks = []
 
@@ -223,9 +259,22 @@ def test_a_command_that_writes_without_pause_does_not_hold_up_tcplock(supervised
         for _ in range(3):
             assert ask(lock.server_port)[2] == 1
             wait_until(lambda: lock.active == [])
-        assert len(ticks) > 10  # the loop ran its timers all along
+        wait_until(
+            lambda: any("of its output dropped" in m for m in conn_log.lines),
+            what="the count of dropped lines",
+        )
+        assert ask(lock.server_port)[2] == 1  # served while the flood goes on
+        assert len(ticks) > 10  # the loop ran its timers all along (a second or more)
     finally:
         ticker.kill()
+    label = lock.backends[0].label
+    notes = [m for m in conn_log.lines if "of its output dropped" in m]
+    for note in notes:
+        count = re.match(rf"backend {re.escape(label)}: (\d+) lines? of its output dropped", note)
+        assert count and int(count.group(1)) > 0, note
+    logged = sum(1 for m in conn_log.lines if m == f"backend {label}: flood")
+    took = time.monotonic() - started
+    assert 0 < logged <= (took + 1) * OUTPUT_LINES_PER_SECOND
     lock.stop(timeout=0)
     assert not any(alive(pid) for pid in pids_in(pidfile))
 
@@ -340,10 +389,10 @@ def test_the_library_refuses_a_restart_callable_with_a_backend_command():
 # -- the command ----------------------------------------------------------------------------
 
 
-def supervised_cli(cli, *args, backends=1):
+def supervised_cli(cli, *args, backends=1, env=None):
     ports = [free_port() for _ in range(backends)]
     options = [a for p in ports for a in ("--backend", f"{LOOPBACK}:{p}")]
-    return cli("-l", "127.0.0.1:0", *options, *args)
+    return cli("-l", "127.0.0.1:0", *options, *args, env=env)
 
 
 @pytest.mark.parametrize(
@@ -444,7 +493,104 @@ def test_what_a_crashed_command_left_behind_dies_with_a_killed_tcplock(cli, pidf
     p.signal(signal.SIGKILL)
     p.wait()
     wait_until(lambda: not alive(child), timeout=10, what="the left-behind child to die")
-    assert in_group(pgid) == []
+    wait_until(lambda: in_group(pgid) == [], timeout=10, what="the whole group to die")
+
+
+@pytest.fixture
+def marked():
+    """An environment that marks every process started with it (and their children):
+    ``marked.env`` to give, ``marked.alive()`` the marked processes that live. Whatever of
+    them is left is killed after the test."""
+    value = f"{os.getpid()}-{time.monotonic_ns()}"
+    needle = f"TEST_LEFTOVER_MARK={value}".encode()
+
+    class Marked:
+        env = {"TEST_LEFTOVER_MARK": value}
+
+        @staticmethod
+        def alive():
+            found = []
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{name}/environ", "rb") as f:
+                        environ = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if needle in environ and alive(int(name)):
+                    found.append(int(name))
+            return found
+
+    yield Marked
+    for pid in Marked.alive():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+#: A helper in the backend's group that ignores SIGTERM, beside a command that ends on it.
+HELPER = "(trap '' TERM; exec sleep 300) & "
+
+
+def helped_backend(cli, pidfile, marked):
+    """tcplock running a pid server with a helper that ignores SIGTERM; (tcplock, the pid
+    server's pid, the group's id), once all three processes of the group run."""
+    p = supervised_cli(
+        cli,
+        "--backend-cmd",
+        HELPER + pidserver("--pidfile", pidfile),
+        "--stop-timeout",
+        "30",
+        env=marked.env,
+    )
+    p.wait_ready()
+    wait_until(lambda: pids_in(pidfile), timeout=15, what="the pid server")
+    main = pids_in(pidfile)[0]
+    pgid = group_of(main)
+    wait_until(lambda: len(in_group(pgid)) == 3, what="the watcher, the helper, the pid server")
+    return p, main, pgid
+
+
+def test_a_helper_that_ignores_sigterm_dies_with_tcplock_killed_while_it_stops(
+    cli, pidfile, marked
+):
+    """tcplock is stopping (SIGTERM): the command has ended, a helper ignoring SIGTERM is
+    left, and tcplock is killed with SIGKILL within its stop timeout. The helper dies too."""
+    p, main, pgid = helped_backend(cli, pidfile, marked)
+    p.signal(signal.SIGTERM)
+    wait_until(lambda: not alive(main) and not alive(pgid), what="the command to end")
+    assert len(in_group(pgid)) >= 1  # the helper, waiting for the stop timeout
+    p.signal(signal.SIGKILL)
+    p.wait()
+    wait_until(
+        lambda: marked.alive() == [] and in_group(pgid) == [],
+        timeout=10,
+        what="the group's processes to die",
+    )
+
+
+def test_a_helper_left_by_a_crashed_command_dies_with_tcplock_killed_before_it_notices(
+    cli, pidfile, marked
+):
+    """The command dies by itself while tcplock is held up (stopped, here) and cannot kill
+    what is left of its group yet; then tcplock is killed with SIGKILL. The helper, which
+    ignores SIGTERM, dies too."""
+    p, main, pgid = helped_backend(cli, pidfile, marked)
+    p.signal(signal.SIGSTOP)
+    try:
+        os.kill(main, signal.SIGKILL)
+        wait_until(lambda: not alive(main) and not alive(pgid), what="the command to end")
+        assert len(in_group(pgid)) >= 1  # the helper
+    finally:
+        p.signal(signal.SIGKILL)
+    p.wait()
+    wait_until(
+        lambda: marked.alive() == [] and in_group(pgid) == [],
+        timeout=10,
+        what="the group's processes to die",
+    )
 
 
 def test_status_shows_each_backends_process_and_memory(cli, pidfile):
