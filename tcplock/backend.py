@@ -129,6 +129,10 @@ class Backend:
         )
         #: The pause before a supervised backend whose command ended is started again.
         self.crash_delay = lock.restart_retry_delay
+        #: A backend tcplock does not run takes no client until its first check has answered
+        #: (up or down), so that it never sees the check's connection and a client's at once.
+        self.first_check_due = self.process is None
+        self.open = not self.first_check_due
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -227,8 +231,10 @@ class Backend:
             args = (lock.ready_cmd, self._command_env(), limit)
             self._check = Step(probe, args, self._probed).start()
             return
+        # One round of its addresses: a backend that refuses is down at once (a first check
+        # holds clients back until it answers), and is tried again at the next interval.
         limit = min(lock.check_interval, lock.connect_timeout)
-        self._check = Connect(self, time.monotonic() + limit, self._checked)
+        self._check = Connect(self, time.monotonic() + limit, self._checked, _one_round)
         self._check.start()
 
     def _checked(self, sock, error) -> None:
@@ -238,6 +244,7 @@ class Backend:
             self.mark_up()
         else:
             self.mark_down(error)  # nothing more if it is down already
+        self._first_check_done()
 
     def _probed(self, result, error) -> None:
         self._check = None
@@ -245,6 +252,13 @@ class Backend:
             self.mark_up()
         else:
             self.mark_down(f"not ready: {result[1]}" if result is not None else error)
+        self._first_check_done()
+
+    def _first_check_done(self) -> None:
+        # The check's connection is closed: clients may reach the backend now.
+        if self.first_check_due:
+            self.first_check_due = False
+            self.lock._sync_gate()
 
     def close_check(self, sock) -> None:
         """Close a check's connection. A backend sent PROXY headers is sent one first,
@@ -834,6 +848,11 @@ class Connect:
         if self.step is not None:
             self.step.kill()
             self.step = None
+
+
+def _one_round(_error) -> bool:
+    """A :class:`Connect`'s ``give_up`` that ends it after its first failed round."""
+    return True
 
 
 def _takes_backend(hook) -> bool:

@@ -521,6 +521,7 @@ class Reloader:
         for name, _address, server in self.extras:
             if name == "status":
                 server.token = token
+                server.max_rate = new.status_max_rate
         lock = self.lock
         for attr, value in values.items():
             setattr(lock, attr, value)
@@ -618,6 +619,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     lock.max_lingering = max_lingering(capacity)
     lock.connection_log = connection_log(handler)
+    if demo is not None:
+        # The demo's backend runs in this process and is serving already: no check at start,
+        # whose connection it would count as its first client.
+        lock.backends[0].mark_up()
     # Handlers first: a supervisor may send SIGTERM as soon as it sees the first log line.
     stop = Event()
     hurry = Event()
@@ -646,7 +651,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .status import StatusServer
 
             status = StatusServer(
-                args.status, lock, token=token, max_connections=status_connections
+                args.status,
+                lock,
+                token=token,
+                max_connections=status_connections,
+                max_rate=args.status_max_rate,
             )
             extras.append(("status", args.status, status))
         if args.agent_check is not None:

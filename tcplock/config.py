@@ -334,6 +334,10 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> Dict[s
         raise ConfigError(
             f"{named('status_token_file')} protects the --status endpoint: give --status too"
         )
+    if "status_max_rate" in sources and args.status is None:
+        raise ConfigError(
+            f"{named('status_max_rate')} bounds the --status endpoint: give --status too"
+        )
     if args.backend_cmd and args.restart_cmd:
         raise ConfigError(
             f"{named('backend_cmd')} and {named('restart_cmd')} exclude each other: tcplock "

@@ -319,8 +319,15 @@ def _pair(source: Address, destination: Address):
 def make_v1(source: Address, destination: Address) -> bytes:
     """The v1 line for a TCP connection from ``source`` to ``destination``."""
     src, dst = _pair(source, destination)
-    proto = "TCP4" if src.version == 4 else "TCP6"
-    return f"PROXY {proto} {src} {dst} {int(source[1])} {int(destination[1])}\r\n".encode("ascii")
+    if src.version == 4:
+        proto, src_text, dst_text = "TCP4", str(src), str(dst)
+    else:
+        # As inet_ntop writes them (an IPv4-mapped address ends in dotted IPv4), on every
+        # Python: ipaddress writes mapped ones so only from 3.13.
+        proto = "TCP6"
+        src_text, dst_text = (socket.inet_ntop(socket.AF_INET6, a.packed) for a in (src, dst))
+    ports = f"{int(source[1])} {int(destination[1])}"
+    return f"PROXY {proto} {src_text} {dst_text} {ports}\r\n".encode("ascii")
 
 
 def make_v2(source: Address, destination: Address) -> bytes:

@@ -301,9 +301,9 @@ class TCPLock(StreamServer):
             self.gate.resume()
 
     def _update_open(self) -> None:
-        # A backend takes new clients unless it drains or restarts, or it is down while another
-        # is up (with none up, every backend is tried, so that a client fails as it would
-        # with one).
+        # A backend takes new clients unless it drains or restarts, or awaits its first check,
+        # or it is down while another is up (with none up, every backend is tried, so that a
+        # client fails as it would with one).
         backends = self.backends
         any_up = any(b.up and not b.draining and not b.leaving for b in backends)
         for b in backends:
@@ -311,6 +311,7 @@ class TCPLock(StreamServer):
                 not b.draining
                 and not b.leaving
                 and b.restart_reason is None
+                and not b.first_check_due
                 and (b.up or not any_up)
             )
 

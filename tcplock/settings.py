@@ -910,6 +910,18 @@ SETTINGS: Tuple[Setting, ...] = (
         group="status",
     ),
     Setting(
+        "status-max-rate",
+        ("--status-max-rate",),
+        "how many requests a second the --status endpoint answers; as many more that second "
+        "get 429 (Retry-After: 1), then it accepts no more until the second is over",
+        kind="count",
+        metavar="N",
+        parse=_count(1),
+        default=200,
+        reload=True,
+        group="status",
+    ),
+    Setting(
         "agent-check",
         ("--agent-check",),
         "answer HAProxy's agent-check here: 'down' when no backend is up, 'drain' while "

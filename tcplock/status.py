@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from io import BytesIO
@@ -41,6 +42,7 @@ from .server import (
     accept_exhausted,
     format_address,
 )
+from .settings import SETTINGS
 
 __all__ = [
     "Metrics",
@@ -233,7 +235,7 @@ MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0
 MAX_HEAD = 8192
 MAX_BODY = 1024
-MAX_RATE = 200
+MAX_RATE = next(s.default for s in SETTINGS if s.name == "status-max-rate")
 #: How old, in seconds, the ``/metrics`` answer may be: it is made again at most this often.
 METRICS_MAX_AGE = 1.0
 
@@ -391,6 +393,13 @@ class _Handler(WSGIHandler):
         # Bounds every read and write (a client that stops reading its answer), on top of the
         # deadline for the whole request below.
         sock.settimeout(server.request_timeout)
+        # pywsgi sends an answer's head and its body apart: without TCP_NODELAY the body waits
+        # for the client to acknowledge the head, which a keep-alive client delays (about
+        # 40 ms on Linux) while it waits for the rest.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a Unix socket as the listener), or the client is gone already
         super().__init__(sock, address, server, rfile)
 
     def handle_one_request(self):
@@ -674,7 +683,10 @@ class StatusServer(_Bounded, WSGIServer):
             return _reply(
                 start_response,
                 "404 Not Found",
-                {"error": "not found", "paths": sorted({p for _, p in routes} | {"/", "/healthz"})},
+                {
+                    "error": "not found",
+                    "paths": sorted({p for _, p in routes} | _PATHS_BESIDE_ROUTES),
+                },
             )
         return handler(start_response)
 
@@ -744,6 +756,10 @@ class StatusServer(_Bounded, WSGIServer):
     def _resume(self, start_response):
         self.lock.resume()
         return _reply(start_response, "200 OK", {"paused": False})
+
+
+#: What the 404 body lists besides the routes' paths: the paths answered outside them.
+_PATHS_BESIDE_ROUTES = {"/", "/healthz", "/backends/HOST:PORT/drain", "/backends/HOST:PORT/enable"}
 
 
 def _reply(start_response, status: str, data, headers=()):

@@ -96,8 +96,8 @@ class Backend(StreamServer):
     never close until released), ``greet_echo`` (send a greeting then echo).
     """
 
-    def __init__(self, behaviour="echo"):
-        super().__init__((LOOPBACK, 0))
+    def __init__(self, behaviour="echo", port=0):
+        super().__init__((LOOPBACK, port))
         self.behaviour = getattr(self, "_" + behaviour) if isinstance(behaviour, str) else behaviour
         self.current = 0
         self.most = 0
@@ -196,8 +196,8 @@ class Backend(StreamServer):
 def make_backend():
     servers = []
 
-    def make(behaviour="echo"):
-        b = Backend(behaviour)
+    def make(behaviour="echo", port=0):
+        b = Backend(behaviour, port)
         b.start()
         servers.append(b)
         return b
@@ -206,6 +206,41 @@ def make_backend():
     for b in servers:
         b.release_all()
         b.stop(timeout=0)
+
+
+@pytest.fixture(scope="session")
+def readme_clone(tmp_path_factory):
+    """A fresh copy of the checkout in which the README's quick start has run, as written,
+    from its top: it made ``.venv``, installed tcplock there and started the demo on port 9000.
+    Two clients then see the lock at work and Ctrl-C (SIGINT) stops it; ``quick_start`` holds
+    what they saw, for test_docs.py to check. The README commands' tests run in this copy."""
+    import readme_commands as rc
+
+    clone = rc.copy_checkout(tmp_path_factory.mktemp("clone"))
+    rc.ensure_free(9000)
+    shell = rc.Shell(
+        rc.command("README.md", "python3 -m venv .venv && .venv/bin/pip install ."), cwd=clone
+    )
+    seen = {}
+    try:
+        shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=600)
+        first = connect(9000)
+        seen["first"] = first.recv(200)
+        second = connect(9000)
+        second.settimeout(0.5)
+        try:
+            seen["second while the first is in"] = second.recv(200)
+        except _stdsocket.timeout:
+            seen["second while the first is in"] = b""
+        first.close()
+        second.settimeout(5)
+        seen["second"] = second.recv(200)
+        second.close()
+        seen["exit status on Ctrl-C"] = shell.stop(signal.SIGINT)
+    finally:
+        shell.kill()
+    seen["output"] = shell.output()
+    yield clone, seen
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ the sample config, and check that it talks to $NOTIFY_SOCKET as ``Type=notify`` 
 
 import array
 import importlib
+import json
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import gevent
 import pytest
+import readme_commands as rc
 from gevent import subprocess
 from gevent.event import Event
 
@@ -588,3 +590,155 @@ def test_systemd_analyze_security_exposure_is_low(tmp_path):
     assert m, out.stdout + out.stderr
     # 0 is a fully sandboxed unit, 10 none at all; systemd calls under 2 "OK".
     assert float(m.group(1)) < 2.0, out.stdout
+    # And the README gives the figure this systemd gives.
+    readme = (CONTRIB / "systemd" / "README.md").read_text()
+    stated = re.search(r"`systemd-analyze security tcplock` rates its exposure ([\d.]+)", readme)
+    assert stated and stated.group(1) == m.group(1), f"README: {stated}, measured {m.group(1)}"
+
+
+# --- the READMEs' commands, as written (see readme_commands.py) ------------------------------
+
+GUNICORN_README = "contrib/gunicorn/README.md"
+
+
+@pytest.mark.timeout(600)  # the first user of readme_clone waits for the quick start's install
+def test_gunicorn_readme_as_written(readme_clone, make_backend):
+    """contrib/gunicorn/README.md from the top of a fresh copy with the quick start's venv:
+    gunicorn goes into the venv, (a) serves a request through the tcplock its master starts,
+    and (b) one through a tcplock run apart; Ctrl-C stops each."""
+    clone, _ = readme_clone
+    rc.ensure_free(9000, 8000)
+    make_backend(slow_reply, port=2003)
+    rc.run(rc.command(GUNICORN_README, ".venv/bin/pip install gunicorn"), cwd=clone)
+    cd = rc.command(GUNICORN_README, "cd contrib/gunicorn")
+    own = rc.command(GUNICORN_README, "APP_BACKEND=127.0.0.1:2003 APP_LOCK_PORT=9000")
+    apart = rc.command(GUNICORN_README, "APP_LOCK_PORT=9000 .venv/bin/python -m gunicorn")
+    lock = None
+    for cmd in (f"{cd}\n{own}", apart):
+        if cmd.endswith(apart):  # (b): tcplock is a service of its own, on 9000
+            lock = rc.Shell(".venv/bin/tcplock -l 9000 -p 2003", cwd=clone)
+            lock.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=30)
+        shell = rc.Shell(cmd, cwd=clone, env={"XDG_RUNTIME_DIR": str(clone)})
+        try:
+            shell.wait_for(r"Listening at: http://127\.0\.0\.1:8000\b", timeout=60)
+            wait_until(
+                lambda s=shell: s.output().count("Booting worker") == 4,
+                timeout=60,
+                what="4 workers",
+            )
+            status, _, body = http(8000, "GET", "/readme", timeout=30)
+            assert status == 200 and body == b"answer to GET /readme\n", body
+            shell.stop(signal.SIGINT, timeout=60)
+            assert refused(8000) and (lock is not None or refused(9000)), shell.output()
+        finally:
+            shell.kill()
+            if lock is not None:
+                lock.kill()
+
+
+PROMETHEUS_README = "contrib/prometheus/README.md"
+
+
+@pytest.mark.timeout(600)
+def test_prometheus_readme_as_written(readme_clone, make_backend, tmp_path):
+    """contrib/prometheus/README.md, and the README's curl with the token, from the top of a
+    fresh copy, with /etc/ in a temporary directory (writing /etc needs root and changes the
+    machine; prometheus.yml is read with the same change): the token is made, tcplock starts
+    with it, Prometheus's copy is made and promtool accepts the config, and curl with the
+    token gets the status."""
+    clone, _ = readme_clone
+    require_command("promtool", "prometheus")
+    etc = tmp_path / "etc"
+    (etc / "prometheus").mkdir(parents=True)
+    rc.ensure_free(9000, 9100)
+    make_backend("echo", port=2003)
+
+    def here(cmd):
+        return cmd.replace("/etc/", f"{etc}/")
+
+    yml = clone / "contrib" / "prometheus" / "prometheus.yml"
+    yml.write_text(here(yml.read_text()))
+    for start in ("mkdir -p /etc/tcplock", "head -c 32 /dev/urandom", "chmod 600"):
+        rc.run(here(rc.command(PROMETHEUS_README, start)), cwd=clone)
+    token = (etc / "tcplock" / "status-token").read_text().strip()
+    assert len(token) >= 32 and (etc / "tcplock" / "status-token").stat().st_mode & 0o777 == 0o600
+    shell = rc.Shell(here(rc.command(PROMETHEUS_README, ".venv/bin/tcplock")), cwd=clone)
+    try:
+        shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=30)
+        rc.run(here(rc.command(PROMETHEUS_README, "install -m 600 -o prometheus")), cwd=clone)
+        copy = etc / "prometheus" / "tcplock-status-token"
+        assert copy.read_text().strip() == token and copy.stat().st_mode & 0o777 == 0o600
+        rc.run(rc.command(PROMETHEUS_README, "promtool check config"), cwd=clone)
+        curl = 'curl -s -H "Authorization: Bearer $(cat /etc/tcplock/status-token)"'
+        for readme in (PROMETHEUS_README, "README.md"):
+            out = rc.run(here(rc.command(readme, curl)), cwd=clone).stdout
+            assert json.loads(out)["backend"] == "localhost:2003", out
+        assert http(9100, "GET", "/status")[0] == 401
+    finally:
+        shell.stop(signal.SIGTERM)
+        shell.kill()
+
+
+HAPROXY_README = "contrib/haproxy/README.md"
+
+
+@pytest.mark.timeout(300)
+def test_haproxy_readme_as_written(readme_clone):
+    """contrib/haproxy/README.md on one machine, from the top of a fresh copy with the quick
+    start's venv activated: two demo tcplocks and HAProxy as the README starts them; a client
+    through HAProxy is greeted by a demo; pausing one instance makes its agent answer drain,
+    resuming makes it ready again, and the checks show both servers."""
+    require_command("haproxy", "haproxy")
+    require_command("nc", "netcat-openbsd")
+    clone, _ = readme_clone
+    rc.ensure_free(9000, 9001, 9002, 9101, 9102, 9201, 9202, 8404)
+    block = "\n".join(
+        rc.command(HAPROXY_README, start)
+        for start in (
+            "mkdir -p /run/haproxy",
+            "tcplock --demo --accept-proxy --listen 9001",
+            "tcplock --demo --accept-proxy --listen 9002",
+            "haproxy -f",
+        )
+    )
+    shell = rc.Shell(block, cwd=clone, env=rc.activated(clone))
+    try:
+        for port in (9001, 9002):
+            shell.wait_for(rf"listening on 127\.0\.0\.1:{port}\b", timeout=30)
+
+        def agent():
+            return rc.run(rc.command(HAPROXY_README, "nc 127.0.0.1 9101"), cwd=clone).stdout
+
+        def through_haproxy():
+            try:
+                c = connect(9000)
+            except OSError:
+                return b""
+            try:
+                return c.recv(200)
+            finally:
+                c.close()
+
+        wait_until(
+            lambda: through_haproxy().startswith(b"demo backend: you are client #"),
+            timeout=30,
+            what="a client through HAProxy to a demo",
+        )
+        assert agent() == "up ready 100%\n"
+        paused = rc.run(
+            rc.command(HAPROXY_README, "curl -s -X POST 127.0.0.1:9201/pause"), cwd=clone
+        ).stdout
+        assert json.loads(paused) == {"paused": True} and agent() == "drain\n"
+        resumed = rc.run(
+            rc.command(HAPROXY_README, "curl -s -X POST 127.0.0.1:9201/resume"), cwd=clone
+        ).stdout
+        assert json.loads(resumed) == {"paused": False} and agent() == "up ready 100%\n"
+        status = rc.run(rc.command(HAPROXY_README, "curl -s 127.0.0.1:9201/status"), cwd=clone)
+        assert json.loads(status.stdout)["paused"] is False
+        csv = rc.run(
+            rc.command(HAPROXY_README, 'curl -s "http://127.0.0.1:8404/;csv"'), cwd=clone
+        ).stdout
+        assert re.search(r"^tcplock,a,", csv, re.M) and re.search(r"^tcplock,b,", csv, re.M), csv
+    finally:
+        shell.stop(signal.SIGINT)
+        shell.kill()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import gevent
 import pytest
+import readme_commands as rc
 from gevent import socket
 from gevent.event import Event
 
-from conftest import LOOPBACK, ChildProcess, http, recv_all, wait_until
+from conftest import LOOPBACK, ChildProcess, http, recv_all, require_command, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,9 +116,15 @@ def test_embedded_lock_serialises_and_shows_its_queue(make_backend, example):
 def test_sigterm_while_busy_drains_then_exits_zero(make_backend, example):
     backend = make_backend("hold")
     ex = example(
-        "--backend", f"{LOOPBACK}:{backend.server_port}", "--listen", "0", "--http", "0",
-        "--drain", "0.5",
-    )  # fmt: skip
+        "--backend",
+        f"{LOOPBACK}:{backend.server_port}",
+        "--listen",
+        "0",
+        "--http",
+        "0",
+        "--drain",
+        "0.5",
+    )
     ex.wait_started()
     backend.take_check()
     active = gevent.spawn(client, ex.lock_port, b"busy")
@@ -134,3 +141,84 @@ def test_sigterm_while_busy_drains_then_exits_zero(make_backend, example):
         g.join(timeout=10)
         assert g.ready()
     assert backend.count == 1
+
+
+# --- the READMEs' commands, as written (see readme_commands.py) ------------------------------
+
+
+@pytest.mark.timeout(600)  # the first user of readme_clone waits for the quick start's install
+def test_readme_command_as_written(readme_clone, make_backend):
+    """examples/README.md's command, from the top of a fresh copy with the quick start's venv:
+    a client is relayed through 9000 to the service on 2003, the page on 8080 shows the lock,
+    and Ctrl-C stops it with status 0."""
+    clone, _ = readme_clone
+    cmd = rc.command("examples/README.md", ".venv/bin/python examples/embed_gevent.py")
+    rc.ensure_free(9000, 8080)
+    make_backend("echo", port=2003)
+    shell = rc.Shell(cmd, cwd=clone)
+    try:
+        shell.wait_for(r"tcplock on 127\.0\.0\.1:9000, status page on http://127\.0\.0\.1:8080/")
+        c = socket.create_connection((LOOPBACK, 9000), timeout=10)
+        c.sendall(b"through the example")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c, timeout=10) == b"through the example"
+        c.close()
+        code, _, body = http(8080, "GET", "/status.json")
+        assert code == 200 and json.loads(body)["served"] == 1, body
+        assert shell.stop(signal.SIGINT) == 0, shell.output()
+    finally:
+        shell.kill()
+
+
+DEBIAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LIBREOFFICE = "examples/libreoffice/README.md"
+
+
+@pytest.mark.timeout(900)
+def test_libreoffice_readme_as_written(readme_clone):
+    """examples/libreoffice/README.md, steps 1 to 4 as written, from the top of a fresh copy,
+    on the README's ports, with the PATH of a plain Debian (its python3 has no tcplock):
+    install.sh makes the venv with unoserver and tcplock, run-stack.sh starts the farm, a
+    document is converted through tcplock, and a LibreOffice killed with SIGKILL comes back."""
+    require_command("soffice", "libreoffice-core-nogui libreoffice-writer-nogui python3-uno")
+    clone, _ = readme_clone
+    env = {"PATH": DEBIAN_PATH}
+    rc.ensure_free(9000, 9100, 2003, 2004, 3003, 3004)
+    rc.run(
+        rc.command(LIBREOFFICE, "examples/libreoffice/install.sh"), cwd=clone, env=env, timeout=800
+    )
+    shell = rc.Shell(
+        rc.command(LIBREOFFICE, "examples/libreoffice/run-stack.sh"), cwd=clone, env=env
+    )
+    try:
+        printed = shell.wait_for(r"run-stack\.sh: .* -m tcplock ", timeout=30)
+        shown = rc.command(LIBREOFFICE, "python3 -m tcplock --listen 127.0.0.1:9000")
+        for flag in (
+            "--listen 127.0.0.1:9000",
+            "--backend 127.0.0.1:2003",
+            "--slots 1",
+            "--restart-every 100",
+            "--status 127.0.0.1:9100",
+        ):
+            assert flag in shown and flag.split()[1] in printed, (flag, printed)
+        shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=60)
+
+        def all_up():
+            code, _, body = http(9100, "GET", "/status")
+            return code == 200 and all(b["state"] == "up" for b in json.loads(body)["backends"])
+
+        wait_until(all_up, timeout=120, what="both unoservers up")
+        rc.run(rc.command(LIBREOFFICE, "printf 'Hello from behind tcplock"), cwd=clone)
+        convert = rc.command(LIBREOFFICE, "examples/libreoffice/.venv/bin/unoconvert")
+        rc.run(convert, cwd=clone, timeout=120)
+        assert (clone / "hello.pdf").read_bytes().startswith(b"%PDF")
+
+        (clone / "hello.pdf").unlink()
+        rc.run(rc.command(LIBREOFFICE, "kill -KILL $(pgrep"), cwd=clone)
+        shell.wait_for(r"backend 127\.0\.0\.1:2003.* (ended|died|exited|was killed)", timeout=30)
+        wait_until(all_up, timeout=120, what="the killed unoserver back up")
+        rc.run(convert, cwd=clone, timeout=120)
+        assert (clone / "hello.pdf").read_bytes().startswith(b"%PDF")
+        assert shell.stop(signal.SIGINT, timeout=90) == 0, shell.output()[-3000:]
+    finally:
+        shell.kill()

@@ -75,10 +75,12 @@ def test_one_queue_over_three_backends_admits_in_arrival_order(make_backend, mak
 
 
 def test_a_dead_backend_loses_no_client(make_backend, make_pool, conn_log):
-    live = [make_backend("echo") for _ in range(2)]
+    dying, *live = [make_backend("echo") for _ in range(3)]
     # connect_timeout is long: a client kept on the dead backend for it would time this test
-    # out; each is sent on after one refused attempt instead.
-    lock = make_pool([free_port(), *(b.server_port for b in live)], connect_timeout=60)
+    # out; each is sent on after one refused attempt instead. It answered its check at start,
+    # then died: the first client given it finds it refusing.
+    lock = make_pool([dying.server_port, *(b.server_port for b in live)], connect_timeout=60)
+    dying.stop(timeout=0)
     clients = [connect(lock.server_port) for _ in range(12)]
     for i, c in enumerate(clients):
         c.sendall(b"%02d" % i)
@@ -101,7 +103,7 @@ def test_a_backend_that_comes_back_rejoins_the_pool(make_backend, make_pool, con
     other = make_backend("hold")
     lock = make_pool([port, other.server_port], check_interval=0.05)
     a = connect(lock.server_port)
-    other.next_conn()  # the dead one was tried first, then this one took the client
+    other.next_conn()  # the dead one refused its check at start: this one took the client
     wait_until(lambda: lock.status()["backends"][0]["state"] == "down")
     revived = StreamServer((LOOPBACK, port), lambda s, _a: s.sendall(b"back") or s.close())
     revived.start()
@@ -316,15 +318,16 @@ def test_the_library_checks_backends():
 def test_a_restart_due_on_a_backend_that_refused_still_runs(make_backend, make_pool):
     # The first client is the K-th of the dead backend (K = 1) and is sent on to the live one:
     # the restart it called for runs all the same, and the dead backend does not stay closed
-    # as "restarting".
-    live = make_backend("echo")
+    # as "restarting". (It answered its check at start, then died.)
+    dying, live = make_backend("echo"), make_backend("echo")
     restarted = []
     lock = make_pool(
-        [free_port(), live.server_port],
+        [dying.server_port, live.server_port],
         restart=lambda reason, backend: restarted.append(backend.index),
         restart_every=1,
         ready_timeout=None,
     )
+    dying.stop(timeout=0)
     c = connect(lock.server_port)
     c.sendall(b"x")
     assert recv_exactly(c, 1) == b"x"
@@ -358,10 +361,10 @@ def test_the_agent_weight_falls_as_the_pool_fills(make_backend, make_pool):
 def test_a_backend_that_does_not_answer_is_left_for_another(make_backend, make_pool, conn_log):
     # A backend whose accept queue is full drops the SYN: the connection is never refused,
     # it times out. The client then goes to the next backend, and the silent one is down.
+    # (The check at start fills its queue: it answered, and accepts nothing more.)
     silent = _stdsocket.socket()
     silent.bind((LOOPBACK, 0))
     silent.listen(0)
-    filler = _stdsocket.create_connection(silent.getsockname())
     try:
         live = make_backend("echo")
         lock = make_pool([silent.getsockname()[1], live.server_port], connect_timeout=0.5)
@@ -372,7 +375,6 @@ def test_a_backend_that_does_not_answer_is_left_for_another(make_backend, make_p
         assert conn_log.next_end()["end"] == "closed"
         assert [b["state"] for b in lock.status()["backends"]] == ["down", "up"]
     finally:
-        filler.close()
         silent.close()
 
 
@@ -392,16 +394,17 @@ def _alive(pid):
 def test_orphaned_restart_with_no_holder_outlives_stop(make_backend, make_lock, tmp_path):
     # The K-th client of a dead backend is sent on to the live one; the restart it called for
     # runs with no connection holding the backend. stop() must not leave it running.
-    live = make_backend("echo")
+    dying, live = make_backend("echo"), make_backend("echo")
     pidfile = tmp_path / "pid"
     hook = CommandHook(f"echo $$ > {pidfile}; exec sleep 30", "restart")
     lock = make_lock(
-        [free_port(), live.server_port],
+        [dying.server_port, live.server_port],
         restart=hook,
         restart_every=1,
         ready_timeout=None,
         connect_timeout=5,
     )
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     c = connect(lock.server_port)
     c.sendall(b"x")
     assert recv_exactly(c, 1) == b"x"
@@ -420,8 +423,9 @@ def test_orphaned_restart_with_no_holder_outlives_stop(make_backend, make_lock, 
 
 
 def test_requeued_client_still_has_its_queue_timeout(make_backend, make_lock, conn_log):
-    live = make_backend("hold")
-    lock = make_lock([live.server_port, free_port()], queue_timeout=0.3, connect_timeout=5)
+    live, dying = make_backend("hold"), make_backend("echo")
+    lock = make_lock([live.server_port, dying.server_port], queue_timeout=0.3, connect_timeout=5)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     a = connect(lock.server_port)
     live.next_conn()  # A holds the live backend's only slot
     b = connect(lock.server_port)  # B is granted the dead one, refused, back to the queue
@@ -442,8 +446,9 @@ def test_requeued_client_still_has_its_queue_timeout(make_backend, make_lock, co
 
 
 def test_requeued_client_that_leaves_is_noticed(make_backend, make_lock, conn_log):
-    live = make_backend("hold")
-    lock = make_lock([live.server_port, free_port()], connect_timeout=5)
+    live, dying = make_backend("hold"), make_backend("echo")
+    lock = make_lock([live.server_port, dying.server_port], connect_timeout=5)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     a = connect(lock.server_port)
     live.next_conn()
     b = connect(lock.server_port)  # sends nothing; goes to the dead one, back to the queue
@@ -467,8 +472,7 @@ def test_a_client_requeued_while_stopping_is_ended_and_leaves_nothing(
 
     silent = _stdsocket.socket()
     silent.bind((LOOPBACK, 0))
-    silent.listen(0)
-    filler = _stdsocket.create_connection(silent.getsockname())
+    silent.listen(0)  # the check at start fills its queue: it answered, then drops SYNs
     live = make_backend("hold")
     lock = make_lock([silent.getsockname()[1], live.server_port], connect_timeout=0.5)
     try:
@@ -484,7 +488,6 @@ def test_a_client_requeued_while_stopping_is_ended_and_leaves_nothing(
         stopper.get()  # raises what stop() raised
         assert lock.gate.held == 0 and not lock.connections
     finally:
-        filler.close()
         silent.close()
         live.release_all()
 
@@ -515,8 +518,9 @@ def test_a_client_requeued_by_a_refusing_backend_is_counted_once(
 ):
     seen = tmp_path / "activations"
     hook = CommandHook(f"echo $TCPLOCK_ACTIVATION $TCPLOCK_CLIENT >> {seen}", "on-activate")
-    live = make_backend("echo")
-    lock = make_pool([free_port(), live.server_port], on_activate=hook, connect_timeout=60)
+    dying, live = make_backend("echo"), make_backend("echo")
+    lock = make_pool([dying.server_port, live.server_port], on_activate=hook, connect_timeout=60)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     status = StatusServer((LOOPBACK, 0), lock)
     status.start()
     try:
@@ -550,8 +554,9 @@ def test_a_client_requeued_by_a_refusing_backend_is_counted_once(
 def test_a_requeued_client_that_leaves_the_queue_is_not_counted_as_let_through(
     make_backend, make_lock, conn_log
 ):
-    live = make_backend("hold")
-    lock = make_lock([live.server_port, free_port()], connect_timeout=5)
+    live, dying = make_backend("hold"), make_backend("echo")
+    lock = make_lock([live.server_port, dying.server_port], connect_timeout=5)
+    dying.stop(timeout=0)  # it answered its check at start; now it refuses
     status = StatusServer((LOOPBACK, 0), lock)
     status.start()
     a = connect(lock.server_port)

@@ -334,6 +334,7 @@ NEEDS = {
     "restart-on-timeout": {"backend-cmd": "sleep 1"},
     "restart-above-rss": {"backend-cmd": "sleep 1"},
     "status-token-file": {"status": "127.0.0.1:0"},
+    "status-max-rate": {"status": "127.0.0.1:0"},
     "backend": {"proxy-host": None, "proxy-port": None},
     "demo": {"proxy-host": None, "proxy-port": None},
 }
@@ -367,7 +368,9 @@ class Running:
         kwargs = library_settings(args, hooks, 4096, len(backends))
         self.lock = TCPLock(args.listen, backends=backends, **kwargs)
         token = read_token_file(args.status_token_file) if args.status_token_file else None
-        self.status = StatusServer(("127.0.0.1", 0), self.lock, token=token)
+        self.status = StatusServer(
+            ("127.0.0.1", 0), self.lock, token=token, max_rate=args.status_max_rate
+        )
         extras = [("status", args.status, self.status)] if args.status else []
         self.handler = logging.StreamHandler(io.StringIO())
         self.reloader = Reloader(self.lock, loaded, self.handler, 4096, extras, self.demo)
@@ -385,6 +388,8 @@ class Running:
             return [b.address for b in lock.backends]
         if setting.name == "status-token-file":
             return self.status.token
+        if setting.name == "status-max-rate":
+            return self.status.max_rate
         if setting.name == "log-level":
             return logging.getLogger().level
         if setting.name == "log-format":

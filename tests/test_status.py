@@ -690,6 +690,76 @@ def test_requests_beyond_the_rate_get_429_then_wait_for_the_next_second(make_bac
         server.stop(timeout=0)
 
 
+def test_the_rate_is_a_setting_that_a_reload_changes(cli, make_backend, tmp_path):
+    # --status-max-rate from the config file (TCPLOCK_STATUS_MAX_RATE and the flag are the
+    # same setting): 3 answered, then 429; a real SIGHUP with the file edited to 50 raises it.
+    conf = tmp_path / "tcplock.conf"
+    conf.write_text("status = 127.0.0.1:0\nstatus-max-rate = 3\n")
+    p = cli.to(make_backend("echo"), "-c", str(conf))
+    p.wait_ready()
+    port = _status_port(p)
+
+    def codes(n):
+        return [ask(port, path="/healthz")[0] for _ in range(n)]
+
+    def next_second_codes(n):
+        # The budget is per second: wait for the next one (the last 429s stop accepting).
+        gevent.sleep(1.05)
+        return codes(n)
+
+    assert codes(5) == [200] * 3 + [429] * 2
+    conf.write_text("status = 127.0.0.1:0\nstatus-max-rate = 50\n")
+    p.signal(signal.SIGHUP)
+    assert "status-max-rate 3 -> 50" in p.wait_for(r"reloaded: ")
+    assert next_second_codes(10) == [200] * 10
+    p.signal(signal.SIGTERM)
+    assert p.wait() == 0
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--status", "0", "--status-max-rate", "0"], {}, "--status-max-rate: .*at least 1"),
+        ([], {"TCPLOCK_STATUS_MAX_RATE": "50"}, "TCPLOCK_STATUS_MAX_RATE bounds the --status "),
+        (["--status-max-rate", "50"], {}, "--status-max-rate bounds the --status endpoint"),
+    ],
+)
+def test_a_bad_status_rate_is_a_usage_error(args, env, message):
+    code, out, err = run_cli("-l", "0", "-p", "1", *args, env=env)
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+def test_answers_on_a_keep_alive_connection_are_not_held_back(make_backend, make_lock):
+    # A client asking again and again on one connection (a scraper, a dashboard) gets each
+    # answer at once. An answer's head and body held back until the client acknowledges the
+    # head took about 40 ms each (the kernel's delayed ACK): 30 of them over 1.1 s, where
+    # they take a few milliseconds. The bound is far from both.
+    lock = make_lock(make_backend("echo"))
+    server = StatusServer((LOOPBACK, 0), lock)
+    server.start()
+    s = connect(server.server_port)
+    try:
+        reader = s.makefile("rb")
+        start = time.monotonic()
+        for _ in range(30):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            with gevent.Timeout(5):
+                assert reader.readline().startswith(b"HTTP/1.1 200 ")
+                length = None
+                while True:
+                    line = reader.readline()
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    if line in (b"\r\n", b""):
+                        break
+                assert json.loads(reader.read(length))["status"] == "ok"
+        assert time.monotonic() - start < 0.5
+        reader.close()
+    finally:
+        s.close()
+        server.stop(timeout=0)
+
+
 def _status_port(p):
     return int(re.search(r"status on http://\S+:(\d+)/", p.wait_for("status on")).group(1))
 

@@ -354,14 +354,19 @@ def test_a_stop_just_after_the_start_does_not_wait_for_the_stop_timeout():
 def test_the_ready_command_also_decides_when_a_backend_that_was_down_is_back(make_lock, tmp_path):
     from gevent.server import StreamServer
 
-    ready = tmp_path / "ready"
     other = StreamServer((LOOPBACK, 0), lambda sock, _addr: sock.sendall(b"other\n"))
     other.start()
+    (tmp_path / f"ready-{other.server_port}").touch()
     port = free_port()
-    lock = make_lock([port, other.server_port], ready_cmd=f"test -e {ready}", check_interval=0.1)
+    ready = tmp_path / f"ready-{port}"
+    lock = make_lock(
+        [port, other.server_port],
+        ready_cmd=f"test -e {tmp_path}/ready-$TCPLOCK_BACKEND_PORT",
+        check_interval=0.1,
+    )
     try:
         c = connect(lock.server_port)
-        assert c.recv(100) == b"other\n"  # the first refused: marked down
+        assert c.recv(100) == b"other\n"  # the first was not ready at start: down
         c.close()
         first = lock.backends[0]
         assert first.state == "down"

@@ -75,12 +75,14 @@ else
 fi
 exec 9>&-
 
-# 3. tcplock. It runs on any Python 3.8+ and does not need uno. If the python3 you use already
+# 3. tcplock. It runs on any Python 3.9+ and does not need uno. If the python3 you use already
 # has it (a development checkout, CI), that one is used; otherwise it goes into the venv too,
 # which also avoids Debian's "externally managed environment" refusal for the system Python.
-if (cd / && "$PYTHON" -c 'import tcplock') 2>/dev/null; then
+# Each check runs from / (not from the checkout, whose own tcplock/ folder any Python would
+# import) and imports the command's module, which needs every dependency of tcplock.
+if (cd / && "$PYTHON" -c 'import tcplock.cli') 2>/dev/null; then
     step "tcplock is already importable by $PYTHON"
-elif "$VENV/bin/python" -c 'import tcplock' 2>/dev/null; then
+elif (cd / && "$VENV/bin/python" -c 'import tcplock.cli') 2>/dev/null; then
     step "tcplock is already in $VENV"
 else
     step "installing tcplock from $repo into $VENV"

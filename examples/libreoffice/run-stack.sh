@@ -40,9 +40,10 @@ CONVERSION_TTL=${CONVERSION_TTL:-2m}
 MAX_RSS=${MAX_RSS:-1G}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-30s}
 
-if (cd / && "${PYTHON:-python3}" -c 'import tcplock') 2>/dev/null; then
+# As in install.sh: from /, so that the checkout's own tcplock/ folder does not count.
+if (cd / && "${PYTHON:-python3}" -c 'import tcplock.cli') 2>/dev/null; then
     python=${PYTHON:-python3}
-elif "$UNO_VENV/bin/python" -c 'import tcplock' 2>/dev/null; then
+elif (cd / && "$UNO_VENV/bin/python" -c 'import tcplock.cli') 2>/dev/null; then
     python=$UNO_VENV/bin/python
 else
     echo "run-stack.sh: tcplock is not installed; run $here/install.sh first" >&2
