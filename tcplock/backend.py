@@ -218,9 +218,12 @@ class Backend:
     def check_first(self) -> None:
         """When tcplock starts (or it joins the pool): a backend tcplock does not run is
         checked at once, as one that is down is; if the check fails, it is down, and checked
-        every ``check_interval`` until it answers."""
+        every ``check_interval`` until it answers. One its owner has marked up already (the
+        demo's own backend) needs no check: it takes clients at once."""
         if self.process is None and not self.been_ready and self._check is None:
             self._check_now()
+        elif self.been_ready:
+            self._first_check_done()
 
     def _check_now(self) -> None:
         if self._check is not None:
