@@ -1,7 +1,25 @@
-"""The first process of a supervised backend: runs its command and dies with tcplock.
+"""The processes that make tcplock's commands die with it, however it dies.
 
-Run by :mod:`tcplock.supervise` as ``python -I -S _watch.py TCPLOCK_PID COMMAND``, as the leader
-of a new session and process group; it imports nothing but the standard library.
+Two modes, each run as ``python -I -S _watch.py ...`` in a session of its own; this file imports
+nothing but the standard library.
+
+``_watch.py TCPLOCK_PID COMMAND`` (by :mod:`tcplock.supervise`): the first process of a
+supervised backend's group, described below.
+
+``_watch.py --reap TCPLOCK_PID`` (by :mod:`tcplock.hooks`): the *reaper*, one per tcplock
+process, for the short-lived commands (hooks, readiness commands), which each lead a process
+group of their own. tcplock writes the group's id to the reaper's standard input, a pipe, as
+each is started (one line, ``PGID\n``). The reaper holds a pidfd of each group's leader and
+forgets the group when the leader ends (a command that ended is tcplock's to have waited for,
+and what it left running on purpose is left alone). When tcplock is gone (the pipe's end of
+file: tcplock's end of it is held by tcplock alone; or tcplock's pidfd), it kills with SIGKILL
+every group whose leader still runs, and exits. tcplock stopping normally ends the same way:
+its end of the pipe closes with it. It ignores SIGTERM and SIGINT: only tcplock's end ends it.
+A group is taken only while its leader still leads it: a pid read from the pipe that already
+names no process, a zombie, or one leading no group of its own, is not a live command of
+tcplock's (it ended before it was read).
+
+The watcher of a supervised backend:
 
 It runs ``/bin/sh -c COMMAND`` as its child, in its own process group, waits for it, and exits
 as it did (with its status, or killed by the same signal), so that tcplock sees the command's
@@ -26,6 +44,7 @@ tcplock itself ends the keeper with the rest of the group (its SIGKILL after the
 timeout, or at once after a crash).
 """
 
+import errno
 import os
 import select
 import signal
@@ -49,6 +68,8 @@ def _prctl(option: int, value: int) -> bool:
 
 
 def main() -> int:
+    if sys.argv[1] == "--reap":
+        return reap(int(sys.argv[2]))
     parent = int(sys.argv[1])
     command = sys.argv[2]
 
@@ -115,6 +136,109 @@ class _Parent:
         time.sleep(timeout)
         stat = _stat(self.pid)
         return stat is None or stat[0] == "Z" or stat[3] != self.started
+
+
+def reap(parent: int) -> int:
+    """The reaper (see the module's docstring): reads group ids from standard input until
+    tcplock is gone, then kills the groups whose leader still runs."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    tcplock = _Parent(parent)
+    groups = {}  # pgid -> _Group, for the groups whose leader still runs
+    by_fd = {}  # a leader's pidfd -> its pgid
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    if tcplock.fd is not None:
+        poller.register(tcplock.fd, select.POLLIN)
+    pending = [b""]
+
+    def read() -> bool:
+        """Take in what tcplock wrote; False at the end of file."""
+        data = os.read(0, 4096)
+        *lines, pending[0] = (pending[0] + data).split(b"\n")
+        for line in lines:
+            group = _Group.of(int(line))
+            if group is not None:
+                _forget(groups.pop(group.pgid, None), poller, by_fd)
+                groups[group.pgid] = group
+                if group.fd is not None:
+                    by_fd[group.fd] = group.pgid
+                    poller.register(group.fd, select.POLLIN)
+        return bool(data)
+
+    gone = False
+    while not gone:
+        # Without pidfds (Linux < 5.3), ends are found by looking at /proc every tick.
+        polling = tcplock.fd is None or any(g.fd is None for g in groups.values())
+        for fd, _events in poller.poll(KEEPER_TICK * 1000 if polling else None):
+            if fd == 0:
+                gone = gone or not read()
+            elif fd == tcplock.fd:
+                gone = True
+            elif fd in by_fd:
+                _forget(groups.pop(by_fd[fd]), poller, by_fd)
+        if polling:
+            for group in [g for g in groups.values() if g.fd is None and not g.leads()]:
+                del groups[group.pgid]
+            gone = gone or (tcplock.fd is None and tcplock.gone_within(0))
+    # What tcplock wrote just before it died may not have been read yet.
+    os.set_blocking(0, False)
+    try:
+        while read():
+            pass
+    except BlockingIOError:  # a copy of tcplock's end lives on elsewhere: what is there is read
+        pass
+    for group in groups.values():
+        if group.leads():
+            try:
+                os.killpg(group.pgid, signal.SIGKILL)
+            except OSError:
+                pass
+    return 0
+
+
+class _Group:
+    """A command's process group, known by its leader (a pidfd of it where there are pidfds,
+    else its start time)."""
+
+    def __init__(self, pgid: int, fd, started) -> None:
+        self.pgid = pgid
+        self.fd = fd
+        self.started = started
+
+    @classmethod
+    def of(cls, pgid: int):
+        """The group ``pgid`` if its leader is alive and leads it, else None."""
+        try:
+            fd = os.pidfd_open(pgid)
+        except AttributeError:  # Python < 3.9
+            fd = None
+        except OSError as e:
+            if e.errno == errno.ESRCH:  # ended, and reaped, already
+                return None
+            fd = None  # Linux < 5.3
+        stat = _stat(pgid)
+        group = cls(pgid, fd, stat[3] if stat is not None else None)
+        # Read after the pidfd was opened: if its process still runs now, the stat was its.
+        if stat is None or stat[0] == "Z" or stat[1] != pgid or not group.leads():
+            if fd is not None:
+                os.close(fd)
+            return None
+        return group
+
+    def leads(self) -> bool:
+        """Whether the leader still runs (so the group is still the command's)."""
+        if self.fd is not None:
+            return not select.select([self.fd], [], [], 0)[0]
+        stat = _stat(self.pgid)
+        return stat is not None and stat[0] != "Z" and stat[3] == self.started
+
+
+def _forget(group, poller, by_fd) -> None:
+    if group is not None and group.fd is not None:
+        poller.unregister(group.fd)
+        del by_fd[group.fd]
+        os.close(group.fd)
 
 
 def _stat(pid: int):

@@ -208,7 +208,11 @@ class Backend:
 
     def mark_up(self) -> None:
         was_ready, self.been_ready = self.been_ready, True
+        # Known to answer: a first check still due has nothing left to wait for.
+        first, self.first_check_due = self.first_check_due, False
         if self.up:
+            if first:
+                self.lock._sync_gate()
             return
         self.up = True
         self._stop_checks()
@@ -218,12 +222,9 @@ class Backend:
     def check_first(self) -> None:
         """When tcplock starts (or it joins the pool): a backend tcplock does not run is
         checked at once, as one that is down is; if the check fails, it is down, and checked
-        every ``check_interval`` until it answers. One its owner has marked up already (the
-        demo's own backend) needs no check: it takes clients at once."""
+        every ``check_interval`` until it answers."""
         if self.process is None and not self.been_ready and self._check is None:
             self._check_now()
-        elif self.been_ready:
-            self._first_check_done()
 
     def _check_now(self) -> None:
         if self._check is not None:

@@ -4,7 +4,9 @@ What it owns: turning a hook (a Python callable, or a shell command from the CLI
 that either returns or raises :class:`HookFailed`, within a time limit. The rule it keeps: a hook
 can fail or hang, but it can never take the lock down with it — its failure is reported to the
 caller as one exception, and a command that outlives its limit is killed with its whole process
-group.
+group. No command outlives tcplock, even one killed outright: each is made known, as it
+starts, to tcplock's *reaper* (see :class:`Reaper`), which kills its group if tcplock dies
+while it runs.
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from typing import Callable, Mapping, Optional
 
 import gevent
 from gevent import subprocess
 
-__all__ = ["HookFailed", "CommandHook", "call_hook", "run_command", "kill_group", "describe_status"]
+__all__ = [
+    "HookFailed",
+    "CommandHook",
+    "call_hook",
+    "run_command",
+    "spawn_command",
+    "kill_group",
+    "describe_status",
+]
 
 log = logging.getLogger(__name__)
+
+_WATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_watch.py")
 
 
 class HookFailed(Exception):
@@ -71,15 +84,7 @@ def run_command(command: str, env: Mapping[str, str], name: str = "hook") -> Non
         except Exception:  # pragma: no cover - a broken handler must not stop the hook
             pass
     try:
-        proc = subprocess.Popen(
-            command,
-            shell=True,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=2,
-            stderr=2,
-            start_new_session=True,
-        )
+        proc = spawn_command(command, env, 2)
     except OSError as e:
         raise HookFailed(f"{name} hook could not start: {e}") from e
     try:
@@ -89,6 +94,103 @@ def run_command(command: str, env: Mapping[str, str], name: str = "hook") -> Non
         raise
     if status != 0:
         raise HookFailed(f"{name} hook {describe_status(status)}")
+
+
+def spawn_command(command: str, env: Mapping[str, str], output) -> subprocess.Popen:
+    """Start ``command`` through the shell, in a session and process group of its own, its
+    standard input empty, its output (both streams) to ``output`` (a descriptor, or
+    ``subprocess.PIPE``); the group is made known to the reaper. OSError if it cannot start.
+    The caller waits for it, and kills its group (:func:`kill_group`) if the wait is cut."""
+    reaper.start()  # before the command: the pipe keeps what is written while it starts
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    reaper.watch(proc.pid)
+    return proc
+
+
+class Reaper:
+    """The process that kills the groups of tcplock's running commands if tcplock dies
+    (``_watch.py --reap``; what it does is told there). One per process, started with the first
+    command; it ends when this process does (its pipe's end of file), however it ends.
+
+    Each command costs tcplock one write of a few bytes to a pipe: its group's id. The write
+    never blocks: if the pipe is full (a reaper that stopped reading), that command is run
+    without the reaper's watch, and an error is logged. A reaper that has died is started again
+    by the next command.
+    """
+
+    def __init__(self) -> None:
+        self._fd = None  # our end of the pipe (non-blocking; no child inherits it)
+        self._proc = None
+        self._stalled = False
+
+    def start(self) -> None:
+        """Start the reaper unless one runs. (One that has died is replaced here once the
+        loop has heard of its end; until then, at the next write, which finds its pipe
+        closed.)"""
+        if self._fd is not None and self._proc.returncode is not None:
+            self._close()
+        if self._fd is None:
+            self._start()
+
+    def watch(self, pgid: int) -> None:
+        """Have the reaper kill the group ``pgid`` (whose leader has just been started) if
+        tcplock dies while its leader runs."""
+        line = b"%d\n" % pgid
+        for _attempt in (1, 2):
+            if self._fd is None and not self._start():
+                return
+            try:
+                os.write(self._fd, line)
+                self._stalled = False
+                return
+            except BlockingIOError:
+                if not self._stalled:  # once until it reads again
+                    self._stalled = True
+                    log.error("the reaper is not reading: commands may outlive a killed tcplock")
+                return
+            except OSError:  # it has died: start another
+                self._close()
+        log.error("no reaper: process group %d may outlive tcplock", pgid)
+
+    def _start(self) -> bool:
+        try:
+            read_end, write_end = os.pipe()
+        except OSError as e:
+            log.error("cannot start the reaper (commands may outlive a killed tcplock): %s", e)
+            return False
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", _WATCH, "--reap", str(os.getpid())],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as e:
+            os.close(write_end)
+            log.error("cannot start the reaper (commands may outlive a killed tcplock): %s", e)
+            return False
+        finally:
+            os.close(read_end)
+        os.set_blocking(write_end, False)
+        self._fd = write_end
+        return True
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+#: This process's reaper.
+reaper = Reaper()
 
 
 def kill_group(proc) -> None:

@@ -604,6 +604,10 @@ class StatusServer(_Bounded, WSGIServer):
         return False
 
     def _next_second(self) -> None:
+        # The timer's end is the second's end, even when it fires a little before the clock
+        # says so (libuv's loop time lags, and its timers count whole milliseconds): the next
+        # request begins a new second instead of getting one more 429.
+        self._second_ends = 0.0
         self._stop_reopen()
         self._start_accepting_if_started()
 

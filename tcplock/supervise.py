@@ -30,7 +30,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from gevent import Timeout, sleep, subprocess
 from gevent.event import Event
 
-from .hooks import HookFailed, describe_status, kill_group
+from .hooks import HookFailed, describe_status, kill_group, spawn_command
 from .steps import Step
 
 __all__ = ["BackendProcess", "probe", "group_members"]
@@ -404,18 +404,10 @@ def _closed(result, error) -> None:
 def probe(command: str, env: Mapping[str, str], limit: Optional[float]) -> Tuple[bool, str]:
     """Run ``command`` through the shell once (a readiness check): (True, "") if it exits
     with status 0 within ``limit`` seconds, else (False, why), with the last line it printed.
-    It runs in a session of its own; if it runs too long or the wait is interrupted, its
-    whole group is killed."""
+    It runs as a hook does (:func:`~tcplock.hooks.spawn_command`); if it runs too long or the
+    wait is interrupted, its whole group is killed."""
     try:
-        proc = subprocess.Popen(
-            command,
-            shell=True,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = spawn_command(command, env, subprocess.PIPE)
     except OSError as e:
         return False, f"could not start: {e}"
     try:

@@ -458,6 +458,50 @@ def run_cli(*args, env=None, timeout=20):
     return p.returncode, p.stdout.decode(), p.stderr.decode()
 
 
+def process_alive(pid):
+    """Whether a process runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
+@pytest.fixture
+def marked():
+    """An environment that marks every process started with it (and their children):
+    ``marked.env`` to give, ``marked.alive()`` the marked processes that live. Whatever of
+    them is left is killed after the test."""
+    value = f"{os.getpid()}-{time.monotonic_ns()}"
+    needle = f"TEST_LEFTOVER_MARK={value}".encode()
+
+    class Marked:
+        env = {"TEST_LEFTOVER_MARK": value}
+
+        @staticmethod
+        def alive():
+            found = []
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{name}/environ", "rb") as f:
+                        environ = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if needle in environ and process_alive(int(name)):
+                    found.append(int(name))
+            return found
+
+    yield Marked
+    for pid in Marked.alive():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def wait_until(predicate, timeout=5.0, what="condition"):
     """Yield to the event loop until predicate() holds (for state with no event of its own)."""
     deadline = time.monotonic() + timeout
