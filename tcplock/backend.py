@@ -741,6 +741,37 @@ class Backend:
         """Every address failed: look the name up again next time."""
         self._addrinfo = None
 
+    def connect_now(self):
+        """``(sock, sockaddr)``: a socket connected to this backend within this call, where one
+        can be had so, or None. That is when its first address is known without a lookup and
+        is on loopback, where the handshake completes inside ``connect()``. Otherwise (and on a
+        refusal, or a listen queue that is full) the caller uses a :class:`Connect`, which
+        tries again from the start: the backend has seen no connection of this attempt."""
+        addrs = self._addrinfo
+        if not addrs:
+            return None
+        family, type_, proto, _name, sockaddr = addrs[0]
+        if not self.peer_check.local(sockaddr):
+            return None
+        try:
+            s = _socket.socket(family, type_ | _NONBLOCK, proto)
+        except OSError:
+            return None
+        try:
+            if not _NONBLOCK:
+                s.setblocking(False)
+            err = s.connect_ex(sockaddr)
+            if not err or (err in _IN_PROGRESS and _connected(s)):
+                _tune(s, True)
+                return s, sockaddr
+        except OSError:
+            pass
+        except BaseException:
+            s.close()
+            raise
+        s.close()
+        return None
+
 
 class Connect:
     """Connecting to a backend, driven by the event loop: each of its addresses in turn, and
@@ -752,7 +783,7 @@ class Connect:
 
     __slots__ = (
         "backend", "deadline", "on_done", "loop", "addrs", "index", "sock", "watch", "timer",
-        "step", "delay", "error", "sockaddr", "give_up", "gave_up",
+        "step", "delay", "error", "sockaddr", "give_up", "gave_up", "local",
     )  # fmt: skip
 
     def __init__(self, backend: Backend, deadline: float, on_done, give_up=None) -> None:
@@ -772,8 +803,9 @@ class Connect:
         self.step = None
         self.delay = 0.01
         self.error: Optional[BaseException] = None
-        #: The address that accepted, once one has.
+        #: The address that accepted, once one has, and whether it is on loopback.
         self.sockaddr = None
+        self.local = False
 
     def start(self) -> None:
         addrs = self.backend.addresses()
@@ -871,14 +903,12 @@ class Connect:
         self.start()
 
     def _connected(self, s) -> None:
-        self.backend.answered(self.addrs, self.index)
+        if self.index:
+            self.backend.answered(self.addrs, self.index)
         sockaddr = self.sockaddr = self.addrs[self.index][4]
         try:
-            s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            # (Not on loopback: the kernel answers the probes for a backend that hangs, and
-            # closes the connection of one that dies, so they could never tell anything.)
-            if not self.backend.peer_check.local(sockaddr):
-                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+            self.local = self.backend.peer_check.local(sockaddr)
+            _tune(s, self.local)
         except OSError as e:
             s.close()
             self.error = e
@@ -926,6 +956,15 @@ def _takes_backend(hook) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _tune(sock, local: bool) -> None:
+    """Set a backend connection's options (OSError if the peer is gone already)."""
+    sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    # Keepalive not on loopback: the kernel answers the probes for a backend that hangs, and
+    # closes the connection of one that dies, so they could never tell anything.
+    if not local:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
 
 
 def _connected(sock) -> bool:

@@ -5,10 +5,18 @@ What it owns: the life of one connection as a state machine driven by the event 
     [header] -> queued -> granted -> [parked] -> [hook] -> connecting -> relaying -> ending -> ended
 
 Each state has at most one timer and one watcher (or one step: a blocking call in a greenlet of
-its own, see :mod:`tcplock.steps`), and leaving a state stops them. Every way out leads to
+its own, see :mod:`tcplock.steps`), and leaving a state stops them; ``relaying`` has a watcher
+per socket, as it relays a short exchange itself and hands anything else to a
+:class:`~tcplock.relay.Relay` (see ``_relay``). Every way out leads to
 :meth:`Connection.finish`, once. The rule it keeps: a slot is released exactly once, and only
 after tcplock has finished with the backend side (the TTL hook and a due restart run while the
 slot is still held), whatever ends the connection.
+
+Its transitions are one table, :data:`TRANSITIONS` (state x event -> next state): a move the
+table does not name is a bug, and raises :class:`IllegalTransition`. How each end reason ends
+is another, :data:`END_RULES`: how each side's socket is closed, whether the end calls for a
+restart, how its line is logged. Only a connection sets its own state and fields; the lock
+keeps what is the lock's (membership, the gate, counters, the log line).
 
 A connection is handed what it needs (its lock's settings and counters, the gate through the
 lock, its backend); it never imports the server.
@@ -20,38 +28,30 @@ import _socket
 import logging
 import struct
 import time
-from typing import Callable, Dict, Optional
+from functools import partial
+from typing import Callable, Dict, NamedTuple, Optional
 
 from gevent import GreenletExit
 
 from .backend import Connect, format_address
+from .gate import Ticket
 from .hooks import HookFailed, call_hook
-from .proxyproto import make_v1, make_v2
-from .relay import Relay
+from .liveness import watch_departure
+from .proxyproto import HeaderError, HeaderReader, make_v1, make_v2
+from .relay import BACKEND, BUFSIZE, CLIENT, Ended, Relay, read_watcher, recycle
 from .steps import Step
 
-__all__ = ["Connection", "END_REASONS", "STATES"]
+__all__ = [
+    "Connection",
+    "END_REASONS",
+    "END_RULES",
+    "EndRule",
+    "IllegalTransition",
+    "STATES",
+    "TRANSITIONS",
+]
 
 log = logging.getLogger("tcplock.server")
-
-#: Every way a connection can end, as written in the log line's ``end=`` field.
-END_REASONS = (
-    "closed",  # both sides finished normally
-    "client-reset",  # the client went away abruptly while active
-    "backend-reset",  # the backend went away abruptly while active
-    "ttl",  # the connection reached its maximum lifetime and was cut
-    "client-finish-timeout",  # the client kept sending after the backend closed; both were cut
-    "left-queue",  # the client went away while waiting in the queue
-    "queue-timeout",  # the client waited longer than queue_timeout
-    "queue-full",  # max_queue clients were already waiting (see also TCPLock._headers_full)
-    "not-allowed",  # the client's address is not in the allow list
-    "untrusted-proxy",  # accept_proxy: the peer is not in trusted_proxy; nothing was read
-    "bad-proxy-header",  # accept_proxy: no valid PROXY header within proxy_header_timeout
-    "backend-refused",  # no backend connection could be made within connect_timeout
-    "hook-failed",  # the on_activate hook failed; the client never reached the backend
-    "shutdown",  # tcplock was stopping
-    "error",  # a bug in tcplock (logged with a traceback)
-)
 
 HEADER = "header"  # accept_proxy: reading the PROXY header, before admission to the queue
 QUEUED = "queued"
@@ -65,10 +65,83 @@ ENDING = "ending"  # ended; the TTL hook or a restart may still run with the slo
 ENDED = "ended"
 STATES = (HEADER, QUEUED, GRANTED, PARKED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
 
-# Ends after which the client's socket is closed with a reset rather than an orderly FIN: the
-# client must learn that the exchange did not complete.
-_ABORT_CLIENT = frozenset({"backend-reset", "ttl", "client-finish-timeout", "shutdown", "error"})
+#: state -> {event: next state}. Every state but ``ended`` may ``end``.
+TRANSITIONS: Dict[str, Dict[str, str]] = {
+    HEADER: {"header-read": QUEUED, "end": ENDING},
+    QUEUED: {"grant": GRANTED, "end": ENDING},
+    GRANTED: {"park": PARKED, "hold": HOLDING, "hook": HOOK, "connect": CONNECTING,
+              "end": ENDING},
+    PARKED: {"unpark": GRANTED, "end": ENDING},
+    HOOK: {"connect": CONNECTING, "end": ENDING},
+    CONNECTING: {"relay": RELAYING, "requeue": QUEUED, "end": ENDING},
+    RELAYING: {"end": ENDING},
+    HOLDING: {"end": ENDING},
+    ENDING: {"forget": ENDED},
+    ENDED: {},
+}  # fmt: skip
+
+
+class IllegalTransition(RuntimeError):
+    """A connection was moved where :data:`TRANSITIONS` does not lead: a bug in tcplock."""
+
+
+class EndRule(NamedTuple):
+    """How one end reason ends a connection."""
+
+    #: The client's socket, if the connection held a slot: "fin" (an orderly close; it
+    #: lingers if the backend closed first and it may still be sending) or "reset". A client
+    #: that never held a slot always gets "fin".
+    client: str
+    #: The backend's socket, if one was connected: "fin" or "reset".
+    backend: str
+    #: Whether this end calls for a restart of its backend (with ``restart_on_timeout``), and
+    #: runs the ``on_timeout`` hook first.
+    timeout: bool
+    #: The level of its log line, and whether such lines are rate-limited (refusals by
+    #: address, which may come in floods).
+    level: int
+    limited: bool
+
+
+_FIN, _RESET = "fin", "reset"
+_INFO = logging.INFO
+
+#: Every way a connection can end (its ``end=`` field), and how. Any end may be followed by a
+#: restart that was due already (see Connection._wind_up); ``shutdown`` starts none.
+END_RULES: Dict[str, EndRule] = {
+    "closed": EndRule(_FIN, _FIN, False, _INFO, False),  # both sides finished normally
+    # the client went away abruptly while active (the backend had a FIN, then is reset)
+    "client-reset": EndRule(_FIN, _RESET, False, _INFO, False),
+    "backend-reset": EndRule(_RESET, _RESET, False, _INFO, False),  # the backend went away
+    "ttl": EndRule(_RESET, _RESET, True, _INFO, False),  # reached its maximum lifetime
+    # the client kept sending after the backend closed: both cut, so a cut upload never
+    # looks complete
+    "client-finish-timeout": EndRule(_RESET, _RESET, False, _INFO, False),
+    "left-queue": EndRule(_FIN, _RESET, False, _INFO, False),  # went away while waiting
+    "queue-timeout": EndRule(_FIN, _RESET, False, _INFO, False),  # waited past queue_timeout
+    # max_queue clients were already waiting (see also TCPLock._headers_full)
+    "queue-full": EndRule(_FIN, _RESET, False, _INFO, False),
+    "not-allowed": EndRule(_FIN, _RESET, False, _INFO, True),  # not in the allow list
+    # accept_proxy: the peer is not in trusted_proxy; nothing was read
+    "untrusted-proxy": EndRule(_FIN, _RESET, False, _INFO, True),
+    # accept_proxy: no valid PROXY header within proxy_header_timeout
+    "bad-proxy-header": EndRule(_FIN, _RESET, False, _INFO, False),
+    # no backend connection could be made within connect_timeout
+    "backend-refused": EndRule(_FIN, _RESET, False, _INFO, False),
+    # the on_activate hook failed; the client never reached the backend
+    "hook-failed": EndRule(_FIN, _RESET, False, _INFO, False),
+    "shutdown": EndRule(_RESET, _RESET, False, _INFO, False),  # tcplock was stopping
+    "error": EndRule(_RESET, _RESET, False, _INFO, False),  # a bug (logged with a traceback)
+}
+
+#: Every way a connection can end, as written in the log line's ``end=`` field.
+END_REASONS = tuple(END_RULES)
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+_BOTH_DONE = Ended()  # how the common exchange ends: both sides closed
+_ASKS = 1  # the backend is on loopback and its close may be asked about (peer.py)
+_BACKEND_FIN = 2  # the backend's EOF has been read and passed on to the client
 
 
 def close_socket(sock, abort: bool) -> None:
@@ -81,8 +154,11 @@ def close_socket(sock, abort: bool) -> None:
     sock.close()
 
 
-class Connection:
+class Connection(Ticket):
     """One client connection, as hooks and embedding code see it.
+
+    It is its own place in the gate's queue (a :class:`~tcplock.gate.Ticket`: the gate calls
+    its :meth:`wake`).
 
     Times are ``time.monotonic()`` values; the ``*_seconds`` properties are what to read.
     """
@@ -90,10 +166,11 @@ class Connection:
     __slots__ = (
         "lock", "id", "client", "sock", "upstream", "backend", "state", "activation",
         "queued_at", "activated_at", "ended_at", "bytes_up", "bytes_down", "end", "ticket",
-        "watch", "timer", "relay", "pending", "peer", "destination",
+        "watch", "timer", "relay", "pending", "peer", "destination", "bwatch", "recheck", "flat",
+        "baddr",
     )  # fmt: skip
 
-    def __init__(self, lock, sock, client, number: int) -> None:
+    def __init__(self, lock, sock, client, number: int, state: str = QUEUED) -> None:
         self.lock = lock
         #: A sequence number, in accept order, starting at 1.
         self.id = number
@@ -112,8 +189,9 @@ class Connection:
         self.upstream = None
         #: The backend it was given, once granted.
         self.backend = None
-        #: One of :data:`STATES`.
-        self.state = QUEUED
+        #: One of :data:`STATES`: ``queued``, or ``header`` for one that sends a PROXY header
+        #: first. Moved on only by the connection itself (:meth:`_to`).
+        self.state = state
         #: Which activation this was (1 for the first client let through), or None if queued.
         self.activation: Optional[int] = None
         self.queued_at = time.monotonic()
@@ -124,7 +202,12 @@ class Connection:
         self.bytes_down = 0
         #: How the connection ended (one of END_REASONS), once it has.
         self.end: Optional[str] = None
+        #: Itself, once it has taken a place in the queue (None before, and once ended).
         self.ticket = None
+        # As a Ticket (see gate.py): not cancelled, not out of the queue, no unit granted yet.
+        self.cancelled = None
+        self.dead = False
+        self.unit = None
         self.watch = None
         self.timer = None
         #: The relay while it runs; once it has finished (``relay.reason`` set), how the
@@ -132,6 +215,12 @@ class Connection:
         self.relay: Optional[Relay] = None
         #: What its state waits for besides a watcher or timer: a Step, or a Connect.
         self.pending = None
+        # Relaying on the flat path (see _relay): the backend's read watcher, the timer of the
+        # question about the backend's close, and _ASKS / _BACKEND_FIN.
+        self.bwatch = None
+        self.recheck = None
+        self.flat = 0
+        self.baddr = None  # the backend's address (for the question)
 
     # -- what hooks and embedding code read --------------------------------------------------
 
@@ -218,13 +307,117 @@ class Connection:
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.label} {self.state}>"
 
+    def _to(self, event: str) -> None:
+        """Move on by :data:`TRANSITIONS`; an event its state does not take is a bug."""
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise IllegalTransition(f"{self!r}: no {event!r} from {self.state!r}") from None
+
+    # -- header: the PROXY header, before admission ------------------------------------------
+    # Read in the event loop like the rest: a read watcher and a timer, no greenlet.
+    # HeaderReader takes only the header's bytes; what the client sent after it stays in the
+    # kernel for the backend.
+
+    def read_header(self) -> None:
+        """Read the client's PROXY header; once it is complete, on to admission."""
+        reader = HeaderReader()
+        if self._header_read(reader):
+            return None  # a proxy sends its header at once: usually it is all there
+        lock = self.lock
+        self.watch = lock.loop.io(self.sock.fileno(), 1)
+        self.watch.start(self._header_readable, reader)
+        self.timer = lock.loop.timer(lock.proxy_header_timeout)
+        self.timer.start(self._header_timed_out)
+        return None
+
+    def _header_readable(self, reader: HeaderReader) -> None:
+        if self.state is HEADER:
+            self._guarded(partial(self._header_read, reader))
+
+    def _header_read(self, reader: HeaderReader) -> bool:
+        """Read what there is of the header; True once the connection has gone on (admitted,
+        or ended)."""
+        try:
+            header = reader.read(self.sock)
+        except HeaderError as e:
+            self._bad_header(str(e))
+            return True
+        if header is None:
+            return False
+        self.stop_watching()
+        if header.source is not None:
+            self.client, self.destination = header.source, header.destination
+        self._to("header-read")
+        self.queued_at = time.monotonic()  # its wait starts now
+        self.lock._let_in(self)
+        return True
+
+    def _header_timed_out(self) -> None:
+        self._bad_header(f"no complete header within {self.lock.proxy_header_timeout:g}s")
+
+    def _bad_header(self, why: str) -> None:
+        limit = self.lock._header_log
+        if limit.ready():
+            more = limit.take_held_back()
+            log.warning(
+                "%s: bad PROXY header: %s%s",
+                self.label,
+                why,
+                f" ({more} more in the last {limit.interval:.0f}s)" if more else "",
+            )
+        self.finish("bad-proxy-header")
+
+    # -- queued: a place in the gate's queue ---------------------------------------------------
+
+    def enqueue(self, queue_timeout: Optional[float]) -> None:
+        """Take a place in the queue (or a free slot at once), waiting at most
+        ``queue_timeout``."""
+        self.ticket = self
+        if self.lock.gate.enqueue(self):
+            return self.lock._grant(self)
+        return self._wait(queue_timeout)
+
+    def _wait(self, queue_timeout: Optional[float]) -> None:
+        """Watch the waiting client: for leaving, and against ``queue_timeout``."""
+        sock, ticket = self.sock, self.ticket
+        if sock is not None:
+            # Most clients have sent their request by the time they are accepted: one look
+            # now spares them the departure watch (the sweep looks after them, as after any
+            # client that sent data).
+            try:
+                first = sock.recv(1, _socket.MSG_PEEK)
+            except BlockingIOError:
+                self.watch = watch_departure(self.lock.loop, sock, ticket)
+            except OSError:
+                return ticket.cancel("left-queue")
+            else:
+                if not first:
+                    return ticket.cancel("left-queue")
+        if queue_timeout is not None:
+            self.timer = self.lock.loop.timer(queue_timeout)
+            self.timer.start(ticket.cancel, "queue-timeout")
+        return None
+
+    def wake(self) -> None:
+        """The gate granted its slot, or its wait was cancelled."""
+        self.stop_watching()
+        ticket = self.ticket
+        if ticket.granted:
+            self.lock._grant(self)
+        else:
+            self.lock.gate.discard(ticket)
+            self.finish(ticket.cancelled or "queue-timeout")
+
     # -- granted: on to the backend ------------------------------------------------------------
 
-    def granted(self, backend) -> None:
+    def grant(self, backend) -> None:
         """The gate gave it a slot of ``backend``."""
-        self.lock._activated(self)  # from here on it holds the slot: activation is set
+        self._to("grant")
+        # From here on it holds the slot: its activation is set.
+        self.activation = self.lock._activated(self)
+        self.activated_at = time.monotonic()
         self.backend = backend
-        self.state = GRANTED
         self._proceed()
 
     def _proceed(self) -> None:
@@ -235,19 +428,19 @@ class Connection:
         if backend.restart_reason is not None:
             # Granted just before a restart was called for: the restart comes first. The last
             # holder runs it; the others wait for it, slot in hand.
-            self.state = PARKED
+            self._to("park")
             if backend.last_holder():
                 self.run_restart()
             else:
                 backend.parked.append(self)
             return None
         if self.sock is None:
-            self.state = HOLDING
+            self._to("hold")
             return lock._holding(self)
         backend.used()
         hook = lock.on_activate
         if hook is not None:
-            self.state = HOOK
+            self._to("hook")
             args = ("on-activate", hook, self, lock.hook_timeout)
             step = self.pending = Step(call_hook, args, self._hooked)
             step.start()
@@ -262,12 +455,12 @@ class Connection:
     def unpark(self) -> None:
         """The restart it waited for is over (or abandoned at shutdown)."""
         if self.state is PARKED:
+            self._to("unpark")
             self._guarded(self._proceed)
 
     def _unparked(self) -> None:
         self.pending = None
-        if self.state is PARKED:
-            self._guarded(self._proceed)
+        self.unpark()
 
     def _guarded(self, step: Callable[[], object]) -> None:
         # What a callback arms next must not strand the slot if it fails: a bug ends only
@@ -296,7 +489,10 @@ class Connection:
         return self._guarded(self._connect)
 
     def _connect(self) -> None:
-        self.state = CONNECTING
+        self._to("connect")
+        now = self.backend.connect_now()  # on loopback, usually: no Connect needed
+        if now is not None:
+            return self._on_backend(now[0], now[1], True)
         attempt = self.pending = Connect(
             self.backend,
             time.monotonic() + self.lock.connect_timeout,
@@ -313,8 +509,28 @@ class Connection:
         attempt, self.pending = self.pending, None
         if attempt is not None:
             attempt.cancel()
-        self.lock._requeue(self)
+        self._requeue()
         return True
+
+    def _requeue(self) -> None:
+        """Its backend turned out to be down: back to the head of the queue, keeping its
+        place, its slot of that backend given back (the lock's part: :meth:`TCPLock._requeue`)
+        and its activation undone. One that waits again is watched again, within what is left
+        of its ``queue_timeout``; while tcplock stops there is no queue to go back to."""
+        lock = self.lock
+        if lock._stopping:
+            return self.finish("shutdown")
+        backend, activation = self.backend, self.activation
+        self._to("requeue")
+        self.backend = None
+        self.activation = self.activated_at = None
+        lock._requeue(self, backend, activation)
+        if not self.ticket.granted:
+            left = lock.queue_timeout
+            if left is not None:
+                left = max(0.001, left - (time.monotonic() - self.queued_at))
+            self._wait(left)
+        return None
 
     def _backend_down(self, error) -> bool:
         # Asked by the connect after each failed round: True sends the client elsewhere.
@@ -324,7 +540,7 @@ class Connection:
         attempt, self.pending = self.pending, None
         if sock is None and attempt.gave_up:
             # The backend is down and another is up: back to the head of the queue.
-            return self.lock._requeue(self)
+            return self._requeue()
         if sock is None:
             log.warning(
                 "%s: backend %s unavailable for %.1fs: %s",
@@ -334,6 +550,10 @@ class Connection:
                 getattr(error, "strerror", None) or error,
             )
             return self.finish("backend-refused")
+        return self._on_backend(sock, attempt.sockaddr, attempt.local)
+
+    def _on_backend(self, sock, sockaddr, local: bool) -> None:
+        """Connected to its backend, at ``sockaddr``: on to relaying."""
         self.upstream = sock
         if not self.backend.up:
             self.backend.mark_up()  # it answered: no need to wait for its check
@@ -341,7 +561,7 @@ class Connection:
         if (lock.send_proxy or lock.send_proxy_v2) and not self._send_proxy_header(sock):
             return None
         try:
-            self._relay(attempt.sockaddr)
+            self._relay(sockaddr, local)
         except Exception:
             log.exception("%s: unexpected error", self.label)
             self.finish("error")
@@ -375,21 +595,166 @@ class Connection:
         self.finish("backend-reset")
         return False
 
-    def _relay(self, peer) -> None:
-        self.state = RELAYING
+    # -- relaying ------------------------------------------------------------------------------
+    # The common path is flat: a short exchange (the request, the answer, the backend's close,
+    # the client's) goes from socket to socket in the connection's own watcher callbacks, each
+    # read sent on whole at once. Anything else hands the exchange to a Relay, which keeps
+    # backpressure, splice and half-closes: a send the destination does not take whole, a read
+    # that fills the buffer (bulk), the client's EOF or an error first, a backend that may
+    # still read after its EOF.
+
+    def _relay(self, baddr, local: bool) -> None:
+        self._to("relay")
+        lock = self.lock
+        loop = lock.loop
+        if lock.timeout:
+            self.timer = timer = loop.timer(lock.timeout)
+            timer.start(self.finish, "ttl")
+        if local and lock.check_backend_close:
+            self.flat = _ASKS
+            self.baddr = baddr
+        watch = self.watch = read_watcher(loop, self.sock.fileno())
+        bwatch = self.bwatch = read_watcher(loop, self.upstream.fileno())
+        watch.start(self._client_readable)
+        bwatch.start(self._backend_readable)
+        # The client has usually sent its request already: pass it on now rather than one
+        # turn of the event loop later.
+        self._client_readable()
+
+    def _client_readable(self) -> None:
+        view = self.lock._chunk
+        try:
+            n = self.sock.recv_into(view)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return self._hand_over().failed(CLIENT, e)
+        if not n:
+            if self.flat & _BACKEND_FIN:  # both sides have finished
+                return self._flat_end(_BOTH_DONE)
+            return self._hand_over().eof(CLIENT)
+        if self.flat & _BACKEND_FIN:
+            # Bytes after the backend's EOF: they are for a backend that may still read, or
+            # for none (then the exchange is over, and they are the lingering client's).
+            if self._backend_gone():
+                return None
+            return self._hand_over(up=view[:n], backend_fin=True)
+        try:
+            m = self.upstream.send(view[:n])
+        except BlockingIOError:
+            m = 0
+        except OSError as e:
+            return self._hand_over().failed(BACKEND, e)
+        self.bytes_up += m
+        if m < n or n == BUFSIZE:
+            self._hand_over(up=view[m:n])
+        return None
+
+    def _backend_readable(self) -> None:
+        # Two reads at most: an answer and the backend's EOF often arrive together.
+        view = self.lock._chunk
+        for _ in (1, 2):
+            try:
+                n = self.upstream.recv_into(view)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                return self._hand_over().failed(BACKEND, e)
+            if not n:
+                return self._backend_eof()
+            try:
+                m = self.sock.send(view[:n])
+            except BlockingIOError:
+                m = 0
+            except OSError as e:
+                return self._hand_over().failed(CLIENT, e)
+            self.bytes_down += m
+            if m < n or n == BUFSIZE:
+                return self._hand_over(down=view[m:n])
+        return None
+
+    def _backend_eof(self) -> None:
+        limit = self.lock.client_finish_timeout
+        if limit == 0:
+            # The slot passes on now; the client gets the EOF once it has (and lingers).
+            return self._flat_end(Ended(client_watch=self._take_client_watch(), client_fin=True))
+        if not self.flat & _ASKS:
+            return self._hand_over().eof(BACKEND)  # nothing to ask: the Relay times the client
+        if self.lock.gate.waiting and self.backend.peer_check.closed(self.upstream, self.baddr):
+            # (As _slot_wanted.) Someone waits for the slot, and nothing on the backend's side
+            # can read any more: the slot passes on now; the client gets its EOF after, and
+            # lingers.
+            watch = self._take_client_watch()
+            return self._flat_end(Ended(client_watch=watch, client_fin=True, backend_done=True))
+        self.bwatch.stop()
+        try:
+            self.sock.shutdown(_socket.SHUT_WR)
+        except OSError as e:
+            return self._hand_over(backend_fin=True).failed(CLIENT, e)
+        self.flat |= _BACKEND_FIN
+        # Whether the backend closed for good matters now only if the client does not close
+        # at once: asked when it sends more, or after Relay.backend_close_delay.
+        self.recheck = timer = self.lock.loop.timer(Relay.backend_close_delay)
+        timer.start(self._client_stays)
+        return None
+
+    def _client_stays(self) -> None:
+        if self.state is RELAYING and self.relay is None and not self._backend_gone():
+            self._hand_over(backend_fin=True)
+
+    def _backend_gone(self) -> bool:
+        """Ask whether the backend closed for good; if so the exchange is over (the client
+        lingers): True."""
+        recheck, self.recheck = self.recheck, None
+        if recheck is not None:
+            recheck.stop()
+            recheck.close()
+        if not self.backend.peer_check.closed(self.upstream, self.baddr):
+            return False
+        self._flat_end(Ended(client_watch=self._take_client_watch(), backend_done=True))
+        return True
+
+    def _slot_wanted(self) -> bool:
+        """Whether a client waits for a slot: then the backend's close decides when this one
+        passes on, and is worth asking about as soon as the backend's EOF comes."""
+        return self.lock.gate.waiting > 0
+
+    def _take_client_watch(self):
+        watch, self.watch = self.watch, None
+        watch.stop()
+        return watch
+
+    def _flat_end(self, outcome: Ended) -> None:
+        self.relay = outcome
+        self.finish("closed")
+
+    def _hand_over(self, up=None, down=None, backend_fin: bool = False) -> Relay:
+        """Hand the exchange to a Relay, with the chunk read but not (all) sent, if any, and
+        whether the backend's EOF has been passed on (the question about it asked)."""
+        watch, bwatch, recheck = self.watch, self.bwatch, self.recheck
+        self.watch = self.bwatch = self.recheck = None
+        watch.stop()
+        bwatch.stop()
+        if recheck is not None:
+            recheck.stop()
+            recheck.close()
         lock = self.lock
         relay = self.relay = Relay(self.sock, self.upstream, self)
-        if lock.timeout:
-            self.timer = timer = relay.loop.timer(lock.timeout)
-            timer.start(self.finish, "ttl")
-        relay.start(self._relayed, lock.finish_timeout, lock.client_finish_timeout)
-        if relay.reason is None and lock.check_backend_close:
-            # Made ahead, while the backend works on the request: when its FIN comes, only the
-            # question itself is left to ask.
+        if self.flat & _ASKS and not backend_fin:
             check = self.backend.peer_check
-            question = check.question(self.upstream, peer)
-            if question is not None:
-                relay.backend_closed = lambda: check.ask(question)
+            relay.backend_closed = partial(check.closed, self.upstream, self.baddr)
+            relay.slot_wanted = self._slot_wanted
+        relay.start(
+            self._relayed,
+            lock.finish_timeout,
+            lock.client_finish_timeout,
+            watch,
+            bwatch,
+            up,
+            down,
+            backend_fin,
+        )
+        return relay
 
     def _relayed(self) -> None:
         self.finish(self.relay.reason)
@@ -403,7 +768,7 @@ class Connection:
         state = self.state
         if state is ENDING or state is ENDED:
             return
-        self.state = ENDING
+        self._to("end")
         self.end = reason
         self.ended_at = time.monotonic()
         outcome = self.relay
@@ -423,15 +788,22 @@ class Connection:
         ):
             # Closed now, before anyone else is let in; unless nothing more can reach the
             # backend, when closing is nothing it can see: that waits until after the release.
-            graceful = outcome is not None and outcome.backend_finished and reason == "closed"
-            close_socket(self.upstream, not graceful)
+            graceful = (
+                outcome is not None
+                and outcome.backend_finished
+                and END_RULES[reason].backend is _FIN
+            )
+            if graceful:
+                self.upstream.close()
+            else:
+                close_socket(self.upstream, True)
             self.upstream = None
         if self.activation is None:  # it never held a slot
-            self.lock._settle(self)
-            return self.lock._forget(self)
+            self._settle()
+            return self._forget()
         lock = self.lock
-        if reason == "ttl":
-            lock._settle(self)  # its line comes before what the hook logs
+        if END_RULES[reason].timeout:
+            self._settle()  # its line comes before what the hook logs
             hook = lock.on_timeout
             if hook is not None and not lock._stopping:
                 step = self.pending = Step(
@@ -454,12 +826,13 @@ class Connection:
         lock = self.lock
         backend = self.backend
         backend.after_use()
-        if self.end == "ttl" and lock.restart_on_timeout:
-            backend.request_restart("ttl")
-        settled = self.end == "ttl"  # (finish() settled it before the TTL hook)
+        timeout = END_RULES[self.end].timeout  # (finish() settled it before the TTL hook)
+        if timeout and lock.restart_on_timeout:
+            backend.request_restart(self.end)
+        settled = timeout
         if backend.restart_reason is not None and not lock._stopping and backend.last_holder():
             if not settled:
-                lock._settle(self)  # its line comes before what the restart logs
+                self._settle()  # its line comes before what the restart logs
             step = self.pending = backend.restart_now(self, self._release_settled)
             step.start()
             return
@@ -475,8 +848,43 @@ class Connection:
             lock._count(self)  # counted before the next client's hooks can look
         lock._release(self)
         if not settled:
-            lock._settle(self, counted=True)
-        lock._forget(self)
+            self._settle(counted=True)
+        self._forget()
+
+    def _settle(self, counted: bool = False) -> None:
+        """Close the client's side (and the backend's, if still open) as its end's rule says,
+        and have the lock account for it (its line): once (its end calls it once)."""
+        outcome, self.relay = self.relay, None  # the finished relay, if any
+        lock = self.lock
+        try:
+            upstream = self.upstream
+            if upstream is not None:
+                self.upstream = None
+                upstream.close()
+            sock = self.sock
+            if sock is not None:
+                # A client cut while active learns it with a reset; one turned away before it
+                # got a slot gets an orderly close; one still open after the backend closed is
+                # closed once it has finished sending (see liveness.Lingering).
+                reason = self.end
+                watch = outcome.client_watch if outcome is not None else None
+                if reason == "closed" and outcome is not None and outcome.client_open:
+                    lock.liveness.linger(sock, watch, outcome.client_fin)
+                else:
+                    if watch is not None:
+                        recycle(watch, lock.loop)
+                    close_socket(
+                        sock, self.activation is not None and END_RULES[reason].client is _RESET
+                    )
+            else:
+                lock._holding(self)  # an in-process holder that waited in vain
+        finally:
+            lock._account(self, counted)
+
+    def _forget(self) -> None:
+        self.ticket = None  # (itself: no cycle left to collect)
+        self._to("forget")
+        self.lock._forget(self)
 
     def abort(self) -> None:
         """Cut it now (the drain time is over): a step it waits for is killed, and what
@@ -490,13 +898,20 @@ class Connection:
             self.finish("shutdown")
 
     def stop_watching(self) -> None:
-        """Stop its state's watcher and timer."""
+        """Stop its state's watchers and timers."""
         watch, timer = self.watch, self.timer
+        loop = self.lock.loop
         if watch is not None:
             self.watch = None
-            watch.stop()
-            watch.close()
+            recycle(watch, loop)
         if timer is not None:
             self.timer = None
             timer.stop()
             timer.close()
+        if self.bwatch is not None:
+            recycle(self.bwatch, loop)
+            self.bwatch = None
+        if self.recheck is not None:
+            self.recheck.stop()
+            self.recheck.close()
+            self.recheck = None

@@ -57,11 +57,11 @@ class PeerCheck:
         #: Set once the kernel has refused the interface (a sandbox, say): no more asking.
         self.unavailable = not SUPPORTED
 
-    def closed(self, sock) -> Optional[bool]:
+    def closed(self, sock, peer=None) -> Optional[bool]:
         """True if no process holds the far end of ``sock`` any more, so nothing can read what
         is sent to it; False if one does; None if it cannot be told (the far end is not on
-        loopback, or the kernel will not say)."""
-        question = self.question(sock)
+        loopback, or the kernel will not say). ``peer``: as for :meth:`question`."""
+        question = self.question(sock, peer)
         return None if question is None else self.ask(question)
 
     def local(self, peer) -> bool:

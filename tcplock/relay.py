@@ -9,7 +9,8 @@ Each direction is driven by the event loop itself: a watcher on the source calls
 that reads one chunk and writes it on; if the destination is full, the function swaps to a
 watcher on the destination until the chunk is out. No greenlet per direction, so no switch per
 read or write. How the exchange ends is decided in the same callbacks, and reported by a
-callback too (:meth:`Relay.start`). Every watcher is stopped when the relay ends or is stopped.
+callback too (:meth:`Relay.start`, which may also take over an exchange a connection began
+relaying itself). Every watcher is stopped when the relay ends or is stopped.
 It knows nothing of slots, hooks or lifetimes, and works on plain non-blocking sockets.
 """
 
@@ -26,7 +27,7 @@ import gevent
 
 from .peer import is_loopback
 
-__all__ = ["Relay", "CLIENT", "BACKEND", "BUFSIZE", "SPLICE"]
+__all__ = ["Relay", "Ended", "CLIENT", "BACKEND", "BUFSIZE", "SPLICE"]
 
 #: Bytes read per system call, and the most one direction holds at once.
 BUFSIZE = 64 * 1024
@@ -35,6 +36,9 @@ BUFSIZE = 64 * 1024
 SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 #: Bytes moved per splice call (the pipe is sized to match); also the most in flight.
 SPLICE_CHUNK = 1 << 20
+#: Full buffers a direction copies before it opens its pipe: setting a pipe up costs more than
+#: copying a few buffers (see BENCHMARKS.md), so an exchange of up to this many never pays it.
+SPLICE_AFTER = 2
 _F_SETPIPE_SZ = 1031
 #: Congestion control for bulk traffic sent to a peer on loopback (see _Direction._open_pipe).
 LOOPBACK_CONGESTION = b"reno"
@@ -87,10 +91,12 @@ def recycle(watcher, loop=None) -> None:
     """Stop a watcher from :func:`read_watcher` (which drops its callback) and keep it for
     reuse by ``loop``, or close it."""
     watcher.stop()
-    if loop is not None and len(_READERS) < _KEEP_READERS and _poolable(loop):
-        _READERS.append((loop, watcher))
-    else:
-        watcher.close()
+    if loop is not None and len(_READERS) < _KEEP_READERS:
+        poolable = _POOLABLE.get(type(loop))
+        if poolable or (poolable is None and _poolable(loop)):
+            _READERS.append((loop, watcher))
+            return
+    watcher.close()
 
 
 _Failure = Optional[Tuple[str, OSError]]
@@ -108,16 +114,17 @@ class _Direction:
     __slots__ = (
         "relay", "src", "dst", "src_side", "dst_side", "up", "counter", "on_read",
         "on_write", "buf", "view", "sent", "size", "pipe", "discard", "done", "other",
+        "ask_first", "full",
     )  # fmt: skip
 
-    def __init__(self, relay, src, dst, up: bool) -> None:
+    def __init__(self, relay, src, dst, up: bool, on_read=None) -> None:
         self.relay = relay
         self.src, self.dst = src, dst
         #: Client to backend (bytes_up), or back (bytes_down).
         self.up = up
         self.src_side, self.dst_side = (CLIENT, BACKEND) if up else (BACKEND, CLIENT)
         self.counter = relay.counter
-        self.on_read = read_watcher(relay.loop, src.fileno())
+        self.on_read = on_read if on_read is not None else read_watcher(relay.loop, src.fileno())
         self.on_write = None  # made when the destination first fills up (rarely, for replies)
         self.buf, self.view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
         self.sent = self.size = 0
@@ -125,6 +132,10 @@ class _Direction:
         self.discard = False
         self.done = False
         self.other: Optional[_Direction] = None  # the opposite direction
+        #: Client bytes read after the backend's FIN: whether the backend closed for good
+        #: is asked before they are passed on (Relay.client_sent_after_fin).
+        self.ask_first = False
+        self.full = 0  # reads that filled the buffer (see SPLICE_AFTER)
 
     def start(self) -> None:
         self.on_read.start(self.readable)
@@ -195,12 +206,17 @@ class _Direction:
                 return self._eof()
             if self.discard:
                 continue
+            if self.ask_first and self.relay.client_sent_after_fin():
+                return  # the backend has closed for good: the exchange is over
             self.sent, self.size = 0, n
             self._write()
             if self.size:
                 return  # the destination is full: wait for it
             if n == BUFSIZE and SPLICE and self.pipe is None:
-                # A full buffer means more is coming: move the rest without copying it.
+                self.full += 1
+                if self.full < SPLICE_AFTER:
+                    continue
+                # Full buffers mean bulk: move the rest without copying it.
                 return self._open_pipe()
 
     def _write(self) -> None:
@@ -300,6 +316,14 @@ class _Direction:
             except OSError:
                 self.size = 0
 
+    def hold(self, chunk) -> None:
+        """Send on ``chunk``, read from the source before this direction took over; until it
+        is out, the source is not read."""
+        n = len(chunk)
+        self.view[:n] = chunk
+        self.sent, self.size = 0, n
+        self._write()
+
     def sink(self) -> None:
         """Discard from now on: drop what is pending and keep reading the source to its EOF."""
         self.discard = True
@@ -324,6 +348,10 @@ class Relay:
 
     #: Seconds between checks that a client which has finished sending is still connected.
     client_check_interval = 1.0
+    #: After the backend's FIN, how long a client that neither closes nor sends may keep the
+    #: exchange open before the kernel is asked whether the backend closed for good (see
+    #: backend_closed). A client that closes within it is never asked about.
+    backend_close_delay = 0.005
 
     # The state of an exchange, as class-level defaults: an instance stores only what changes
     # (this runs once per connection, and most of these never change).
@@ -354,6 +382,10 @@ class Relay:
     #: connection for good (nothing on its side can read any more), so the exchange is over
     #: without waiting for the client (see peer.py).
     backend_closed: Optional[Callable[[], Optional[bool]]] = None
+    #: Optional, with backend_closed: whether the slot is wanted (a client waits). Then the
+    #: backend's close is asked about as soon as its EOF comes, so that the slot passes on at
+    #: once; else only when the client sends more, or after backend_close_delay.
+    slot_wanted: Optional[Callable[[], bool]] = None
     _on_done: Optional[Callable[[], object]] = None
     _up: Optional[_Direction] = None
     _down: Optional[_Direction] = None
@@ -364,6 +396,7 @@ class Relay:
     _expired = False
     _finishing = False
     _client_time_up = False
+    _backend_fin_seen = False
 
     def __init__(self, client, backend, counter) -> None:
         self.client = client
@@ -376,6 +409,11 @@ class Relay:
         on_done: Callable[[], object],
         finish_timeout: Optional[float],
         client_finish_timeout: Optional[float],
+        client_watch=None,
+        backend_watch=None,
+        up_chunk=None,
+        down_chunk=None,
+        backend_fin: bool = False,
     ) -> None:
         """Start relaying. ``on_done()`` is called once when the exchange has ended (see
         :attr:`reason`), unless :meth:`stop` came first: from an event-loop callback, or from
@@ -386,18 +424,37 @@ class Relay:
         reply is discarded), and ``client_finish_timeout``, how long the client may keep its
         side open after the backend closed (0: not at all; the exchange ends as ``closed``).
         None is no limit.
-        """
+
+        The exchange may have begun elsewhere (a connection's flat path): then it is taken
+        over with the stopped read watchers of both sockets, a chunk read from either side but
+        not yet sent on (``up_chunk`` from the client, ``down_chunk`` from the backend), and
+        ``backend_fin``: the backend's EOF was read and passed on to the client, and whether
+        the backend closed for good has been asked (it had not)."""
         self._on_done = on_done
         self._finish_timeout = finish_timeout
         self._client_finish_timeout = client_finish_timeout
-        up = self._up = _Direction(self, self.client, self.backend, True)
-        down = self._down = _Direction(self, self.backend, self.client, False)
+        up = self._up = _Direction(self, self.client, self.backend, True, client_watch)
+        down = self._down = _Direction(self, self.backend, self.client, False, backend_watch)
         up.other, down.other = down, up
         up.start()
-        down.start()
-        # The client has usually sent its request already: pass it on now rather than one
-        # turn of the event loop later. One read: a request seldom comes with its EOF.
-        up.readable(1)
+        if backend_fin:
+            down.done = True
+            self._backend_fin_seen = True
+            if client_finish_timeout is not None:
+                self._timer = self.loop.timer(client_finish_timeout)
+                self._timer.start(self._client_finish_expired)
+        else:
+            down.start()
+        if up_chunk is not None and up_chunk:
+            up.hold(up_chunk)
+        if down_chunk is not None and down_chunk and self._down is not None:
+            down.hold(down_chunk)
+
+    def eof(self, side: str) -> None:
+        """The EOF of ``side`` (CLIENT or BACKEND) was read before this relay took over."""
+        direction = self._up if side == CLIENT else self._down
+        if direction is not None:
+            direction._eof()
 
     def stop(self) -> None:
         """Stop relaying now; no callback. The sockets are left to the caller."""
@@ -430,14 +487,19 @@ class Relay:
             self._end("closed")
         elif self._timer is None:
             if down.done:
-                # The backend has finished sending. If it has closed the connection for good,
-                # nothing more of the client's can reach it: the exchange is over. Else (it
-                # may still be reading) the client gets a bounded time to finish too.
+                if self._backend_fin_seen:
+                    return None  # (no client_finish_timeout: nothing more to arm)
+                self._backend_fin_seen = True
+                # The backend has finished sending; the client gets a bounded time to finish
+                # too (it may still be sending, and the backend reading). Whether the backend
+                # closed for good (then nothing more of the client's can reach it, and the
+                # exchange is over at once) matters only if the client does not close at
+                # once: it is asked when the client sends more, or after backend_close_delay.
                 limit = self._client_finish_timeout
-                closed = self.backend_closed
                 if limit == 0:
                     return self._expire()
-                if closed is not None and closed():
+                wanted = self.slot_wanted
+                if wanted is not None and wanted() and self.backend_closed():
                     self.backend_done = True
                     return self._expire()
                 if self.client_fin:
@@ -446,12 +508,12 @@ class Relay:
                         self.client.shutdown(socket.SHUT_WR)
                     except OSError as e:
                         return self.failed(CLIENT, e)
-                if closed is not None and self._recheck is None:
-                    # The FIN can arrive a moment before the closing process has let go of its
-                    # socket: ask once more shortly.
-                    self._recheck = self.loop.timer(0.001)
-                    self._recheck.start(self._recheck_backend)
-                if limit is not None:
+                if self.backend_closed is not None:
+                    # (The client's time starts once the answer is known: see _ask_backend.)
+                    up.ask_first = True
+                    self._recheck = self.loop.timer(self.backend_close_delay)
+                    self._recheck.start(self._ask_backend)
+                elif limit is not None:
                     self._timer = self.loop.timer(limit)
                     self._timer.start(self._client_finish_expired)
             elif up.done:
@@ -475,17 +537,33 @@ class Relay:
         self._client_time_up = True
         self.changed()
 
-    def _recheck_backend(self) -> None:
-        self._recheck.close()
-        self._recheck = None
-        if (
-            self.reason is None
-            and not self._finishing
-            and self.failure is None
-            and self.backend_closed()
-        ):
+    def _ask_backend(self) -> bool:
+        """Ask (once) whether the backend closed for good; if so, end the exchange. True if it
+        ended."""
+        recheck, self._recheck = self._recheck, None
+        if recheck is None:
+            return False
+        recheck.stop()
+        recheck.close()
+        up = self._up
+        if up is not None:
+            up.ask_first = False
+        if self.reason is not None or self._finishing or self.failure is not None:
+            return False
+        if self.backend_closed():
             self.backend_done = True
             self._expire()
+            return True
+        limit = self._client_finish_timeout
+        if limit is not None and self._timer is None:
+            self._timer = self.loop.timer(limit)
+            self._timer.start(self._client_finish_expired)
+        return False
+
+    def client_sent_after_fin(self) -> bool:
+        """The client sent bytes after the backend's FIN: True if the backend has closed for
+        good, which ends the exchange (the bytes are the lingering client's, dropped)."""
+        return self._ask_backend()
 
     def _check_client(self) -> None:
         if _gone(self.client):
@@ -546,6 +624,21 @@ class Relay:
             self._recheck.stop()
             self._recheck.close()
             self._recheck = None
+
+
+class Ended:
+    """How an exchange that needed no Relay ended (``closed``): the attributes a finished
+    Relay has."""
+
+    __slots__ = ("client_watch", "client_open", "client_fin", "backend_done")
+    reason = "closed"
+    backend_finished = True
+
+    def __init__(self, client_watch=None, client_fin: bool = False, backend_done: bool = False):
+        self.client_watch = client_watch
+        self.client_open = client_watch is not None
+        self.client_fin = client_fin
+        self.backend_done = backend_done
 
 
 def _gone(sock) -> bool:

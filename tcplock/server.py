@@ -17,12 +17,10 @@ import _socket
 import errno
 import ipaddress
 import logging
-import socket as _stdsocket
 import sys
 import time
 from collections import deque
 from contextlib import contextmanager
-from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional
 
 import gevent
@@ -32,18 +30,10 @@ from gevent.server import StreamServer
 
 from . import settings as _settings
 from .backend import Backend, format_address
-from .connection import (
-    _ABORT_CLIENT,
-    END_REASONS,
-    HEADER,
-    HOLDING,
-    QUEUED,
-    Connection,
-    close_socket,
-)
-from .gate import Gate, Ticket
-from .proxyproto import HeaderError, HeaderReader
-from .relay import read_watcher, recycle
+from .connection import END_REASONS, END_RULES, HEADER, HOLDING, QUEUED, Connection
+from .gate import Gate
+from .liveness import Liveness
+from .relay import BUFSIZE
 
 __all__ = ["TCPLock", "Connection", "END_REASONS", "format_address"]
 
@@ -56,9 +46,6 @@ Network = ipaddress._BaseNetwork
 
 #: Whom a PROXY header is taken from when ``trusted_proxy`` is None.
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-# End reasons of clients turned away by address, which may come in floods: logged at most
-# once per interval.
-_REFUSALS = frozenset({"not-allowed", "untrusted-proxy"})
 
 
 class _RateLimit:
@@ -248,13 +235,16 @@ class TCPLock(StreamServer):
         self._holders: Dict[Connection, Event] = {}
         self._idle = Event()
         self._idle.set()
-        self._lingering: Dict[_Lingering, None] = {}
+        #: The sweep and the lingering clients.
+        self.liveness = Liveness(self)
+        # The buffer of every connection's flat path (see Connection._relay): a read is sent
+        # on whole before its callback returns, or handed to a Relay with what is left of it.
+        self._chunk = memoryview(bytearray(BUFSIZE))
         self._numbers = 0
         self._stopping = False
         self._activating = False
         self._operator_paused = False
         self._tune_clients = True
-        self._sweeper = None
         self._samples = deque(maxlen=self.history_length)  # (when, queued, active, rate)
         self._sampled = (self.started_at, 0)  # when the last sample was taken, and _numbers then
 
@@ -400,32 +390,20 @@ class TCPLock(StreamServer):
         self._update_open()
         return any(b.open and b.up for b in self.backends if b is not backend)
 
-    def _requeue(self, conn: Connection) -> None:
-        """A granted client whose backend turned out to be down: back to the head of the
-        queue, keeping its place, and its slot of that backend given back."""
-        if self._stopping:
-            return conn.finish("shutdown")  # the queue is closed: nowhere to go back to
-        backend = conn.backend
+    def _requeue(self, conn: Connection, backend: Backend, activation: int) -> None:
+        """The lock's part of sending a granted client back to the head of the queue (see
+        :meth:`Connection.back_to_queue`): its slot of ``backend`` given back, keeping its
+        place, and its grant not counted (it keeps its ``activation`` number for the next)."""
         backend.activations -= 1
         backend.since_restart -= 1
         self.activations -= 1
-        self._requeued[conn] = conn.activation
+        self._requeued[conn] = activation
         self._active.pop(conn, None)
-        conn.backend = None
-        conn.activation = conn.activated_at = None
-        conn.state = QUEUED
-        ticket = conn.ticket
-        self.gate.requeue(ticket)
+        self.gate.requeue(conn.ticket)
         self.gate.release(backend)
         backend.restart_if_orphaned()
         if backend.leaving:
             self._retire()
-        if not ticket.granted:  # it waits again: watched again, within what is left of its time
-            left = self.queue_timeout
-            if left is not None:
-                left = max(0.001, left - (time.monotonic() - conn.queued_at))
-            self._watch_queued(conn, left)
-        return None
 
     def set_backends(self, addresses) -> None:
         """Make the pool these backends, ``[(host, port), ...]``, in this order (the same rules
@@ -590,12 +568,7 @@ class TCPLock(StreamServer):
             raise RuntimeError("tcplock is stopping: no slot to be had")
         conn = self._admit(None, None)
         ready = self._holders[conn] = Event()
-        ticket = conn.ticket = Ticket(partial(self._woken, conn))
-        if self.gate.enqueue(ticket):
-            self._grant(conn)
-        elif timeout is not None:
-            conn.timer = self.loop.timer(timeout)
-            conn.timer.start(ticket.cancel, "queue-timeout")
+        conn.enqueue(timeout)
         try:
             ready.wait()
             if conn.state is not HOLDING:
@@ -606,7 +579,7 @@ class TCPLock(StreamServer):
         finally:
             self._holders.pop(conn, None)
             if conn.state is QUEUED:
-                ticket.cancel("left-queue")
+                conn.ticket.cancel("left-queue")
             else:
                 conn.finish("closed")
 
@@ -618,10 +591,11 @@ class TCPLock(StreamServer):
     # -- admission: from accept to the queue -----------------------------------------------------
 
     # A client's life starts in the event loop: do_read accepts it, do_handle admits it. A
-    # client that has to wait gets no greenlet: its place in the queue is a Ticket, and the
-    # loop watches its socket for departure (or, once it has sent data, the sweep looks for a
-    # reset). From its grant on, the Connection drives itself from event-loop callbacks; only
-    # what may block (a hook, a restart, a name lookup) runs as a step in a greenlet.
+    # client that has to wait gets no greenlet: its place in the queue is its connection (a
+    # Ticket), and the loop watches its socket for departure (or, once it has sent data, the
+    # sweep looks for a reset). From its grant on, the Connection drives itself from
+    # event-loop callbacks; only what may block (a hook, a restart, a name lookup) runs as a
+    # step in a greenlet.
 
     def do_read(self):
         try:
@@ -641,48 +615,43 @@ class TCPLock(StreamServer):
         sock.setblocking(False)
         return sock, address
 
-    def _admit(self, sock, address) -> Connection:
+    def _admit(self, sock, address, state: str = QUEUED) -> Connection:
         self._numbers += 1
-        conn = Connection(self, sock, address, self._numbers)
+        conn = Connection(self, sock, address, self._numbers, state)
         self._connections[conn] = None
         self._idle.clear()
         return conn
 
     def do_handle(self, sock, address) -> None:
-        conn = self._admit(sock, address)
         if self._tune_clients:  # (where accepted sockets do not inherit the listener's options)
             _tune(sock)
         if self.accept_proxy and not self._stopping:
+            # Reading the PROXY header is the connection's first state: no place in the queue
+            # meanwhile, but a descriptor, so their number is bounded (_headers_full).
+            conn = self._admit(sock, address, HEADER)
             trusted = self.trusted_proxy
             if not _within(address[0], LOOPBACK if trusted is None else trusted):
                 return conn.finish("untrusted-proxy")
             if self._headers_full():
                 return conn.finish("queue-full")
-            return self._read_header(conn)
-        return self._let_in(conn)
+            self._reading[conn] = None
+            return conn.read_header()
+        return self._let_in(self._admit(sock, address))
 
     def _let_in(self, conn: Connection) -> None:
         """Admission by the client's address (the one in its PROXY header, if it sent one),
         then the queue."""
+        if self._reading:
+            self._reading.pop(conn, None)
         if self._stopping:
             return conn.finish("shutdown")
         if self.allow is not None and not self._allowed(conn.client[0]):
             return conn.finish("not-allowed")
-        return self._enqueue(conn)
-
-    def _enqueue(self, conn: Connection) -> None:
-        """Into the queue (or straight to a slot), unless the queue is full."""
+        # Into the queue (or straight to a slot), unless the queue is full.
         max_queue = self.max_queue
         if max_queue is not None and self.gate.waiting >= max_queue and self.gate.would_wait():
             return conn.finish("queue-full")
-        ticket = conn.ticket = Ticket(partial(self._woken, conn))
-        if self.gate.enqueue(ticket):
-            return self._grant(conn)
-        return self._watch_queued(conn, self.queue_timeout)
-
-    # A PROXY header is read before the client joins the queue, in the event loop like the
-    # rest: a read watcher and a timer, no greenlet. HeaderReader takes only the header's
-    # bytes; what the client sent after it stays in the kernel for the backend.
+        return conn.enqueue(self.queue_timeout)
 
     def _headers_full(self) -> bool:
         """Whether a new connection may not start on its header: each one still sending its
@@ -696,100 +665,17 @@ class TCPLock(StreamServer):
         free = max(0, gate.slots - gate.held)
         return len(self._reading) + gate.waiting >= max_queue + free
 
-    def _read_header(self, conn: Connection) -> None:
-        conn.state = HEADER
-        self._reading[conn] = None
-        reader = HeaderReader()
-        if self._header_read(conn, reader):
-            return None  # a proxy sends its header at once: usually it is all there
-        conn.watch = self.loop.io(conn.sock.fileno(), 1)
-        conn.watch.start(self._header_readable, conn, reader)
-        conn.timer = self.loop.timer(self.proxy_header_timeout)
-        conn.timer.start(self._header_timed_out, conn)
-        return None
-
-    def _header_readable(self, conn: Connection, reader: HeaderReader) -> None:
-        if conn.state is not HEADER:
-            return
-        try:
-            self._header_read(conn, reader)
-        except Exception:
-            log.exception("%s: unexpected error", conn.label)
-            conn.finish("error")
-
-    def _header_read(self, conn: Connection, reader: HeaderReader) -> bool:
-        """Read what there is of the header; True once the connection has gone on (admitted,
-        or ended)."""
-        try:
-            header = reader.read(conn.sock)
-        except HeaderError as e:
-            self._bad_header(conn, str(e))
-            return True
-        if header is None:
-            return False
-        conn.stop_watching()
-        self._reading.pop(conn, None)
-        if header.source is not None:
-            conn.client, conn.destination = header.source, header.destination
-        conn.state = QUEUED
-        conn.queued_at = time.monotonic()  # its wait starts now
-        self._let_in(conn)
-        return True
-
-    def _header_timed_out(self, conn: Connection) -> None:
-        self._bad_header(conn, f"no complete header within {self.proxy_header_timeout:g}s")
-
-    def _bad_header(self, conn: Connection, why: str) -> None:
-        if self._header_log.ready():
-            more = self._header_log.take_held_back()
-            log.warning(
-                "%s: bad PROXY header: %s%s",
-                conn.label,
-                why,
-                f" ({more} more in the last {self._header_log.interval:.0f}s)" if more else "",
-            )
-        conn.finish("bad-proxy-header")
-
-    def _watch_queued(self, conn: Connection, queue_timeout: Optional[float]) -> None:
-        """Watch a waiting client: for leaving, and against ``queue_timeout``."""
-        sock, ticket = conn.sock, conn.ticket
-        # Most clients have sent their request by the time they are accepted: one look now
-        # spares them the departure watch (the sweep looks after them, as after any client
-        # that sent data).
-        try:
-            first = sock.recv(1, _stdsocket.MSG_PEEK)
-        except BlockingIOError:
-            conn.watch = _watch_departure(self.loop, sock, ticket)
-        except OSError:
-            return ticket.cancel("left-queue")
-        else:
-            if not first:
-                return ticket.cancel("left-queue")
-        if queue_timeout is not None:
-            conn.timer = self.loop.timer(queue_timeout)
-            conn.timer.start(ticket.cancel, "queue-timeout")
-        return None
-
-    def _woken(self, conn: Connection) -> None:
-        """The gate granted a waiting client its slot, or its wait was cancelled."""
-        conn.stop_watching()
-        ticket = conn.ticket
-        if ticket.granted:
-            if self._activating:
-                # Granted by a connection that ended while being granted: start this one on
-                # the next turn, not inside that one's call (a queue of such ends would
-                # recurse through the whole queue).
-                self.loop.run_callback(self._grant, conn)
-            else:
-                self._grant(conn)
-        else:
-            self.gate.discard(ticket)
-            conn.finish(ticket.cancelled or "queue-timeout")
-
     def _grant(self, conn: Connection) -> None:
+        """The gate granted ``conn`` its slot: start it."""
+        if self._activating:
+            # Granted by a connection that ended while being granted: start this one on the
+            # next turn, not inside that one's call (a queue of such ends would recurse through
+            # the whole queue).
+            self.loop.run_callback(self._grant, conn)
+            return
         self._activating = True
         try:
-            conn.granted(conn.ticket.unit)
+            conn.grant(conn.unit)
         except Exception:
             log.exception("%s: unexpected error", conn.label)
             conn.finish("error")
@@ -801,15 +687,15 @@ class TCPLock(StreamServer):
 
     # -- what a connection calls back --------------------------------------------------------
 
-    def _activated(self, conn: Connection) -> None:
+    def _activated(self, conn: Connection) -> int:
+        """``conn`` holds a slot now: listed as active; its activation number."""
         self.activations += 1
         number = self._requeued.pop(conn, None)
         if number is None:
             self._activation_numbers += 1
             number = self._activation_numbers
-        conn.activation = number
-        conn.activated_at = time.monotonic()
         self._active[conn] = None
+        return number
 
     def _release(self, conn: Connection) -> None:
         """Give the connection's slot back (to the head of the queue): once per grant (the
@@ -819,38 +705,13 @@ class TCPLock(StreamServer):
         if conn.backend.leaving:
             self._retire()
 
-    def _settle(self, conn: Connection, counted: bool = False) -> None:
-        """Close the client's side (and the backend's, if the connection left it), and account
-        for the connection (its log line): once (the connection's end calls it once)."""
-        outcome, conn.relay = conn.relay, None  # the finished relay, if any
-        try:
-            if conn.upstream is not None:
-                upstream, conn.upstream = conn.upstream, None
-                close_socket(upstream, False)
-            sock = conn.sock
-            if sock is not None:
-                # A client cut while active learns it with a reset; one turned away before it
-                # got a slot gets an orderly close; one still open after the backend closed is
-                # closed once it has finished sending (see _Lingering).
-                reason = conn.end
-                watch = outcome.client_watch if outcome is not None else None
-                if reason == "closed" and outcome is not None and outcome.client_open:
-                    self._linger(sock, watch, outcome.client_fin)
-                else:
-                    if watch is not None:
-                        recycle(watch, self.loop)
-                    close_socket(sock, conn.activation is not None and reason in _ABORT_CLIENT)
-            else:
-                self._holding(conn)  # an in-process holder that waited in vain
-        finally:
-            self._account(conn, counted)
-
     def _forget(self, conn: Connection) -> None:
+        """``conn`` has ended: no longer one of the lock's."""
         self._connections.pop(conn, None)
-        self._requeued.pop(conn, None)
-        self._reading.pop(conn, None)
-        conn.ticket = None  # its wake-up refers back to conn: no cycle left to collect
-        conn.state = "ended"
+        if self._requeued:
+            self._requeued.pop(conn, None)
+        if self._reading:
+            self._reading.pop(conn, None)
         if not self._connections:
             self._idle.set()
 
@@ -869,15 +730,15 @@ class TCPLock(StreamServer):
         """The connection's counters (unless ``counted``), its log line and the observers."""
         if not counted:
             self._count(conn)
-        reason = conn.end
-        if reason not in _REFUSALS or self._log_refusal():
+        rule = END_RULES[conn.end]
+        if not rule.limited or self._log_refusal():
             if self.connection_log is not None:
                 try:
                     self.connection_log(conn)
                 except Exception:
                     log.exception("connection_log %r failed", self.connection_log)
-            elif log.isEnabledFor(logging.INFO):
-                log.info("%s", conn.describe(), extra={"connection": conn})
+            elif log.isEnabledFor(rule.level):
+                log.log(rule.level, "%s", conn.describe(), extra={"connection": conn})
         for observe in self.end_observers:
             try:
                 observe(conn)
@@ -903,9 +764,7 @@ class TCPLock(StreamServer):
         if self._stopping:
             raise RuntimeError("this TCPLock was stopped; make a new one to serve again")
         super().start()
-        if self._sweeper is None:
-            self._sweeper = self.loop.timer(self.sweep_interval, self.sweep_interval)
-            self._sweeper.start(self._sweep)
+        self.liveness.start()
         for backend in self.backends:  # clients wait in the queue until one is ready
             backend.start_process()
 
@@ -913,48 +772,8 @@ class TCPLock(StreamServer):
         """Stop listening. Connections already accepted go on (stop() drains them); the sweep
         goes on while there are any, or lingering clients to close in time."""
         super().close()
-        if not self._connections and not self._lingering:
-            self._stop_sweeper()
-
-    def _stop_sweeper(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper.close()
-            self._sweeper = None
-
-    def _sweep(self) -> None:
-        """Once a second, in the event loop: a waiting client that sent its request is no
-        longer watched for readiness (its data keeps the socket readable), so look for a reset
-        here. One that merely closed its sending side keeps its place, as it should. Lingering
-        clients whose time is up are closed here too (one timer for all of them), and a backend
-        tcplock runs that lost a process while idle is called for a restart. And a sample is
-        taken for :meth:`history`."""
-        self._sample()
-        for conn in list(self._connections):
-            if (
-                conn.state is QUEUED
-                and conn.sock is not None
-                and conn.ticket is not None
-                and (conn.watch is None or not conn.watch.active)
-            ):
-                try:
-                    gone = conn.sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_ERROR)
-                except OSError:
-                    gone = True
-                if gone and conn.ticket is not None:
-                    conn.ticket.cancel("left-queue")
-        for backend in self.backends:  # a backend tcplock runs that lost a process
-            backend.check_process()
-        lingering = self._lingering
-        if lingering:
-            now = time.monotonic()
-            while lingering:
-                oldest = next(iter(lingering))
-                if oldest.until > now:
-                    break
-                oldest.close()
-        if self.closed and not self._connections and not lingering:
-            self._stop_sweeper()  # closed, and nothing left to look after
+        if not self._connections and not self.liveness.lingering:
+            self.liveness.stop()
 
     def do_close(self, *args) -> None:
         pass  # every connection is closed by its own end
@@ -993,9 +812,8 @@ class TCPLock(StreamServer):
                 if backend.restart_step is not None:
                     backend.restart_step.kill()
             self._restarts_over(time.monotonic() + 5)
-        for lingering in list(self._lingering):
-            lingering.close()
-        self._stop_sweeper()
+        self.liveness.close_all()
+        self.liveness.stop()
         for backend in self.backends:
             backend.close()
         # The backends tcplock runs, all at once: each gets stop_timeout after SIGTERM, and
@@ -1013,23 +831,6 @@ class TCPLock(StreamServer):
                 return False
             gevent.sleep(0.05)
         return True
-
-    def _linger(self, sock, watch=None, fin: bool = False) -> None:
-        """Keep a client open that may still send (see _Lingering); ``fin``: the backend's EOF
-        has yet to be passed on to it."""
-        try:
-            if fin:
-                sock.shutdown(_stdsocket.SHUT_WR)
-            room = len(self._lingering) < self.max_lingering
-        except OSError:
-            room = False  # the client is gone already: nothing to linger for
-        if not room:
-            if watch is not None:
-                recycle(watch, self.loop)
-            close_socket(sock, False)
-        else:
-            until = time.monotonic() + self.linger_time
-            _Lingering(self._lingering, sock, watch, self.loop, until)
 
     # -- accepting ---------------------------------------------------------------------------
 
@@ -1106,77 +907,3 @@ def _inherits_options(listener) -> bool:
         socket.AF_INET,
         socket.AF_INET6,
     )
-
-
-class _Lingering:
-    """The last of a client whose slot passed on when the backend closed, before the client did.
-
-    Its socket stays open, what it still sends is read and dropped, and it is closed once the
-    client has finished sending, or by the lock's sweep once ``until`` (a monotonic time) has
-    passed. Closing it at once would answer the client's next bytes with a reset, and a reset
-    destroys whatever of the reply is still queued for it. ``watch`` is the relay's watcher of
-    the socket, if it left one (None: a new one is made).
-    """
-
-    __slots__ = ("sock", "registry", "watch", "until", "loop")
-
-    def __init__(self, registry: dict, sock, watch, loop, until: float) -> None:
-        self.sock = sock
-        self.registry = registry
-        self.until = until
-        self.loop = loop
-        # No read now: the client has seldom sent anything yet, and if it has (or has closed),
-        # the watcher fires on the next turn of the loop. The registry is in order of
-        # ``until``: the sweep closes from its front.
-        registry[self] = None
-        self.watch = watch if watch is not None else read_watcher(loop, sock.fileno())
-        self.watch.start(self.readable)
-
-    def readable(self) -> None:
-        """Read what is there, and close once the client has finished."""
-        reads = 4  # a client that floods is read again on the next turn
-        while reads:
-            reads -= 1
-            try:
-                if not self.sock.recv(65536):
-                    break
-            except BlockingIOError:
-                return
-            except OSError:
-                break
-        else:
-            return
-        self.close()
-
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        recycle(self.watch, self.loop)
-        self.registry.pop(self, None)
-        self.sock.close()
-        self.sock = self.registry = self.watch = None
-
-
-def _watch_departure(loop, sock, ticket: Ticket):
-    """Watch a waiting client for leaving, without reading its bytes.
-
-    Runs in the event loop itself: when the socket turns readable, peek. Nothing there but EOF,
-    or an error, means the client left; data means it is waiting with a request, which stays in
-    the kernel's buffer for the backend. Readiness no longer says anything then, so this watch
-    stops and the lock's once-a-second sweep (:meth:`TCPLock._sweep`) looks for a reset instead.
-    """
-    watcher = loop.io(sock.fileno(), 1)
-
-    def readable():
-        try:
-            data = sock.recv(1, _stdsocket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        watcher.stop()
-        if not data:
-            ticket.cancel("left-queue")
-
-    watcher.start(readable)
-    return watcher

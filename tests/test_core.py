@@ -449,9 +449,9 @@ def test_a_half_closed_backend_has_the_clients_eof_before_the_next_client_connec
     b.close()
 
 
-@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("check,sends", [(True, False), (True, True), (False, False)])
 def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the_client(
-    make_backend, make_lock, conn_log, check
+    make_backend, make_lock, conn_log, check, sends
 ):
     def answer_and_close(conn):
         conn.sock.sendall(b"answer %d" % conn.number)
@@ -464,6 +464,8 @@ def test_backend_that_closed_for_good_passes_the_slot_on_without_waiting_for_the
     backend.next_conn()
     b = connect(lock.server_port)
     assert recv_all(a) == b"answer 1"  # a has its answer and EOF, and keeps its side open
+    if sends:
+        a.sendall(b"more")  # at once: bytes nothing on the backend's side can read
     if check:
         # Nothing on the backend's side can read a's bytes any more: b is served at once.
         assert recv_all(b) == b"answer 2"
@@ -1135,6 +1137,75 @@ def test_both_sockets_have_nodelay_and_the_client_keepalive(make_backend, make_l
     assert check.local(("127.0.0.1", 1)) and check.local(("::1", 1, 0, 0))
     assert not check.local(("192.0.2.1", 1)) and not check.local(("2001:db8::1", 1, 0, 0))
     c.close()
+
+
+@pytest.mark.parametrize("size", [65535, 65536, 65537, 131072, 3 * 65536 + 7])
+def test_answers_around_the_buffer_size_arrive_whole_both_ways(
+    make_backend, make_lock, conn_log, size
+):
+    # A request and an answer of about one or a few buffers each: where a short exchange
+    # turns into bulk (a full buffer), or meets a side that cannot take a whole read at once
+    # (a client with a small receive buffer that reads late), nothing is lost, doubled or
+    # reordered on either side.
+    request = os.urandom(size)
+    answer = os.urandom(size)
+
+    def echo_digest_then_answer(conn):
+        got = bytearray()
+        while len(got) < size:
+            data = conn.sock.recv(1 << 20)
+            if not data:
+                break
+            got += data
+        conn.received = got
+        conn.sock.sendall(answer)
+        conn.sock.close()
+
+    backend = make_backend(echo_digest_then_answer)
+    lock = make_lock(backend)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.settimeout(10)
+    c.connect((LOOPBACK, lock.server_port))
+    c.sendall(request)
+    wait_until(lambda: backend.conns and len(backend.conns[0].received) == size)
+    gevent.sleep(0.05)  # the answer meets a full receive buffer
+    assert recv_all(c) == answer
+    c.close()
+    line = conn_log.next_end()
+    assert line["end"] == "closed"
+    assert bytes(backend.conns[0].received) == request
+    assert (int(line["up"]), int(line["down"])) == (size, size)
+
+
+def test_an_answer_a_client_takes_a_little_at_a_time_arrives_whole(
+    make_backend, make_lock, conn_log
+):
+    # The client's socket takes little at a time (small buffers on both ends of it), so that
+    # tcplock's sends to it are cut short mid-answer: what is left of each read must still go
+    # out, once and in order. (Accepted sockets inherit the listener's send buffer on Linux.)
+    answer = os.urandom(300_000)
+
+    def answer_in_pieces(conn):
+        conn.sock.recv(2)
+        for i in range(0, len(answer), 10_000):
+            conn.sock.sendall(answer[i : i + 10_000])
+        conn.sock.close()
+
+    backend = make_backend(answer_in_pieces)
+    lock = make_lock(backend, client_finish_timeout=10)
+    lock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.settimeout(10)
+    c.connect((LOOPBACK, lock.server_port))
+    c.sendall(b"go")
+    backend.next_conn()
+    gevent.sleep(0.1)  # the answer meets full buffers
+    assert recv_all(c, timeout=10) == answer
+    c.close()
+    line = conn_log.next_end()
+    assert line["end"] == "closed" and int(line["down"]) == len(answer)
 
 
 def test_backend_that_stops_reading_stalls_the_client_without_buffering(make_backend, make_lock):
