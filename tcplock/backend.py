@@ -30,23 +30,42 @@ from gevent.event import AsyncResult
 from .hooks import CommandHook, HookFailed, call_hook, describe_status
 from .peer import PeerCheck
 from .proxyproto import make_v1, make_v2
-from .settings import format_size
+from .settings import PER_BACKEND, format_size
 from .steps import Step
 from .supervise import BackendProcess, probe
 
 __all__ = [
-    "Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "STARTING", "DRAINING",
-    "LEAVING",
+    "Backend", "Connect", "format_address", "UP", "DOWN", "RESTARTING", "STARTING", "STANDBY",
+    "ENABLED", "DRAINING", "LEAVING", "TRANSITIONS",
 ]  # fmt: skip
 
 log = logging.getLogger("tcplock.server")
 
-UP = "up"
-DOWN = "down"
-RESTARTING = "restarting"
+# A backend's operational state: what it is.
+UP = "up"  # ready, and taking clients
+STANDBY = "standby"  # ready, kept out of service to take the place of one that restarts
+DOWN = "down"  # connecting to it failed, or a start or restart of it was abandoned
+RESTARTING = "restarting"  # a restart is due or running
 STARTING = "starting"  # a supervised backend's first start
-DRAINING = "draining"
-LEAVING = "leaving"
+# Its admin state: what the operator (or a reload) wants of it.
+ENABLED = "enabled"
+DRAINING = "draining"  # finishes its clients, takes no new ones, until enabled
+LEAVING = "leaving"  # left out of the pool by a reload: finishes its clients, then goes
+
+#: Every change of operational state a backend may make (from, to); each is recorded with
+#: its cause (:attr:`Backend.cause`), any other is a bug (RuntimeError).
+TRANSITIONS = frozenset(
+    {
+        (UP, STARTING),  # a supervised backend's command starts (with tcplock, or joining)
+        (STARTING, UP), (STARTING, STANDBY), (STARTING, DOWN),
+        (UP, RESTARTING), (UP, DOWN), (UP, STANDBY),
+        (STANDBY, UP), (STANDBY, RESTARTING), (STANDBY, DOWN),
+        (RESTARTING, UP), (RESTARTING, STANDBY), (RESTARTING, DOWN),
+        (DOWN, UP), (DOWN, STANDBY), (DOWN, RESTARTING),
+    }
+)  # fmt: skip
+#: The cause a restart is recorded with, by its reason.
+_RESTART_CAUSE = {"count": "restart-every", "ttl": "ttl", "rss": "rss", "crash": "crashed"}
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 # Where the platform has it, a backend socket is made non-blocking by socket() itself.
@@ -82,16 +101,23 @@ class Backend:
     close the backend to the queue as its state changes.
     """
 
-    def __init__(self, address: Tuple[str, int], lock, index: int = 1) -> None:
+    def __init__(
+        self, address: Tuple[str, int], lock, index: int = 1, settings: Optional[dict] = None
+    ) -> None:
         self._addrinfo: Optional[list] = None
         self.address = address
         #: Its place in the order given, from 1.
         self.index = index
         self.lock = lock
-        #: How many clients it takes at once, how many hold one of its slots now (kept by the
-        #: gate), whether it takes new clients now (kept by the lock), and when a slot of it
-        #: was last taken or given back (the gate prefers the one idle longest).
+        #: Its own settings, ``{attr: value}``, as its ``--backend`` value gives them (checked
+        #: by the settings table); the others are the lock's (:meth:`apply_settings`).
+        self.settings: dict = dict(settings or {})
+        #: How many clients it takes at once (its own ``slots``, or the lock's), how many hold
+        #: one of its slots now (kept by the gate), whether it takes new clients now (kept by
+        #: the lock), and when a slot of it was last taken or given back (the gate prefers the
+        #: one idle longest).
         self.slots = lock.slots
+        self.apply_settings()
         self.held = 0
         self.open = True
         self.last_used = 0.0
@@ -112,6 +138,13 @@ class Backend:
         self.restart_step: Optional[Step] = None
         #: Connections granted a slot while a restart was due: they wait for it, in order.
         self.parked: List = []
+        #: Kept ready out of service (``--spares``): the lock decides, as it becomes ready.
+        self.standby = False
+        #: The operational state (:data:`TRANSITIONS`) and the admin state, and what made the
+        #: last change of either (``restart-every``, ``crashed``, ``drain request``, ...).
+        self.operational = UP
+        self.admin = ENABLED
+        self.cause: Optional[str] = None
         #: Clients let through since the last restart.
         self.since_restart = 0
         self.activations = 0
@@ -134,6 +167,12 @@ class Backend:
         self.first_check_due = self.process is None
         self.open = not self.first_check_due
 
+    def apply_settings(self) -> None:
+        """Take each per-backend setting from its own settings, or else from the lock's."""
+        for setting in PER_BACKEND.values():
+            attr = setting.attr
+            setattr(self, attr, self.settings.get(attr, getattr(self.lock, attr)))
+
     @property
     def address(self) -> Tuple[str, int]:
         """Where it listens, as (host, port)."""
@@ -148,17 +187,41 @@ class Backend:
 
     @property
     def state(self) -> str:
-        """``leaving``, ``draining``, ``starting`` (a supervised backend's first start),
-        ``restarting``, ``down`` or ``up``, the first that holds."""
-        if self.leaving:
-            return LEAVING
-        if self.draining:
-            return DRAINING
-        if self.restart_reason == "start":
+        """Its admin state if that is not ``enabled`` (``leaving``, ``draining``), else its
+        operational state (``starting``, ``restarting``, ``down``, ``standby``, ``up``)."""
+        return self.operational if self.admin is ENABLED else self.admin
+
+    def _operational_now(self) -> str:
+        reason = self.restart_reason
+        if reason == "start":
             return STARTING
-        if self.restart_reason is not None:
+        if reason is not None:
             return RESTARTING
-        return UP if self.up else DOWN
+        if not self.up:
+            return DOWN
+        return STANDBY if self.standby else UP
+
+    def note(self, cause: str) -> None:
+        """Record a change of its flags as a change of state, made by ``cause``: the one place
+        its operational and admin states are set."""
+        new = self._operational_now()
+        admin = LEAVING if self.leaving else DRAINING if self.draining else ENABLED
+        if new != self.operational:
+            if (self.operational, new) not in TRANSITIONS:
+                raise RuntimeError(
+                    f"backend {self.label}: no transition from {self.operational} to {new}"
+                )
+            log.debug("backend %s: %s -> %s (%s)", self.label, self.operational, new, cause)
+            self.operational = new
+            self.cause = cause
+        if admin != self.admin:
+            self.admin = admin
+            self.cause = cause
+
+    @property
+    def ready(self) -> bool:
+        """Up, or a standby: ready for clients, and taking them if it is not a standby."""
+        return self.up and self.restart_reason is None
 
     def status(self) -> dict:
         process = self.process
@@ -167,6 +230,10 @@ class Backend:
             "slots": self.slots,
             "active": self.held,
             "state": self.state,
+            "operational": self.operational,
+            "admin": self.admin,
+            "cause": self.cause,
+            "standby": self.operational == STANDBY,
             "activations": self.activations,
             "restarts": self.restarts,
             "restart_failures": self.restart_failures,
@@ -196,6 +263,7 @@ class Backend:
         if not self.up:
             return
         self.up = False
+        self.note("connect failed")
         log.warning(
             "backend %s is down (%s); checking it every %gs",
             self.label,
@@ -215,8 +283,15 @@ class Backend:
                 self.lock._sync_gate()
             return
         self.up = True
+        self.standby = self.lock._standby_wanted(self)
+        self.note("answers again")
         self._stop_checks()
-        log.warning("backend %s is up%s", self.label, " again" if was_ready else "")
+        log.warning(
+            "backend %s is up%s%s",
+            self.label,
+            " again" if was_ready else "",
+            " (standby)" if self.standby else "",
+        )
         self.lock._sync_gate()
 
     def check_first(self) -> None:
@@ -303,8 +378,11 @@ class Backend:
         if self.restart_reason is not None:
             if reason in ("ttl", "crash") and self.restart_step is None:
                 self.restart_reason = reason  # the more telling reason, for the command
+                if self.operational == RESTARTING:
+                    self.cause = _RESTART_CAUSE[reason]
             return
         self.restart_reason = reason
+        self.note(_RESTART_CAUSE.get(reason, reason))
         self.lock._sync_gate()
 
     def after_use(self) -> None:
@@ -356,6 +434,7 @@ class Backend:
             self.label,
         )
         self.up = False
+        self.note("crashed")
         self.request_restart("crash")  # the command's own exit, if it comes, is logged too
 
     # -- a backend tcplock runs ----------------------------------------------------------------
@@ -369,6 +448,7 @@ class Backend:
         if self.restart_reason is not None:
             return
         self.restart_reason = "start"
+        self.note("start")
         self.lock._sync_gate()
         self.restart_now(None, lambda: None).start()
 
@@ -384,6 +464,7 @@ class Backend:
         if lock._stopping:
             return  # stop() stops what is left of the group
         self.up = False
+        self.note("crashed")
         self._stop_checks()
         if self.restart_step is not None:
             return  # a start under way: it sees the end itself, and tries again
@@ -417,8 +498,16 @@ class Backend:
                 self._stop_checks()
                 self.up = True
                 self.been_ready = True
+            reason = self.restart_reason
             self.restart_reason = None
             self.restart_step = None
+            if result:
+                self.standby = self.lock._standby_wanted(self)
+                self.note("started" if reason == "start" else "restarted")
+                if self.standby:
+                    log.info("backend %s is ready as a standby", self.label)
+            else:
+                self.note("abandoned")
             parked, self.parked = self.parked, []
             for waiting in parked:
                 waiting.unpark()

@@ -299,6 +299,8 @@ def _summary(lock, hooks: dict, hooks_file: Optional[str]) -> str:
         policy.append(f"above {format_size(lock.restart_above_rss)} of memory")
     if lock.backend_cmd is not None:
         policy.append("when its command ends")
+    if lock.spares:
+        policy.append(f"with {lock.spares} of the backends kept ready as standbys")
     given = []
     for setting in _COMMANDS:
         hook = hooks.get(setting.attr)
@@ -379,7 +381,7 @@ def make_lock(args, hooks: dict, capacity: int, backends: list):
     the parser lets through but the lock refuses."""
     from .server import TCPLock
 
-    kwargs = library_settings(args, hooks, capacity, len(backends))
+    kwargs = library_settings(args, hooks, capacity, backends)
     return TCPLock(args.listen, backends=backends, **kwargs)
 
 
@@ -410,18 +412,30 @@ def backends_of(args) -> list:
     return list(args.backend or [(args.proxy_host, args.proxy_port)])
 
 
-def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
+def pool_slots(args, backends: list) -> List[int]:
+    """Each backend's slots: its own (``HOST:PORT,slots=N``), or ``--slots``."""
+    return [b[2].get("slots", args.slots) if len(b) == 3 else args.slots for b in backends]
+
+
+def library_settings(args, hooks: dict, capacity: int, backends: list) -> dict:
     """Every library setting by its own name: hooks as loaded, max-queue as the descriptor
     limit allows unless it is set (one waiting client at least: a queue of none would turn
     every client away while the slots are taken). UsageError if the slots' connections would
-    not fit in the descriptor limit."""
-    most = max_slots(capacity, backends)
-    if args.slots > most:
-        each = f" for each of {backends} backends" if backends > 1 else ""
+    not fit in the descriptor limit. ``backends`` are the pool's, as the settings give them."""
+    slots = pool_slots(args, backends)
+    limit = (
+        f"the descriptor limit of {capacity} allows: at most %d (each connection may hold "
+        f"{_FDS_PER_CONNECTION} descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+    )
+    most = max_slots(capacity, len(slots))
+    if slots == [args.slots] * len(slots) and args.slots > most:
+        each = f" for each of {len(slots)} backends" if len(slots) > 1 else ""
+        raise UsageError(f"--slots {args.slots}{each} is more than " + limit % most)
+    if sum(slots) > max_slots(capacity, 1):
         raise UsageError(
-            f"--slots {args.slots}{each} is more than the descriptor limit of {capacity} "
-            f"allows: at most {most} (each connection may hold {_FDS_PER_CONNECTION} "
-            "descriptors; raise the limit with ulimit -n or LimitNOFILE=)"
+            f"the backends' slots ({' + '.join(map(str, slots))}) are more than "
+            + limit % max_slots(capacity, 1)
+            + " in all"
         )
     kwargs = {
         attr: hooks[attr] if attr in hooks else getattr(args, setting.dest)
@@ -429,7 +443,7 @@ def library_settings(args, hooks: dict, capacity: int, backends: int) -> dict:
     }
     if kwargs["max_queue"] is None:
         status = max_status_connections(capacity) if args.status is not None else 0
-        kwargs["max_queue"] = max(1, default_max_queue(capacity, args.slots * backends, status))
+        kwargs["max_queue"] = max(1, default_max_queue(capacity, sum(slots), status))
     return kwargs
 
 
@@ -441,10 +455,11 @@ def _show(value) -> str:
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}s"
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+    if isinstance(value, tuple) and len(value) in (2, 3) and isinstance(value[1], int):
         from .backend import format_address
 
-        return format_address(value)
+        own = value[2] if len(value) == 3 else {}  # a backend's own settings
+        return format_address(value[:2]) + "".join(f",{k}={v}" for k, v in own.items())
     if isinstance(value, list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return _one_line(str(value))
@@ -508,8 +523,8 @@ class Reloader:
             kept = self.keep_fixed(old, new)
             hooks, token = start_checks(resolved)
             backends = None if self.demo is not None else backends_of(new)
-            count = len(backends or self.lock.backends)
-            values = library_settings(new, hooks, self.capacity, count)
+            pool = backends or [b.address for b in self.lock.backends]
+            values = library_settings(new, hooks, self.capacity, pool)
             for attr, value in values.items():
                 values[attr] = validate(attr, value)
             check_together(values)
@@ -525,7 +540,7 @@ class Reloader:
         lock = self.lock
         for attr, value in values.items():
             setattr(lock, attr, value)
-        if backends is not None and backends != [b.address for b in lock.backends]:
+        if backends is not None:  # (named as they are: nothing changes)
             lock.set_backends(backends)
         if (new.log_level, new.log_format) != (old.log_level, old.log_format):
             self.set_logging(new.log_level, new.log_format)
@@ -678,7 +693,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "tcplock %s listening on %s, relaying to %s, %d slot(s)%s; %s",
         __version__,
         listen,
-        ", ".join(b.label for b in lock.backends),
+        ", ".join(  # each with its own settings, as its --backend value gives them
+            b.label + "".join(f",{k}={v}" for k, v in b.settings.items()) for b in lock.backends
+        ),
         args.slots,
         " each" if len(lock.backends) > 1 else "",
         _summary(lock, hooks, args.hooks),
@@ -686,7 +703,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info(
         "descriptor limit %d: room for about %d waiting clients; max-queue %d",
         capacity,
-        default_max_queue(capacity, args.slots * len(lock.backends), status_connections),
+        default_max_queue(capacity, sum(b.slots for b in lock.backends), status_connections),
         lock.max_queue,
     )
     if args.accept_proxy:

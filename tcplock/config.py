@@ -51,6 +51,8 @@ _FALSE = ("false", "no", "off", "0")
 # name = value; the name as settings are spelt, or anything else up to the "=" (reported).
 _LINE = re.compile(r"(?P<key>[^=\s]+)\s*=\s*(?P<value>.*)")
 _COMMENT = re.compile(r"\s#")
+# An item of a list that is a setting of the item before it ("slots=2").
+_OPTION = re.compile(r"[a-z][a-z-]*=")
 
 
 class ConfigError(ValueError):
@@ -120,7 +122,16 @@ def _split_list(text: str) -> Optional[List[str]]:
     except ValueError:
         pass
     inner = text[1:-1].strip()
-    return [item.strip() for item in inner.split(",")] if inner else []
+    if not inner:
+        return []
+    items: List[str] = []
+    for item in inner.split(","):
+        item = item.strip()
+        if items and _OPTION.match(item):  # "[HOST:PORT,slots=2, ...]": a backend's own setting
+            items[-1] += "," + item
+        else:
+            items.append(item)
+    return items
 
 
 def parse_value(setting: Setting, text: str):
@@ -303,7 +314,8 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> Dict[s
             raise ConfigError(
                 f"{named('backend')} names the backends: leave out {', '.join(given)}"
             )
-        twice = [b for i, b in enumerate(args.backend) if b in args.backend[:i]]
+        addresses = [b[:2] for b in args.backend]
+        twice = [a for i, a in enumerate(addresses) if a in addresses[:i]]
         if twice:
             host, port = twice[0]
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -356,6 +368,8 @@ def _check_together(args: argparse.Namespace, sources: Dict[str, str]) -> Dict[s
         raise ConfigError(
             f"{named('send_proxy')} and {named('send_proxy_v2')} exclude each other: give one"
         )
+    if args.spares and not args.backend_cmd:
+        raise ConfigError(f"{named('spares')} needs --backend-cmd (backends tcplock runs)")
     if args.restart_above_rss is not None and not args.backend_cmd:
         raise ConfigError(
             f"{named('restart_above_rss')} needs --backend-cmd (a backend tcplock runs)"

@@ -104,6 +104,11 @@ class Gate:
             u.slots = slots
         self._fill()
 
+    def resized(self) -> None:
+        """The units' slots have changed: more slots are handed to the queue at once; with
+        fewer, holders keep theirs and no one new is let in until they are within the number."""
+        self._fill()
+
     @property
     def units(self) -> List:
         """The units, in order. Set (a pool that changed), a new unit's free slots go to the

@@ -208,6 +208,7 @@ function show(st) {
     const badge = document.createElement("span");
     badge.className = "state " + b.state;
     badge.textContent = b.state;
+    badge.title = b.cause ? "last change: " + b.cause : "";
     row.insertCell().append(badge);
     cell(row, b.active + " / " + b.slots, "num");
     cell(row, b.activations, "num");

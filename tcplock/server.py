@@ -71,8 +71,14 @@ class _RateLimit:
         return n
 
 
+#: The settings a backend may have its own value of, by library name.
+_PER_BACKEND = frozenset(s.attr for s in _settings.PER_BACKEND.values())
+
+
 def _check_backends(addresses) -> list:
-    """The backends' addresses, as a list of (host, port); ValueError naming backends."""
+    """The backends, as a list of ``((host, port), settings)``, from ``(host, port)`` or
+    ``(host, port, {attr: value})`` items (a backend's own settings); ValueError naming
+    backends."""
     try:
         items = list(addresses)
     except TypeError:
@@ -81,8 +87,12 @@ def _check_backends(addresses) -> list:
         raise ValueError("backends must name at least one (host, port)")
     checked = []
     for item in items:
+        options = {}
         try:
-            host, port = item
+            if isinstance(item, tuple) and len(item) == 3:
+                host, port, options = item
+            else:
+                host, port = item
         except (TypeError, ValueError):
             raise ValueError(f"backends: {item!r} is not a (host, port) pair") from None
         if not isinstance(host, str) or not host or isinstance(port, bool):
@@ -93,9 +103,13 @@ def _check_backends(addresses) -> list:
             raise ValueError(f"backends: {item!r} has no valid port") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"backends: port {port} is out of range (1-65535)")
-        if (host, port) in checked:
+        if any((host, port) == address for address, _ in checked):
             raise ValueError(f"backends: {host}:{port} is given twice")
-        checked.append((host, port))
+        try:
+            options = _settings.check_backend_options(options)
+        except ValueError as e:
+            raise ValueError(f"backends: {host}:{port}: {e}") from None
+        checked.append(((host, port), options))
     return checked
 
 
@@ -111,9 +125,15 @@ class _Setting:
 
     def __set__(self, lock, value) -> None:
         value = _settings.validate(self.name, value)
+        if self.name == "spares" and "gate" in lock.__dict__:
+            lock._check_spares(sum(1 for b in lock.backends if not b.leaving), value)
         lock.__dict__[self.name] = value
-        if self.name == "slots" and "gate" in lock.__dict__:
-            lock.gate.slots = value
+        if "gate" in lock.__dict__ and self.name in _PER_BACKEND:
+            for backend in lock.backends:  # those without their own value take this one
+                backend.apply_settings()
+            lock.gate.resized()
+        if self.name == "spares" and "gate" in lock.__dict__:
+            lock._sync_gate()
 
 
 class TCPLock(StreamServer):
@@ -175,9 +195,10 @@ class TCPLock(StreamServer):
         if backends is None:
             backends = [("localhost", 8100) if backend is None else backend]
         addresses = _check_backends(backends)
+        self._check_spares(len(addresses))
         #: The backends clients are relayed to, in the order given: a pool behind one queue.
         self.backends: List[Backend] = [
-            Backend(address, self, i) for i, address in enumerate(addresses, 1)
+            Backend(address, self, i, options) for i, (address, options) in enumerate(addresses, 1)
         ]
         self.gate = Gate(units=self.backends)
         self._leaving = 0  # backends leaving the pool (see set_backends)
@@ -300,16 +321,63 @@ class TCPLock(StreamServer):
         else:
             self.gate.resume()
 
+    def _check_spares(self, count: int, spares: Optional[int] = None) -> None:
+        spares = self.spares if spares is None else spares
+        if spares and self.backend_cmd is None:
+            raise ValueError("spares needs backend_cmd (backends tcplock runs and restarts)")
+        if spares >= count:
+            raise ValueError(
+                f"spares ({spares}) must be fewer than the backends ({count}): at least one "
+                "takes clients"
+            )
+
+    def _standby_wanted(self, backend: Backend) -> bool:
+        """Whether ``backend``, ready now, is to be a standby: the others in service already
+        fill the pool less its ``spares``."""
+        if not self.spares:
+            return False
+        pool = [b for b in self.backends if not b.leaving]
+        serving = [
+            b for b in pool if b is not backend and b.ready and not b.standby and not b.draining
+        ]
+        return len(serving) >= len(pool) - self.spares
+
+    def _replace_with_standbys(self) -> None:
+        """A ready standby takes the place, at once, of each backend out of service (restarting,
+        down, drained) while fewer than the pool less its ``spares`` take clients."""
+        pool = [b for b in self.backends if not b.leaving]
+        room = len(pool) - self.spares
+        serving = sum(1 for b in pool if b.ready and not b.standby and not b.draining)
+        for b in pool:
+            if serving >= room:
+                return
+            if b.standby and b.ready and not b.draining:
+                b.standby = False
+                b.note("replaces one out of service")
+                log.warning("backend %s (standby) takes clients now", b.label)
+                serving += 1
+        for b in reversed(pool):  # more in service than that (spares raised): the last stand by
+            if serving <= room:
+                return
+            if b.ready and not b.standby and not b.draining:
+                b.standby = True
+                b.note("spares raised")
+                log.warning("backend %s finishes its clients and stands by", b.label)
+                serving -= 1
+
     def _update_open(self) -> None:
-        # A backend takes new clients unless it drains or restarts, or awaits its first check,
-        # or it is down while another is up (with none up, every backend is tried, so that a
-        # client fails as it would with one).
+        # A backend takes new clients unless it drains, restarts or stands by, or awaits its
+        # first check, or it is down while another is up (with none up, every backend is
+        # tried, so that a client fails as it would with one).
+        if self.spares:
+            self._replace_with_standbys()
         backends = self.backends
         any_up = any(b.up and not b.draining and not b.leaving for b in backends)
         for b in backends:
             b.open = (
                 not b.draining
                 and not b.leaving
+                and not b.standby
                 and b.restart_reason is None
                 and not b.first_check_due
                 and (b.up or not any_up)
@@ -345,23 +413,29 @@ class TCPLock(StreamServer):
         status and its metrics; named again before that, it stays. The queue keeps its order
         throughout; no waiting client and no active connection is touched."""
         addresses = _check_backends(addresses)
+        self._check_spares(len(addresses))
         current = {b.address: b for b in self.backends}
         pool, joined = [], []
-        for index, address in enumerate(addresses, 1):
+        for index, (address, options) in enumerate(addresses, 1):
             b = current.pop(address, None)
             if b is None:
-                b = Backend(address, self, index)
+                b = Backend(address, self, index, options)
                 joined.append(b)
                 log.warning("backend %s joins the pool", b.label)
             elif b.leaving:
                 b.leaving = False
+                b.note("named again")
                 self._leaving -= 1
                 log.warning("backend %s stays in the pool", b.label)
+            elif b.settings != options:
+                b.settings = options
+                b.apply_settings()
             b.index = index
             pool.append(b)
         for b in current.values():  # after the others: lock.backend is a backend that stays
             if not b.leaving:
                 b.leaving = True
+                b.note("left out")
                 self._leaving += 1
                 log.warning(
                     "backend %s leaves the pool once its %d client(s) have finished",
@@ -404,6 +478,7 @@ class TCPLock(StreamServer):
         b = self.backend_named(address)
         if not b.draining:
             b.draining = True
+            b.note("drain request")
             log.warning("backend %s drains: no new clients until enabled", b.label)
             self._sync_gate()
         return b
@@ -413,6 +488,8 @@ class TCPLock(StreamServer):
         b = self.backend_named(address)
         if b.draining:
             b.draining = False
+            b.standby = self._standby_wanted(b)
+            b.note("enable request")
             log.warning("backend %s enabled", b.label)
             self._sync_gate()
         return b

@@ -39,6 +39,9 @@ __all__ = [
     "parse_size",
     "format_size",
     "parse_address",
+    "parse_backend",
+    "check_backend_options",
+    "PER_BACKEND",
     "parse_port",
     "render_markdown",
     "render_conf",
@@ -217,8 +220,38 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> Tuple[str, int]
     return host, parse_port(port, allow_zero=True)
 
 
-def parse_backend(text: str) -> Tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT``: a backend's address, with its host."""
+def parse_backend(text: str):
+    """``HOST:PORT`` or ``[IPV6]:PORT``: a backend's address, with its host, then the backend's
+    own settings, if any, after commas (``127.0.0.1:2002,slots=2``): ``(host, port)``, or
+    ``(host, port, {attr: value})`` with settings of its own."""
+    address, *parts = text.split(",")
+    host, port = _backend_address(address)
+    if not parts:
+        return host, port
+    options: Dict[str, Any] = {}
+    for part in parts:
+        name, sep, value = part.strip().partition("=")
+        setting = PER_BACKEND.get(name.strip())
+        if not sep or setting is None:
+            known = ", ".join(f"{n}=VALUE" for n in PER_BACKEND)
+            raise argparse.ArgumentTypeError(
+                f"invalid backend option {_shown(part.strip())} in {_shown(text.strip())} "
+                f"(a backend takes {known})"
+            )
+        if setting.attr in options:
+            raise argparse.ArgumentTypeError(
+                f"backend option {name.strip()} is given twice in {_shown(text.strip())}"
+            )
+        try:
+            options[setting.attr] = setting.parse(value)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(
+                f"backend option {name.strip()} in {_shown(text.strip())}: {e}"
+            ) from None
+    return host, port, options
+
+
+def _backend_address(text: str) -> Tuple[str, int]:
     host, port = parse_address(text, default_host="")
     if not host:
         raise argparse.ArgumentTypeError(f"invalid backend {text.strip()!r} (use HOST:PORT)")
@@ -227,11 +260,25 @@ def parse_backend(text: str) -> Tuple[str, int]:
     return host, port
 
 
+def check_backend_options(options) -> Dict[str, Any]:
+    """A library backend's own settings, ``{attr: value}`` (the attrs of :data:`PER_BACKEND`),
+    each checked as the setting itself is; ValueError naming the option otherwise."""
+    if not isinstance(options, dict):
+        raise ValueError(f"backend settings must be a dict, not {_shown(options)}")
+    checked = {}
+    for attr, value in options.items():
+        if not any(s.attr == attr for s in PER_BACKEND.values()):
+            known = ", ".join(s.attr for s in PER_BACKEND.values())
+            raise ValueError(f"{_shown(attr)} is not a backend's own setting (one of: {known})")
+        checked[attr] = validate(attr, value)
+    return checked
+
+
 def parse_proxy_port(text: str):
     """``PORT``, or ``HOST:PORT`` / ``[IPV6]:PORT`` naming the backend's host as well (as a
     (host, port) pair, which the command splits into --proxy-host and --proxy-port)."""
     if ":" in text:
-        return parse_backend(text)
+        return _backend_address(text)
     return parse_port(text)
 
 
@@ -452,6 +499,9 @@ class Setting:
     required: bool = False
     #: Whether it may be changed on a running lock.
     reload: bool = False
+    #: Whether a backend may have its own value, written in its ``--backend`` value as
+    #: ``HOST:PORT,name=value`` (the backend reads it from :attr:`Backend.settings`).
+    per_backend: bool = False
     #: Its group in ``--help``, the README and the sample config: one of :data:`GROUPS`.
     group: str = ""
 
@@ -609,10 +659,10 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "backend",
         ("--backend",),
-        "a backend of the pool, as HOST:PORT ([IPV6]:PORT); repeatable: one queue in front of "
-        "them all",
+        "a backend of the pool, as HOST:PORT ([IPV6]:PORT), then settings of its own after "
+        "commas (HOST:PORT,slots=2); repeatable: one queue in front of them all",
         kind="addresses",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,NAME=VALUE]",
         parse=parse_backend,
         action="append",
         shown="the one of --proxy-host and --proxy-port",
@@ -623,7 +673,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting(
         "slots",
         ("-n", "--slots"),
-        "how many clients each backend takes at once",
+        "how many clients each backend takes at once (one backend's own: --backend "
+        "HOST:PORT,slots=N)",
         kind="count",
         attr="slots",
         metavar="N",
@@ -631,6 +682,7 @@ SETTINGS: Tuple[Setting, ...] = (
         check=_check_count(1, None),
         default=1,
         reload=True,
+        per_backend=True,
         group="backends",
     ),
     _duration_setting(
@@ -869,6 +921,21 @@ SETTINGS: Tuple[Setting, ...] = (
         group="supervised backends",
     ),
     Setting(
+        "spares",
+        ("--spares",),
+        "with --backend-cmd: keep N of the backends started and ready but out of service, as "
+        "standbys; when a backend in service must restart (or its command ends), a ready "
+        "standby takes its place at once, and the restarted one becomes a standby",
+        kind="count",
+        attr="spares",
+        metavar="N",
+        parse=_count(0),
+        check=_check_count(0, None),
+        default=0,
+        reload=True,
+        group="supervised backends",
+    ),
+    Setting(
         "hooks",
         ("--hooks",),
         "Python file defining on_activate(conn), on_timeout(conn) and/or restart(reason) "
@@ -966,6 +1033,9 @@ SETTINGS: Tuple[Setting, ...] = (
     ),
 )
 
+#: The settings a backend may have its own value of, by name (see :func:`parse_backend`).
+PER_BACKEND: Dict[str, Setting] = {s.name: s for s in SETTINGS if s.per_backend}
+
 
 def grouped():
     """(group, its settings) for each of :data:`GROUPS`, in order."""
@@ -997,8 +1067,8 @@ def validate(attr: str, value):
 def check_together(values: Dict[str, Any]) -> None:
     """The rules between settings: restarting after a count or a timeout needs a restart (a
     callable, or a backend tcplock runs itself); a backend tcplock runs is restarted by
-    tcplock, not by a restart callable; a memory limit needs a backend tcplock runs; one PROXY
-    header version at most is sent."""
+    tcplock, not by a restart callable; a memory limit and spares need a backend tcplock runs;
+    one PROXY header version at most is sent."""
     supervised = values.get("backend_cmd") is not None
     if supervised and values.get("restart") is not None:
         raise ValueError(
@@ -1010,6 +1080,8 @@ def check_together(values: Dict[str, Any]) -> None:
         raise ValueError(
             "restart_every and restart_on_timeout need a restart callable or backend_cmd"
         )
+    if values.get("spares") and not supervised:
+        raise ValueError("spares needs backend_cmd (backends tcplock runs and restarts)")
     if values.get("restart_above_rss") is not None and not supervised:
         raise ValueError("restart_above_rss needs backend_cmd (a backend tcplock runs)")
     if values.get("send_proxy") and values.get("send_proxy_v2"):

@@ -167,6 +167,14 @@ class _LockCollector:
             ),
             (
                 GaugeMetricFamily(
+                    "tcplock_backend_standby",
+                    "1 while the backend is a ready standby, kept out of service (--spares).",
+                    labels=["backend"],
+                ),
+                lambda b: int(b.operational == "standby"),
+            ),
+            (
+                GaugeMetricFamily(
                     "tcplock_backend_active_connections",
                     "Connections holding a slot of the backend.",
                     labels=["backend"],

@@ -183,7 +183,7 @@ def test_libreoffice_readme_as_written(readme_clone):
     require_command("soffice", "libreoffice-core-nogui libreoffice-writer-nogui python3-uno")
     clone, _ = readme_clone
     env = {"PATH": DEBIAN_PATH}
-    rc.ensure_free(9000, 9100, 2003, 2004, 3003, 3004)
+    rc.ensure_free(9000, 9100, 2003, 2004, 2005, 3003, 3004, 3005)
     rc.run(
         rc.command(LIBREOFFICE, "examples/libreoffice/install.sh"), cwd=clone, env=env, timeout=800
     )
@@ -203,11 +203,14 @@ def test_libreoffice_readme_as_written(readme_clone):
             assert flag in shown and flag.split()[1] in printed, (flag, printed)
         shell.wait_for(r"listening on 127\.0\.0\.1:9000\b", timeout=60)
 
-        def all_up():
+        def all_up():  # two in service and the standby (SPARES=1, run-stack.sh's default)
             code, _, body = http(9100, "GET", "/status")
-            return code == 200 and all(b["state"] == "up" for b in json.loads(body)["backends"])
+            if code != 200:
+                return False
+            states = sorted(b["state"] for b in json.loads(body)["backends"])
+            return states == ["standby", "up", "up"]
 
-        wait_until(all_up, timeout=120, what="both unoservers up")
+        wait_until(all_up, timeout=120, what="two unoservers up and the standby")
         rc.run(rc.command(LIBREOFFICE, "printf 'Hello from behind tcplock"), cwd=clone)
         convert = rc.command(LIBREOFFICE, "examples/libreoffice/.venv/bin/unoconvert")
         rc.run(convert, cwd=clone, timeout=120)

@@ -5,6 +5,7 @@ the log, hooks and the command line."""
 
 import json
 import os
+import re
 import socket as _stdsocket
 import time
 
@@ -19,6 +20,7 @@ from conftest import (
     connect,
     free_port,
     http,
+    limited_cli,
     recv_all,
     recv_exactly,
     run_cli,
@@ -286,9 +288,87 @@ def test_the_command_takes_a_pool_in_each_form(form, make_backend, cli, tmp_path
     other.close()
 
 
+@pytest.mark.parametrize("form", ["flags", "config", "environment"])
+def test_a_backend_takes_its_own_slots_in_each_form(form, make_backend, cli, tmp_path):
+    backends = [make_backend("hold") for _ in range(2)]
+    own, other = (f"127.0.0.1:{b.server_port}" for b in backends)
+    args, env = ["-l", "127.0.0.1:0", "--status", "127.0.0.1:0"], {}
+    if form == "flags":
+        args += ["--backend", f"{own},slots=2", "--backend", other]
+    elif form == "config":
+        conf = tmp_path / "pool.conf"
+        conf.write_text(f"backend = [{own},slots=2, {other}]\n")
+        args += ["-c", str(conf)]
+    else:
+        env["TCPLOCK_BACKEND"] = f"[{own}, slots=2, {other}]"
+    proc = cli(*args, env=env)
+    port = proc.wait_ready()
+    assert f"relaying to {own},slots=2, {other}, 1 slot(s) each" in proc.wait_for("listening on")
+    status_port = int(re.search(r"status on http://\S+:(\d+)/", proc.wait_for("status on"))[1])
+    clients = [connect(port) for _ in range(4)]
+
+    def status():
+        return json.loads(http(status_port)[2])
+
+    wait_until(lambda: status()["queued"] == 1, what="the fourth client to wait")
+    assert [b["active"] for b in status()["backends"]] == [2, 1]
+    assert [b["slots"] for b in status()["backends"]] == [2, 1]
+    for c in clients:
+        c.close()
+
+
+def test_backends_own_slots_count_against_the_descriptor_limit():
+    # 20000 descriptors leave room for 3333 connections at once, whichever backend has them.
+    pool = ["--backend", "127.0.0.1:1,slots=3000", "--backend", "127.0.0.1:2,slots=334"]
+    p = limited_cli(["-l", "127.0.0.1:0", *pool], nofile=20000)
+    try:
+        assert p.wait() == 2, p.output()
+        [line] = p.lines
+        assert line.startswith("tcplock: error: the backends' slots (3000 + 334) are more"), line
+        assert "descriptor limit of 20000 allows: at most 3333" in line, line
+    finally:
+        p.kill()
+
+
+def test_a_backend_keeps_its_own_slots_when_the_global_value_changes(make_backend):
+    backends = [make_backend("echo") for _ in range(2)]
+    a, b = ((LOOPBACK, x.server_port) for x in backends)
+    lock = TCPLock((LOOPBACK, 0), backends=[(*a, {"slots": 2}), b])
+    lock.start()
+    try:
+        assert [x["slots"] for x in lock.status()["backends"]] == [2, 1]
+        lock.slots = 3
+        assert [x["slots"] for x in lock.status()["backends"]] == [2, 3]
+        lock.set_backends([a, (*b, {"slots": 4})])  # taken away and given, on a running lock
+        assert [x["slots"] for x in lock.status()["backends"]] == [3, 4]
+    finally:
+        lock.stop(timeout=0)
+
+
+@pytest.mark.parametrize(
+    "env, where",
+    [
+        ({"TCPLOCK_BACKEND": "127.0.0.1:2003,slot=2"}, "TCPLOCK_BACKEND"),
+        ({"TCPLOCK_BACKEND": "[127.0.0.1:2003,slots=0, 127.0.0.1:2004]"}, "TCPLOCK_BACKEND"),
+        ({}, "line 1"),
+    ],
+)
+def test_a_bad_backend_option_names_where_it_was_written(env, where, tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("backend = 127.0.0.1:2003,slots=two\n")
+    args = ["-l", "127.0.0.1:0"] + ([] if env else ["-c", str(conf)])
+    status, _out, err = run_cli(*args, env=env)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert where in err and "slot" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ["--backend", "127.0.0.1:2003,slot=2"],
+        ["--backend", "127.0.0.1:2003,slots=0"],
+        ["--backend", "127.0.0.1:2003,slots"],
+        ["--backend", "127.0.0.1:2003,slots=1,slots=2"],
         ["--backend", "127.0.0.1:2003", "-p", "2004"],
         ["--backend", "127.0.0.1:2003", "--proxy-host", "127.0.0.1"],
         ["--backend", "127.0.0.1:2003", "--demo"],
@@ -311,6 +391,9 @@ def test_the_library_checks_backends():
             TCPLock((LOOPBACK, 0), backends=bad)
     with pytest.raises(ValueError, match="not both"):
         TCPLock((LOOPBACK, 0), (LOOPBACK, 1), backends=[(LOOPBACK, 2)])
+    for own in ({"slot": 2}, {"slots": 0}, {"slots": "2"}, [("slots", 2)]):
+        with pytest.raises(ValueError, match="backends: 127.0.0.1:1: .*slot"):
+            TCPLock((LOOPBACK, 0), backends=[("127.0.0.1", 1, own)])
     lock = TCPLock((LOOPBACK, 0), backends=[("::1", 2003), ("127.0.0.1", "2004")])
     assert [b.label for b in lock.backends] == ["[::1]:2003", "127.0.0.1:2004"]
 

@@ -88,6 +88,26 @@ def test_more_slots_let_a_waiting_client_in_and_the_active_one_goes_on(cli, make
     assert p.proc.poll() is None
 
 
+def test_a_backends_own_slots_change_on_reload(cli, make_backend, tmp_path):
+    backend = make_backend("echo")
+    address = f"127.0.0.1:{backend.server_port}"
+    conf = Conf(tmp_path / "tcplock.conf", listen="127.0.0.1:0")
+    conf.write(backend=f"[{address}]")
+    p = cli("-c", str(conf.path))
+    port = p.wait_ready()
+    active = connect(port)
+    assert echoes(active, b"first")
+    waiting = connect(port)
+    waiting.sendall(b"second")
+    assert still_waiting(waiting)
+    line = reload(p, conf, backend=f"[{address},slots=2]")
+    assert line.endswith(f"reloaded: backends [{address}] -> [{address},slots=2]"), line
+    assert recv_exactly(waiting, 6) == b"second"  # its backend's second slot
+    assert echoes(active, b"still here")
+    active.close()
+    waiting.close()
+
+
 def test_a_config_with_a_mistake_is_logged_with_file_and_line_and_the_old_one_stays(
     cli, make_backend, conf
 ):
@@ -333,6 +353,12 @@ NEEDS = {
     "restart-every": {"backend-cmd": "sleep 1"},
     "restart-on-timeout": {"backend-cmd": "sleep 1"},
     "restart-above-rss": {"backend-cmd": "sleep 1"},
+    "spares": {  # fewer than the backends
+        "backend-cmd": "sleep 1",
+        "proxy-host": None,
+        "proxy-port": None,
+        "backend": "[" + ", ".join(f"127.0.0.1:{2000 + i}" for i in range(7)) + "]",
+    },
     "status-token-file": {"status": "127.0.0.1:0"},
     "status-max-rate": {"status": "127.0.0.1:0"},
     "backend": {"proxy-host": None, "proxy-port": None},
@@ -365,7 +391,7 @@ class Running:
         check_hooks(args, hooks)
         self.demo = DemoBackend(("127.0.0.1", 0)) if args.demo else None
         backends = [("127.0.0.1", 1)] if self.demo else backends_of(args)
-        kwargs = library_settings(args, hooks, 4096, len(backends))
+        kwargs = library_settings(args, hooks, 4096, backends)
         self.lock = TCPLock(args.listen, backends=backends, **kwargs)
         token = read_token_file(args.status_token_file) if args.status_token_file else None
         self.status = StatusServer(

@@ -55,6 +55,7 @@ RULES = {
     "ready_cmd": SHELL,
     "restart_above_rss": dict(good=800 << 20, normal=800 << 20, none=True),
     "stop_timeout": DURATION_ZERO,
+    "spares": dict(good=1, normal=1, none=False),
     "allow": dict(
         good=["10.0.0.0/8", ipaddress.ip_network("::1/128")],
         normal=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")),
@@ -90,6 +91,7 @@ DEFAULTS = {
     "ready_cmd": None,
     "restart_above_rss": None,
     "stop_timeout": 10.0,
+    "spares": 0,
     "allow": None,
     "accept_proxy": False,
     "trusted_proxy": None,
@@ -98,7 +100,7 @@ DEFAULTS = {
     "send_proxy_v2": False,
 }
 DURATIONS = [a for a, r in RULES.items() if r in (DURATION_OFF, DURATION, DURATION_ZERO)]
-NUMBERS = DURATIONS + ["slots", "max_queue", "restart_every", "restart_above_rss"]
+NUMBERS = DURATIONS + ["slots", "max_queue", "restart_every", "restart_above_rss", "spares"]
 SHELLS = [a for a, r in RULES.items() if r is SHELL]
 
 

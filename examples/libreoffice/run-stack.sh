@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # run-stack.sh: the LibreOffice farm, in the foreground: ONE tcplock command that runs
 # UNOSERVERS unoservers (each with its LibreOffice) as its backends, and lets one client at a
-# time through to each of them.
+# time through to each of them, plus SPARES more kept ready as standbys, that take the place of
+# one that restarts.
 #
 # Clients convert through tcplock's port, never a unoserver's:
 #     unoconvert --host 127.0.0.1 --port 9000 --host-location remote in.odt out.pdf
@@ -16,7 +17,10 @@
 # Settings, from the environment (defaults in brackets):
 #   LISTEN_PORT           where clients connect, on 127.0.0.1 [9000]
 #   STATUS_PORT           tcplock's /status and /metrics, on 127.0.0.1; "off" for none [9100]
-#   UNOSERVERS            how many unoservers (one per CPU core is the advice) [2]
+#   UNOSERVERS            how many unoservers take clients (one per CPU core is the advice) [2]
+#   SPARES                how many more are kept started and ready as standbys: a restart
+#                         then costs no client any wait; each costs a LibreOffice's memory
+#                         (about 120 MB while it waits) [1]
 #   FIRST_PORT            the first unoserver's port; the others follow it [2003]
 #   RESTART_CONVERSIONS   restart a LibreOffice after this many conversions [50]
 #   CONVERSION_TTL        longest a single request may take before it is cut and that
@@ -34,6 +38,7 @@ export UNO_VENV=${UNO_VENV:-$here/.venv}
 LISTEN_PORT=${LISTEN_PORT:-9000}
 STATUS_PORT=${STATUS_PORT:-9100}
 UNOSERVERS=${UNOSERVERS:-2}
+SPARES=${SPARES:-1}
 FIRST_PORT=${FIRST_PORT:-2003}
 RESTART_CONVERSIONS=${RESTART_CONVERSIONS:-50}
 CONVERSION_TTL=${CONVERSION_TTL:-2m}
@@ -57,9 +62,13 @@ fi
     echo "run-stack.sh: UNOSERVERS must be a whole number from 1 up, not '$UNOSERVERS'" >&2
     exit 2
 }
+[[ $SPARES =~ ^[0-9]+$ ]] || {
+    echo "run-stack.sh: SPARES must be a whole number from 0 up, not '$SPARES'" >&2
+    exit 2
+}
 
 args=(--listen "127.0.0.1:$LISTEN_PORT")
-for ((i = 0; i < UNOSERVERS; i++)); do
+for ((i = 0; i < UNOSERVERS + SPARES; i++)); do
     args+=(--backend "127.0.0.1:$((FIRST_PORT + i))")
 done
 args+=(
@@ -84,9 +93,14 @@ args+=(
     --timeout "$CONVERSION_TTL"
     --restart-on-timeout
     --restart-above-rss "$MAX_RSS"
-    # unoserver and soffice.bin exit within a second of SIGTERM; more than 5 s means stuck.
-    --stop-timeout 5s
+    # unoserver and soffice.bin exit about half a second after SIGTERM (run-soffice sees to
+    # it). One that does not is stuck, and every restart would wait for it: it is killed after
+    # 1 s. Killing costs nothing here, since unoserver-backend empties its state at every start.
+    --stop-timeout 1s
     --drain-timeout "$DRAIN_TIMEOUT"
+    # The last SPARES unoservers to be ready are standbys: when one in service has to restart,
+    # a standby takes its place at once, and the restarted one becomes the standby.
+    --spares "$SPARES"
 )
 [ "$STATUS_PORT" = off ] || args+=(--status "127.0.0.1:$STATUS_PORT")
 

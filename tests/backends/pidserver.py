@@ -12,6 +12,7 @@ one at a time.
 --fork          fork a child that sleeps until killed (in the same process group)
 --pidfile PATH  append "PID GRANDCHILD" to PATH once listening
 --ignore-term   ignore SIGTERM
+--start-delay S wait S seconds before listening (a server slow to start)
 """
 
 import argparse
@@ -29,7 +30,9 @@ def main() -> int:
     p.add_argument("--fork", action="store_true")
     p.add_argument("--pidfile")
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--start-delay", type=float, default=0.0)
     args = p.parse_args()
+    time.sleep(args.start_delay)
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     grandchild = 0
