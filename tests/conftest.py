@@ -782,3 +782,23 @@ def on_connect():
 
     yield add
     _connect_watchers.clear()
+
+
+def pids_in(pidfile):
+    if not pidfile.exists():
+        return []
+    return [int(p) for line in pidfile.read_text().split("\n") for p in line.split() if p != "0"]
+
+
+@pytest.fixture
+def pidfile(tmp_path):
+    """A file the pid servers write their pids to; whatever of them is left is killed after
+    the test."""
+    path = tmp_path / "pids"
+    yield path
+    for pid in pids_in(path):
+        if process_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from gevent import socket
+from test_supervise import ask
 
 from conftest import connect, free_port, http, recv_exactly, wait_until
 from tcplock import TCPLock
@@ -499,17 +500,7 @@ CRASHED = "its command was killed by SIGKILL"
 
 def served_by(port):
     """The process id of the backend that serves one client."""
-    c = connect(port, timeout=10)
-    try:
-        c.sendall(b"?")
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = c.recv(100)
-            assert chunk, f"closed without an answer after {line!r}"
-            line += chunk
-    finally:
-        c.close()
-    return int(line.split()[0])
+    return ask(port)[0]
 
 
 def test_a_backend_cmd_edited_or_deleted_stays_and_the_next_restart_runs_the_running_one(

@@ -22,18 +22,6 @@ START = 2.0  # how long a backend takes to start, in seconds
 
 
 @pytest.fixture
-def pidfile(tmp_path):
-    path = tmp_path / "pids"
-    yield path
-    for pid in pids_in(path):
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-@pytest.fixture
 def farm(make_lock, pidfile):
     def make(n, **kw):
         kw.setdefault("backend_cmd", pidserver("--pidfile", pidfile, "--start-delay", START))

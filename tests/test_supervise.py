@@ -15,7 +15,16 @@ from pathlib import Path
 import gevent
 import pytest
 
-from conftest import LOOPBACK, connect, free_port, http, run_cli, wait_until
+from conftest import (
+    LOOPBACK,
+    connect,
+    free_port,
+    http,
+    pids_in,
+    process_alive,
+    run_cli,
+    wait_until,
+)
 from tcplock import TCPLock
 from tcplock.status import Metrics, StatusServer
 from tcplock.supervise import OUTPUT_LINES_PER_SECOND
@@ -48,14 +57,7 @@ def ask(port, timeout=10.0):
     return int(pid), int(grandchild), int(index), label
 
 
-def alive(pid):
-    """Whether a process runs (a zombie does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 :].split()[0] != b"Z"
+alive = process_alive
 
 
 def group_of(pid):
@@ -75,26 +77,6 @@ def in_group(pgid):
             except (OSError, ValueError):
                 pass
     return found
-
-
-def pids_in(pidfile):
-    if not pidfile.exists():
-        return []
-    return [int(p) for line in pidfile.read_text().split("\n") for p in line.split() if p != "0"]
-
-
-@pytest.fixture
-def pidfile(tmp_path):
-    """A file the pid servers write their pids to; whatever of them is left is killed after
-    the test."""
-    path = tmp_path / "pids"
-    yield path
-    for pid in pids_in(path):
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 @pytest.fixture
