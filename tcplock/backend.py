@@ -1,16 +1,18 @@
 """A backend: the service behind the lock, how to reach it, and when to restart it.
 
 What it owns: the backend's address and the one routine that connects to it (:class:`Connect`,
-driven by the event loop, for clients and readiness checks alike), its state (``up`` or
-``restarting``), its restart policy and its counters, and, for a backend that tcplock runs
+driven by the event loop, for clients and readiness checks alike), its operational and admin
+states with the cause of each change (set only through :meth:`Backend.note`, against
+:data:`TRANSITIONS`), its own settings, its restart policy and its counters, and, for a backend
+that tcplock runs
 itself (``backend_cmd``), when its process is started, restarted and checked (the process
 group itself is :class:`~tcplock.supervise.BackendProcess`'s). The rule it keeps: once a
 restart is due, no new client reaches the backend; the restart runs while the last connection
 using it still holds its slot, and nobody is let in until the backend is ready again. The first
 start of a supervised backend, and its start after a crash, take the same path.
 
-A single backend is a pool of one: the lock asks :meth:`Backend.for_grant` style questions of
-its backends, never of a fixed address.
+A single backend is a pool of one: the lock asks its backends whether they are open to the
+queue, never a fixed address.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The two-way byte pump between a client and its backend connection.
 
 What it owns: moving bytes, passing on half-closes, and deciding how the exchange ended
-(``closed``, ``client-reset`` or ``backend-reset``). The rule it keeps: at most one chunk per
+(``closed``, ``client-reset``, ``backend-reset`` or ``client-finish-timeout``). The rule it keeps: at most one chunk per
 direction is in flight, so a reader that stops reading stops the writer (backpressure reaches the
 sender through the kernel's socket buffers, never through memory of ours).
 

@@ -1,8 +1,9 @@
 """TCPLock: a StreamServer that lets at most N clients through to a backend, in arrival order.
 
-What it owns: accepting and admitting clients, keeping the queue alive (a waiting client that
-leaves is noticed without its bytes being read), lingering clients, pausing, the graceful
-stop, and what embedding code reads. A connection's own life, from its grant to its end, is
+What it owns: accepting and admitting clients, the pool's membership (which backends are open
+to the queue, and which stand by), pausing, the graceful stop, and what embedding code reads.
+Watching waiting clients for departure, the sweep and lingering clients are
+:mod:`tcplock.liveness`'s. A connection's own life, from its grant to its end, is
 :class:`~tcplock.connection.Connection`'s; the backend and its restarts are
 :class:`~tcplock.backend.Backend`'s; the queue is :class:`~tcplock.gate.Gate`'s.
 
