@@ -1,9 +1,10 @@
 """The two-way byte pump between a client and its backend connection.
 
 What it owns: moving bytes, passing on half-closes, and deciding how the exchange ended
-(``closed``, ``client-reset``, ``backend-reset`` or ``client-finish-timeout``). The rule it keeps: at most one chunk per
-direction is in flight, so a reader that stops reading stops the writer (backpressure reaches the
-sender through the kernel's socket buffers, never through memory of ours).
+(``closed``, ``client-reset``, ``backend-reset`` or ``client-finish-timeout``). The rule it
+keeps: at most one chunk per direction is in flight, so a reader that stops reading stops the
+writer (backpressure reaches the sender through the kernel's socket buffers, never through
+memory of ours).
 
 Each direction is driven by the event loop itself: a watcher on the source calls a function
 that reads one chunk and writes it on; if the destination is full, the function swaps to a
