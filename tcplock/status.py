@@ -264,7 +264,7 @@ def health(lock: TCPLock) -> Tuple[bool, dict]:
     """Whether a client arriving now would be let through in its turn, and the short JSON
     answer of ``GET /healthz``: ``status`` is ``ok``, or why not (``stopped``: not listening,
     ``stopping``, ``paused``, ``down``: no backend is up, ``drained``: every backend that is
-    up is drained), and ``backends_up`` counts the backends that are up.
+    up is drained or leaving the pool), and ``backends_up`` counts the backends that are up.
 
     A paused lock still queues clients, but lets none through until it is resumed; a load
     balancer should send them elsewhere meanwhile, so it is not healthy. A backend that is
@@ -281,7 +281,7 @@ def health(lock: TCPLock) -> Tuple[bool, dict]:
         status = "paused"
     elif not up:
         status = "down"
-    elif all(b.draining for b in up):
+    elif all(b.draining or b.leaving for b in up):
         status = "drained"
     else:
         status = "ok"

@@ -352,6 +352,24 @@ def test_healthz_is_down_until_a_backend_not_run_by_tcplock_first_answers(make_l
             backend.stop(timeout=0)
 
 
+def test_healthz_is_not_ok_when_the_only_backend_up_is_leaving_the_pool(make_backend, make_lock):
+    # A reload names a new backend that does not answer; the old one finishes its client and
+    # takes no new one: nobody arriving now would be let through, as the agent-check says.
+    lock = make_lock(make_backend("echo"))
+    status = StatusServer((LOOPBACK, 0), lock)
+    status.start()
+    client = connect(lock.server_port)
+    try:
+        wait_until(lambda: lock.status()["active"], what="a client relayed")
+        assert health_of(status.server_port)[0] == 200
+        lock.set_backends([(LOOPBACK, free_port())])
+        wait_until(lambda: agent_reply(lock) == "drain\n", what="the agent's drain")
+        assert health_of(status.server_port) == (503, {"status": "drained", "backends_up": 1})
+    finally:
+        client.close()
+        status.stop(timeout=0)
+
+
 # -- the token ---------------------------------------------------------------------------------
 
 
