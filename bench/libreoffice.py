@@ -246,6 +246,22 @@ def run_batch(venv: str, port: int, docdir: str, timeout: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def end_on_signals(max_seconds: float) -> None:
+    """SIGINT, SIGTERM, SIGHUP and ``max_seconds`` running out end the run by an exception, so
+    that the run's ``finally`` ends every process it started."""
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def on_alarm(_signum, _frame):
+        raise TimeoutError(f"--max-seconds {max_seconds:g} ran out")
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(max_seconds))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -272,16 +288,7 @@ def main() -> int:
     P = suite.Procs(workdir)
     began = time.monotonic()
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def on_alarm(_signum, _frame):
-        raise TimeoutError(f"--max-seconds {a.max_seconds:g} ran out")
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(a.max_seconds))
+    end_on_signals(a.max_seconds)
     results: dict = {p: [] for p in peers}
     try:
         os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), *suite.SBIN])

@@ -109,16 +109,7 @@ def main() -> int:
     P = suite.Procs(workdir)
     began = time.monotonic()
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def on_alarm(_signum, _frame):
-        raise TimeoutError(f"--max-seconds {a.max_seconds:g} ran out")
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(a.max_seconds))
+    lo.end_on_signals(a.max_seconds)
     plan = farms(a.every)
     results: dict = {name: [] for name in plan}
     try:
