@@ -16,6 +16,10 @@ client makes a fixed number of short HTTP connections through it, ``--concurrenc
             connection, by name
   calls     tcplock runs under cProfile (warm-up included): Python function calls per
             connection, and the functions with the most own time (the profile is kept, --out)
+  perf      ``perf record -g`` attached for the measured connections, with tcplock run as
+            ``python -X perf`` (Python 3.12 or later: run this script with that Python), so
+            that the samples name Python functions: the share of samples in each function,
+            itself and below (the data is kept, --out, for ``perf report``)
 
     python3 bench/cost.py --mode callgrind --conns 2000
     python3 bench/cost.py --mode cpu --conns 20000 --tree /path/to/other/checkout
@@ -90,7 +94,9 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("cpu", "callgrind", "strace", "calls"), default="cpu")
+    ap.add_argument(
+        "--mode", choices=("cpu", "callgrind", "strace", "calls", "perf"), default="cpu"
+    )
     ap.add_argument("--conns", type=int, default=None, help="measured connections")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=40)
@@ -104,7 +110,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="callgrind: where to keep the profile")
     ap.add_argument("extra", nargs="*", help="more tcplock options (after --)")
     a = ap.parse_args()
-    n = a.conns or {"cpu": 20000, "callgrind": 2000, "strace": 3000, "calls": 5000}[a.mode]
+    defaults = {"cpu": 20000, "callgrind": 2000, "strace": 3000, "calls": 5000, "perf": 20000}
+    n = a.conns or defaults[a.mode]
     work = tempfile.mkdtemp(prefix="tcplock-cost-")
     P = R.Procs(work)
     try:
@@ -119,6 +126,10 @@ def main() -> int:
         out = a.out or os.path.join(work, f"{a.mode}.out")
         if a.mode == "calls":
             argv[1:1] = ["-m", "cProfile", "-o", out]
+        if a.mode == "perf":
+            if sys.version_info < (3, 12):
+                ap.error("--mode perf: run this script with Python 3.12 or later (-X perf)")
+            argv[1:1] = ["-X", "perf"]
         if a.mode == "callgrind":
             argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                     f"--callgrind-out-file={out}", *argv]  # fmt: skip
@@ -166,6 +177,24 @@ def main() -> int:
             print(f"calls: {calls:.0f} Python function calls per connection "
                   f"({n} + {a.warmup} connections, {failed} failed); profile {out}")  # fmt: skip
             st.sort_stats("tottime").print_stats(30)
+        elif a.mode == "perf":
+            rec = subprocess.Popen(
+                ["perf", "record", "-q", "-g", "-F", "4999", "-o", out, "-p", str(tl.pid)],
+                start_new_session=True,
+            )
+            time.sleep(1.0)
+            failed = drive(port, n, a.concurrency)
+            os.kill(rec.pid, signal.SIGINT)
+            rec.wait(60)
+            report = subprocess.run(
+                ["perf", "report", "-i", out, "--children", "--stdio", "-g", "none",
+                 "--percent-limit", "1", "--sort", "symbol"],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            print(f"perf: samples of tcplock ({n} connections, {failed} failed); data {out}")
+            for line in report.stdout.splitlines():
+                if line.strip() and not line.startswith("#"):
+                    print(line)
         else:
             trace = os.path.join(work, "strace.txt")
             st = subprocess.Popen(

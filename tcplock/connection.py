@@ -247,21 +247,32 @@ class Connection(Ticket):
         ended = self.ended_at or time.monotonic()
         activated = self.activated_at
         if activated is None:
-            queued, active = ended - self.queued_at, 0.0
+            activated = ended  # never active: all of its time was waiting
+        client = self.client  # (format_address and self.label inline: once per line)
+        if client is None:
+            who = "in-process"
         else:
-            queued, active = activated - self.queued_at, ended - activated
-        client = self.client  # (self.label, without the property's calls: once per line)
-        line = "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (  # noqa: UP031
-            format_address(client) if client is not None else "in-process",
-            queued,
-            active,
+            host = client[0]
+            who = f"[{host}]:{client[1]}" if ":" in host else f"{host}:{client[1]}"
+        backend = self.backend
+        if backend is not None and len(self.lock.backends) > 1:
+            return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s backend=%s" % (  # noqa: UP031
+                who,
+                activated - self.queued_at,
+                ended - activated,
+                self.bytes_up,
+                self.bytes_down,
+                self.end,
+                backend.label,
+            )
+        return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (  # noqa: UP031
+            who,
+            activated - self.queued_at,
+            ended - activated,
             self.bytes_up,
             self.bytes_down,
             self.end,
         )
-        if self.backend is not None and len(self.lock.backends) > 1:
-            line += " backend=" + self.backend.label
-        return line
 
     def fields(self) -> Dict[str, object]:
         """The connection as plain data: what its JSON log line, its ``/status`` entry and a
@@ -413,7 +424,10 @@ class Connection(Ticket):
 
     def grant(self, backend) -> None:
         """The gate gave it a slot of ``backend``."""
-        self._to("grant")
+        try:  # (self._to("grant"), inline here and below on the path every client takes)
+            self.state = TRANSITIONS[self.state]["grant"]
+        except KeyError:
+            self._to("grant")
         # From here on it holds the slot: its activation is set.
         self.activation = self.lock._activated(self)
         self.activated_at = time.monotonic()
@@ -489,7 +503,10 @@ class Connection(Ticket):
         return self._guarded(self._connect)
 
     def _connect(self) -> None:
-        self._to("connect")
+        try:
+            self.state = TRANSITIONS[self.state]["connect"]
+        except KeyError:
+            self._to("connect")
         now = self.backend.connect_now()  # on loopback, usually: no Connect needed
         if now is not None:
             return self._on_backend(now[0], now[1], True)
@@ -604,7 +621,10 @@ class Connection(Ticket):
     # still read after its EOF.
 
     def _relay(self, baddr, local: bool) -> None:
-        self._to("relay")
+        try:
+            self.state = TRANSITIONS[self.state]["relay"]
+        except KeyError:
+            self._to("relay")
         lock = self.lock
         loop = lock.loop
         if lock.timeout:
@@ -680,12 +700,6 @@ class Connection(Ticket):
             return self._flat_end(Ended(client_watch=self._take_client_watch(), client_fin=True))
         if not self.flat & _ASKS:
             return self._hand_over().eof(BACKEND)  # nothing to ask: the Relay times the client
-        if self.lock.gate.waiting and self.backend.peer_check.closed(self.upstream, self.baddr):
-            # (As _slot_wanted.) Someone waits for the slot, and nothing on the backend's side
-            # can read any more: the slot passes on now; the client gets its EOF after, and
-            # lingers.
-            watch = self._take_client_watch()
-            return self._flat_end(Ended(client_watch=watch, client_fin=True, backend_done=True))
         self.bwatch.stop()
         try:
             self.sock.shutdown(_socket.SHUT_WR)
@@ -714,11 +728,6 @@ class Connection(Ticket):
         self._flat_end(Ended(client_watch=self._take_client_watch(), backend_done=True))
         return True
 
-    def _slot_wanted(self) -> bool:
-        """Whether a client waits for a slot: then the backend's close decides when this one
-        passes on, and is worth asking about as soon as the backend's EOF comes."""
-        return self.lock.gate.waiting > 0
-
     def _take_client_watch(self):
         watch, self.watch = self.watch, None
         watch.stop()
@@ -743,7 +752,6 @@ class Connection(Ticket):
         if self.flat & _ASKS and not backend_fin:
             check = self.backend.peer_check
             relay.backend_closed = partial(check.closed, self.upstream, self.baddr)
-            relay.slot_wanted = self._slot_wanted
         relay.start(
             self._relayed,
             lock.finish_timeout,
@@ -768,7 +776,10 @@ class Connection(Ticket):
         state = self.state
         if state is ENDING or state is ENDED:
             return
-        self._to("end")
+        try:
+            self.state = TRANSITIONS[state]["end"]
+        except KeyError:
+            self._to("end")
         self.end = reason
         self.ended_at = time.monotonic()
         outcome = self.relay
@@ -883,7 +894,10 @@ class Connection(Ticket):
 
     def _forget(self) -> None:
         self.ticket = None  # (itself: no cycle left to collect)
-        self._to("forget")
+        try:
+            self.state = TRANSITIONS[self.state]["forget"]
+        except KeyError:
+            self._to("forget")
         self.lock._forget(self)
 
     def abort(self) -> None:
@@ -899,7 +913,7 @@ class Connection(Ticket):
 
     def stop_watching(self) -> None:
         """Stop its state's watchers and timers."""
-        watch, timer = self.watch, self.timer
+        watch, timer, bwatch = self.watch, self.timer, self.bwatch
         loop = self.lock.loop
         if watch is not None:
             self.watch = None
@@ -908,9 +922,9 @@ class Connection(Ticket):
             self.timer = None
             timer.stop()
             timer.close()
-        if self.bwatch is not None:
-            recycle(self.bwatch, loop)
+        if bwatch is not None:
             self.bwatch = None
+            recycle(bwatch, loop)
         if self.recheck is not None:
             self.recheck.stop()
             self.recheck.close()

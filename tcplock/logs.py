@@ -92,9 +92,15 @@ class BatchedStream:
         self._added(len(text))
 
     def defer(self, make: Callable[[Any, Any], str], a, b) -> None:
-        """Add the text ``make(a, b)``, to be made when the batch is written."""
+        """Add the line ``make(a, b)`` (its newline is added), to be made when the batch is
+        written."""
         self._parts.append((make, a, b))
-        self._added(self.deferred_size)
+        # (As _added(deferred_size), inline: a line per connection comes this way.)
+        self._size += self.deferred_size
+        if self._size >= self.limit:
+            self.flush()
+        elif self._timer is None:
+            self._added(0)
 
     def _added(self, size: int) -> None:
         self._size += size
@@ -120,7 +126,7 @@ class BatchedStream:
         for i, part in enumerate(parts):
             if part.__class__ is tuple:
                 try:
-                    parts[i] = part[0](part[1], part[2])
+                    parts[i] = part[0](part[1], part[2]) + "\n"
                 except Exception as e:  # a line that cannot be made must not cost the others
                     parts[i] = f"(a log line could not be made: {e!r})\n"
         text = "".join(parts)
@@ -223,12 +229,11 @@ def connection_writer(handler: logging.StreamHandler):
     line = handler.formatter.connection_line
     stream = handler.stream
     if isinstance(stream, BatchedStream):
-
-        def make(conn, created: float) -> str:
-            return line(conn, created) + "\n"
+        add = stream.defer
+        now = time.time
 
         def defer(conn) -> None:
-            stream.defer(make, conn, time.time())
+            add(line, conn, now())
 
         return defer
 

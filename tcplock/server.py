@@ -616,6 +616,29 @@ class TCPLock(StreamServer):
         sock.setblocking(False)
         return sock, address
 
+    def _do_read(self) -> None:
+        # The listener's watcher: one client per turn (max_accept), accepted and admitted here
+        # rather than through BaseServer's loop of do_read and do_handle (it has no pool to be
+        # full, and nothing here blocks). An error accepting or admitting is gevent's to
+        # handle, as there: logged, and accepting paused a while.
+        try:
+            accepted = self.do_read()
+            if accepted is None:
+                return
+            self.delay = self.min_delay
+            self.do_handle(*accepted)
+        except Exception as e:
+            self.loop.handle_error(self, type(e), e, e.__traceback__)
+            if self.is_fatal_error(e):
+                self.close()
+                sys.stderr.write(f"ERROR: {self} failed with {str(e) or repr(e)}\n")
+                return
+            if self.delay >= 0:
+                self.stop_accepting()
+                self._timer = self.loop.timer(self.delay)
+                self._timer.start(self._start_accepting_if_started)
+                self.delay = min(self.max_delay, self.delay * 2)
+
     def _admit(self, sock, address, state: str = QUEUED) -> Connection:
         self._numbers += 1
         conn = Connection(self, sock, address, self._numbers, state)
