@@ -85,6 +85,22 @@ def drive(port: int, n: int, concurrency: int) -> int:
     return failed[0]
 
 
+def drive_wrk(port: int, seconds: float, concurrency: int) -> tuple[int, int]:
+    """As the pool figure drives it: ``wrk -t1 -c<concurrency>``, a new connection per
+    request, for ``seconds``; the requests made, and the failed ones (errors, non-2xx)."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-H", "Connection: close",
+         f"http://{R.HOST}:{port}/"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    m = re.search(r"(\d+) requests in", out)
+    if not m:
+        raise RuntimeError(f"wrk printed no count: {out!r}")
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return int(m.group(1)), errors + (int(non2xx.group(1)) if non2xx else 0)
+
+
 def cpu_ticks(pid: int) -> tuple[int, int]:
     """User and system CPU time of ``pid`` so far, in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:
@@ -99,6 +115,13 @@ def main() -> int:
     )
     ap.add_argument("--conns", type=int, default=None, help="measured connections")
     ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument(
+        "--wrk",
+        type=float,
+        metavar="SECONDS",
+        help="drive the measured part with wrk for SECONDS, as the pool figure does (clients "
+        "wait for slots as there), instead of --conns connections from Python threads",
+    )
     ap.add_argument("--concurrency", type=int, default=40)
     ap.add_argument("--backends", type=int, default=R.POOL_BACKENDS)
     ap.add_argument("--tree", default=R.REPO, help="the checkout whose tcplock runs")
@@ -143,9 +166,15 @@ def main() -> int:
             R.wait_port(port, tl, "tcplock", P.log_of(tl), timeout=120)
         if drive(port, a.warmup, a.concurrency):
             raise RuntimeError("warm-up connections failed")
+
+        def measured(n: int) -> tuple[int, int]:
+            if a.wrk:
+                return drive_wrk(port, a.wrk, a.concurrency)
+            return n, drive(port, n, a.concurrency)
+
         if a.mode == "cpu":
             c0, t0 = cpu_ticks(tl.pid), time.monotonic()
-            failed = drive(port, n, a.concurrency)
+            n, failed = measured(n)
             c1, t1 = cpu_ticks(tl.pid), time.monotonic()
             hz = os.sysconf("SC_CLK_TCK")
             user, system = ((c1[i] - c0[i]) / hz / n * 1e6 for i in (0, 1))
@@ -155,7 +184,7 @@ def main() -> int:
         elif a.mode == "callgrind":
             subprocess.run(["callgrind_control", "-z", str(tl.pid)], capture_output=True)
             subprocess.run(["callgrind_control", "-i", "on", str(tl.pid)], capture_output=True)
-            failed = drive(port, n, a.concurrency)
+            n, failed = measured(n)
             subprocess.run(["callgrind_control", "-i", "off", str(tl.pid)], capture_output=True)
             subprocess.run(["callgrind_control", "-d", str(tl.pid)], capture_output=True)
             total = 0
@@ -168,7 +197,7 @@ def main() -> int:
             print(f"callgrind: {total / n:,.0f} instructions per connection ({n} connections, "
                   f"{failed} failed); profile {out}*")  # fmt: skip
         elif a.mode == "calls":
-            failed = drive(port, n, a.concurrency)
+            n, failed = measured(n)
             P.stop(tl)  # SIGTERM: tcplock stops, and cProfile writes its profile
             import pstats
 
@@ -183,7 +212,7 @@ def main() -> int:
                 start_new_session=True,
             )
             time.sleep(1.0)
-            failed = drive(port, n, a.concurrency)
+            n, failed = measured(n)
             os.kill(rec.pid, signal.SIGINT)
             rec.wait(60)
             report = subprocess.run(
@@ -201,7 +230,7 @@ def main() -> int:
                 ["strace", "-c", "-f", "-o", trace, "-p", str(tl.pid)], start_new_session=True
             )
             time.sleep(1.0)
-            failed = drive(port, n, a.concurrency)
+            n, failed = measured(n)
             os.kill(st.pid, signal.SIGINT)
             st.wait(30)
             with open(trace) as fh:
