@@ -971,7 +971,10 @@ def _tune(sock, local: bool) -> None:
 
 
 _TCP_INFO = getattr(_socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-_ESTABLISHED = b"\x01"  # TCP_ESTABLISHED, the first byte (tcpi_state) of struct tcp_info
+# The first byte of struct tcp_info (tcpi_state) while the connect has not completed, or has
+# failed: TCP_SYN_SENT, TCP_CLOSE. In any other state the connection was made (a peer that
+# has closed since leaves it in CLOSE_WAIT), as getpeername() would say.
+_NOT_CONNECTED = (b"\x02", b"\x07")
 
 
 def _connected(sock) -> bool:
@@ -981,7 +984,7 @@ def _connected(sock) -> bool:
     to drop it)."""
     try:
         if _TCP_INFO is not None:
-            return sock.getsockopt(_socket.IPPROTO_TCP, _TCP_INFO, 1) == _ESTABLISHED
+            return sock.getsockopt(_socket.IPPROTO_TCP, _TCP_INFO, 1) not in _NOT_CONNECTED
         sock.getpeername()
     except OSError:
         return False
