@@ -23,7 +23,7 @@ import inspect
 import logging
 import os
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import gevent
 from gevent import GreenletExit, socket
@@ -138,8 +138,6 @@ class Backend:
         self.restart_reason: Optional[str] = None
         #: The restart under way, as a step, or None (stop() cuts one that no connection holds).
         self.restart_step: Optional[Step] = None
-        #: Connections granted a slot while a restart was due: they wait for it, in order.
-        self.parked: List = []
         #: Kept ready out of service (``--spares``): the lock decides, as it becomes ready.
         self.standby = False
         #: The operational state (:data:`TRANSITIONS`) and the admin state, and what made the
@@ -483,14 +481,14 @@ class Backend:
         self.restart_if_orphaned()
 
     def last_holder(self) -> bool:
-        """Whether every other slot of this backend is free or parked behind the restart, and
-        no restart runs yet: then the caller, holding the last slot, is to run it."""
-        return self.held - len(self.parked) == 1 and self.restart_step is None
+        """Whether every other slot of this backend is free, and no restart runs yet: then the
+        caller, holding the last slot, is to run it."""
+        return self.held == 1 and self.restart_step is None
 
     def restart_now(self, conn, then: Callable[[], object]) -> Step:
         """The due restart, as a step to start while ``conn`` holds the last slot in use; it
-        retries until it succeeds or tcplock stops. Then the parked connections go on, in
-        order, and ``then()`` (the holder's own next step), and the queue moves again."""
+        retries until it succeeds or tcplock stops. Then ``then()`` (the holder's own next
+        step), and the queue moves again."""
 
         def restarted(result, error) -> None:
             if error is not None and not isinstance(error, GreenletExit):
@@ -510,9 +508,6 @@ class Backend:
                     log.info("backend %s is ready as a standby", self.label)
             else:
                 self.note("abandoned")
-            parked, self.parked = self.parked, []
-            for waiting in parked:
-                waiting.unpark()
             then()
             self.lock._sync_gate()
 
@@ -520,20 +515,16 @@ class Backend:
         return step
 
     def restart_if_orphaned(self) -> None:
-        """A restart is due but its last holder left without running it (a client sent to
-        another backend): a parked connection runs it, or, with none, it runs unheld (no
-        client can be let in to this backend meanwhile)."""
+        """A restart is due but its last holder left without running it (a client sent back
+        to the queue): it runs unheld (no client can be let in to this backend meanwhile)."""
         if (
             self.restart_reason is None
             or self.restart_step is not None
-            or self.held != len(self.parked)
+            or self.held
             or self.lock._stopping
         ):
             return
-        if self.parked:
-            self.parked.pop(0).run_restart()
-        else:
-            self.restart_now(None, lambda: None).start()
+        self.restart_now(None, lambda: None).start()
 
     def _restart(self, conn) -> bool:
         """The restart: True once it succeeded, False if abandoned because tcplock stops or

@@ -391,12 +391,16 @@ class TCPLock(StreamServer):
         self._update_open()
         return any(b.open and b.up for b in self.backends if b is not backend)
 
-    def _requeue(self, conn: Connection, backend: Backend, activation: int) -> None:
+    def _requeue(
+        self, conn: Connection, backend: Backend, activation: int, counted: bool = True
+    ) -> None:
         """The lock's part of sending a granted client back to the head of the queue (see
-        :meth:`Connection.back_to_queue`): its slot of ``backend`` given back, keeping its
-        place, and its grant not counted (it keeps its ``activation`` number for the next)."""
-        backend.activations -= 1
-        backend.since_restart -= 1
+        :meth:`Connection._requeue`): its slot of ``backend`` given back, keeping its place,
+        and its grant not counted (it keeps its ``activation`` number for the next), nor its
+        use of ``backend`` if it was ``counted``."""
+        if counted:
+            backend.activations -= 1
+            backend.since_restart -= 1
         self.activations -= 1
         self._requeued[conn] = activation
         self._active.pop(conn, None)
@@ -797,8 +801,6 @@ class TCPLock(StreamServer):
         for backend in self.backends:
             if backend.process is not None and backend.restart_step is not None:
                 backend.restart_step.kill()  # a backend tcplock runs is stopped, not restarted
-            for conn in list(backend.parked):  # no restart is coming for them now
-                conn.unpark()
         deadline = time.monotonic() + timeout
         if not self._idle.wait(timeout):
             remaining = list(self._connections)

@@ -8,6 +8,7 @@ slow to start (``--start-delay``): a client that waited on a restart waited that
 import json
 import os
 import signal
+import time
 
 import gevent
 import pytest
@@ -65,6 +66,41 @@ def test_without_a_standby_a_client_waits_on_the_restart(farm, conn_log):
     wait_until(lambda: states(lock) == ["up"], timeout=20)
     waits = [served_after_waiting(lock, conn_log)[1] for _ in range(3)]
     assert waits[2] >= START * 0.9, waits  # the third waited for the restart
+
+
+def test_with_several_slots_no_client_waits_on_a_restart_while_a_standby_is_ready(farm):
+    # Every client calls for a restart of its backend. Let in together, the first two are
+    # granted slots of the same backend (the standby put in service for the first one's
+    # restart); the second's grant makes that backend's restart due as the third is granted
+    # its other slot. A standby is ready: the third goes to it, and waits on no restart.
+    lock = farm(3, spares=2, slots=2, restart_every=1)
+    wait_until(
+        lambda: sorted(states(lock)) == ["standby", "standby", "up"], timeout=20, what="standbys"
+    )
+    lock.pause()
+    clients = []
+    for i in range(3):
+        c = connect(lock.server_port, timeout=20)
+        c.sendall(b"?")
+        clients.append(c)
+        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
+
+    def answer(c):
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = c.recv(100)
+            assert chunk, f"closed without an answer after {line!r}"
+            line += chunk
+        c.close()
+        return int(line.split()[2]), time.monotonic() - resumed
+
+    resumed = time.monotonic()
+    lock.resume()
+    served = [gevent.spawn(answer, c) for c in clients]
+    gevent.joinall(served, timeout=20, raise_error=True)
+    served = [g.value for g in served]
+    assert max(waited for _, waited in served) < START / 2, served
+    assert sorted(index for index, _ in served) == [1, 2, 3], served
 
 
 def test_a_standby_that_crashes_is_started_again_and_gets_no_client_before_ready(
