@@ -406,7 +406,7 @@ class TCPLock(StreamServer):
         self._active.pop(conn, None)
         self.gate.requeue(conn.ticket)
         self.gate.release(backend)
-        backend.restart_if_orphaned()
+        backend.reconcile()
         if backend.leaving:
             self._retire()
 
