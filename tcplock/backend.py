@@ -302,20 +302,31 @@ class Backend:
         if self.process is None and not self.been_ready and self._check is None:
             self._check_now()
 
+    @property
+    def checking(self) -> bool:
+        """Whether a check of it runs now: no client is let in to it meanwhile."""
+        return self._check is not None
+
     def _check_now(self) -> None:
-        if self._check is not None:
-            return  # the last one has yet to answer
+        # A check and a client never have the backend at once: no check starts while a client
+        # holds it (that client's own connection tells: one that connects marks it up), and
+        # none is let in while a check runs (TCPLock._update_open).
+        if self._check is not None or self.held:
+            return
         lock = self.lock
         if lock.ready_cmd is not None:
             limit = lock.ready_timeout or lock.check_interval
             args = (lock.ready_cmd, self._command_env(), limit)
-            self._check = Step(probe, args, self._probed).start()
-            return
-        # One round of its addresses: a backend that refuses is down at once (a first check
-        # holds clients back until it answers), and is tried again at the next interval.
-        limit = min(lock.check_interval, lock.connect_timeout)
-        self._check = Connect(self, time.monotonic() + limit, self._checked, _one_round)
-        self._check.start()
+            check = self._check = Step(probe, args, self._probed)
+        else:
+            # One round of its addresses: a backend that refuses is down at once (a first
+            # check holds clients back until it answers), and is tried again at the next
+            # interval.
+            limit = min(lock.check_interval, lock.connect_timeout)
+            check = self._check = Connect(self, time.monotonic() + limit, self._checked, _one_round)
+        check.start()
+        if self._check is not None:  # (a refusal on loopback has answered already)
+            lock._sync_gate()
 
     def _checked(self, sock, error) -> None:
         self._check = None
@@ -324,21 +335,22 @@ class Backend:
             self.mark_up()
         else:
             self.mark_down(error)  # nothing more if it is down already
-        self._first_check_done()
+        self._check_done()
 
     def _probed(self, result, error) -> None:
+        if isinstance(error, GreenletExit):
+            return  # cut by _stop_checks: it has nothing to tell
         self._check = None
         if result is not None and result[0]:
             self.mark_up()
         else:
             self.mark_down(f"not ready: {result[1]}" if result is not None else error)
-        self._first_check_done()
+        self._check_done()
 
-    def _first_check_done(self) -> None:
-        # The check's connection is closed: clients may reach the backend now.
-        if self.first_check_due:
-            self.first_check_due = False
-            self.lock._sync_gate()
+    def _check_done(self) -> None:
+        # The check is over, its connection closed: clients may reach the backend again.
+        self.first_check_due = False
+        self.lock._sync_gate()
 
     def close_check(self, sock) -> None:
         """Close a check's connection. A backend sent PROXY headers is sent one first,

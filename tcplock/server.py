@@ -368,8 +368,8 @@ class TCPLock(StreamServer):
 
     def _update_open(self) -> None:
         # A backend takes new clients unless it drains, restarts or stands by, or awaits its
-        # first check, or it is down while another is up (with none up, every backend is
-        # tried, so that a client fails as it would with one).
+        # first check or a check of it runs, or it is down while another is up (with none up,
+        # every backend is tried, so that a client fails as it would with one).
         if self.spares:
             self._replace_with_standbys()
         backends = self.backends
@@ -381,6 +381,7 @@ class TCPLock(StreamServer):
                 and not b.standby
                 and b.restart_reason is None
                 and not b.first_check_due
+                and not b.checking
                 and (b.up or not any_up)
             )
 
