@@ -8,8 +8,11 @@ that tcplock runs
 itself (``backend_cmd``), when its process is started, restarted and checked (the process
 group itself is :class:`~tcplock.supervise.BackendProcess`'s). The rule it keeps: once a
 restart is due, no new client reaches the backend; the restart runs while the last connection
-using it still holds its slot, and nobody is let in until the backend is ready again. The first
-start of a supervised backend, and its start after a crash, take the same path.
+using it still holds its slot (or with none held), and nobody is let in until the backend is
+ready again. A restart is a :class:`Restart` moved on, one short step at a time, by
+:meth:`Backend.reconcile`, which compares what the backend is with what it should be; the
+first start of a supervised backend, and its start after a crash, take the same path. A check
+of a backend and a client never have it at once.
 
 A single backend is a pool of one: the lock asks its backends whether they are open to the
 queue, never a fixed address.
