@@ -142,8 +142,6 @@ class Backend:
         #: The restart under way (:class:`Restart`), or None (stop() cuts one no connection
         #: holds).
         self.restart_step: Optional[Restart] = None
-        #: Kept ready out of service (``--spares``): the lock decides, as it becomes ready.
-        self.standby = False
         #: The operational state (:data:`TRANSITIONS`) and the admin state, and what made the
         #: last change of either (``restart-every``, ``crashed``, ``drain request``, ...).
         self.operational = UP
@@ -166,10 +164,10 @@ class Backend:
         )
         #: The pause before a supervised backend whose command ended is started again.
         self.crash_delay = lock.restart_retry_delay
-        #: A backend tcplock does not run takes no client until its first check has answered
-        #: (up or down), so that it never sees the check's connection and a client's at once.
-        self.first_check_due = self.process is None
-        self.open = not self.first_check_due
+        # A backend tcplock does not run takes no client until its first check has answered
+        # (up or down), so that it never sees the check's connection and a client's at once.
+        self._first_check_due = self.process is None
+        self.open = not self._first_check_due
 
     def apply_settings(self) -> None:
         """Take each per-backend setting from its own settings, or else from the lock's."""
@@ -195,7 +193,12 @@ class Backend:
         operational state (``starting``, ``restarting``, ``down``, ``standby``, ``up``)."""
         return self.operational if self.admin is ENABLED else self.admin
 
-    def _operational_now(self) -> str:
+    @property
+    def standby(self) -> bool:
+        """Whether it is a ready standby, kept out of service (``--spares``)."""
+        return self.operational is STANDBY
+
+    def _operational_now(self, standby: bool) -> str:
         reason = self.restart_reason
         if reason == "start":
             return STARTING
@@ -203,12 +206,16 @@ class Backend:
             return RESTARTING
         if not self.up:
             return DOWN
-        return STANDBY if self.standby else UP
+        return STANDBY if standby else UP
 
-    def note(self, cause: str) -> None:
-        """Record a change of its flags as a change of state, made by ``cause``: the one place
-        its operational and admin states are set."""
-        new = self._operational_now()
+    def note(self, cause: str, standby: Optional[bool] = None) -> None:
+        """Record a change of its facts (``up``, ``restart_reason``, ``draining``,
+        ``leaving``) as a change of state, made by ``cause``: the one place its operational and
+        admin states are set. ``standby``: whether, ready, it is to stand by (the lock decides,
+        :meth:`TCPLock._standby_wanted`); by default a standby stays one."""
+        if standby is None:
+            standby = self.operational is STANDBY
+        new = self._operational_now(standby)
         admin = LEAVING if self.leaving else DRAINING if self.draining else ENABLED
         if new != self.operational:
             if (self.operational, new) not in TRANSITIONS:
@@ -281,14 +288,13 @@ class Backend:
     def mark_up(self) -> None:
         was_ready, self.been_ready = self.been_ready, True
         # Known to answer: a first check still due has nothing left to wait for.
-        first, self.first_check_due = self.first_check_due, False
+        first, self._first_check_due = self._first_check_due, False
         if self.up:
             if first:
                 self.lock._sync_gate()
             return
         self.up = True
-        self.standby = self.lock._standby_wanted(self)
-        self.note("answers again")
+        self.note("answers again", standby=self.lock._standby_wanted(self))
         self._stop_checks()
         log.warning(
             "backend %s is up%s%s",
@@ -307,8 +313,9 @@ class Backend:
 
     @property
     def checking(self) -> bool:
-        """Whether a check of it runs now: no client is let in to it meanwhile."""
-        return self._check is not None
+        """Whether a check of it runs now, or (a backend tcplock does not run) its first is
+        still due: no client is let in to it meanwhile."""
+        return self._check is not None or self._first_check_due
 
     def _check_now(self) -> None:
         # A check and a client never have the backend at once: no check starts while a client
@@ -352,7 +359,7 @@ class Backend:
 
     def _check_done(self) -> None:
         # The check is over, its connection closed: clients may reach the backend again.
-        self.first_check_due = False
+        self._first_check_due = False
         self.lock._sync_gate()
 
     def close_check(self, sock) -> None:
@@ -559,8 +566,10 @@ class Backend:
         self.restart_reason = None
         self.restart_step = None
         if ok:
-            self.standby = self.lock._standby_wanted(self)
-            self.note("started" if reason == "start" else "restarted")
+            self.note(
+                "started" if reason == "start" else "restarted",
+                standby=self.lock._standby_wanted(self),
+            )
             if self.standby:
                 log.info("backend %s is ready as a standby", self.label)
         else:

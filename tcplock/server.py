@@ -353,16 +353,14 @@ class TCPLock(StreamServer):
             if serving >= room:
                 return
             if b.standby and b.ready and not b.draining:
-                b.standby = False
-                b.note("replaces one out of service")
+                b.note("replaces one out of service", standby=False)
                 log.warning("backend %s (standby) takes clients now", b.label)
                 serving += 1
         for b in reversed(pool):  # more in service than that (spares raised): the last stand by
             if serving <= room:
                 return
             if b.ready and not b.standby and not b.draining:
-                b.standby = True
-                b.note("spares raised")
+                b.note("spares raised", standby=True)
                 log.warning("backend %s finishes its clients and stands by", b.label)
                 serving -= 1
 
@@ -380,7 +378,6 @@ class TCPLock(StreamServer):
                 and not b.leaving
                 and not b.standby
                 and b.restart_reason is None
-                and not b.first_check_due
                 and not b.checking
                 and (b.up or not any_up)
             )
@@ -494,8 +491,7 @@ class TCPLock(StreamServer):
         b = self.backend_named(address)
         if b.draining:
             b.draining = False
-            b.standby = self._standby_wanted(b)
-            b.note("enable request")
+            b.note("enable request", standby=self._standby_wanted(b))
             log.warning("backend %s enabled", b.label)
             self._sync_gate()
         return b
