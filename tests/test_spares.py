@@ -68,12 +68,16 @@ def test_without_a_standby_a_client_waits_on_the_restart(farm, conn_log):
     assert waits[2] >= START * 0.9, waits  # the third waited for the restart
 
 
-def test_with_several_slots_no_client_waits_on_a_restart_while_a_standby_is_ready(farm):
-    # Every client calls for a restart of its backend. Let in together, the first two are
-    # granted slots of the same backend (the standby put in service for the first one's
-    # restart); the second's grant makes that backend's restart due as the third is granted
-    # its other slot. A standby is ready: the third goes to it, and waits on no restart.
-    lock = farm(3, spares=2, slots=2, restart_every=1)
+@pytest.mark.parametrize("own", [False, True], ids=["slots", "own-slots"])
+def test_with_several_slots_no_client_waits_on_a_restart_while_a_standby_is_ready(farm, own):
+    # Every client calls for a restart of its backend. Let in together, the second and third
+    # are granted the two slots of the same backend (the standby put in service for the first
+    # one's restart); the second's grant makes that backend's restart due as the third is
+    # granted its other slot. A standby is ready: the third goes to it, and waits on no
+    # restart. The slots are the lock's, or each backend's own.
+    lock = farm(3, spares=2, restart_every=1, **({} if own else {"slots": 2}))
+    if own:
+        lock.set_backends([(LOOPBACK, b.address[1], {"slots": 2}) for b in lock.backends])
     wait_until(
         lambda: sorted(states(lock)) == ["standby", "standby", "up"], timeout=20, what="standbys"
     )
