@@ -400,9 +400,11 @@ class TCPLock(StreamServer):
             backend.activations -= 1
             backend.since_restart -= 1
         self.activations -= 1
-        self._requeued[conn] = activation
+        requeued = self._requeued
+        requeued[conn] = activation
         self._active.pop(conn, None)
-        self.gate.requeue(conn.ticket)
+        # Behind those sent back before it that were let in before it (in queue order).
+        self.gate.requeue(conn.ticket, lambda t: requeued.get(t, activation) < activation)
         self.gate.release(backend)
         backend.reconcile()
         if backend.leaving:

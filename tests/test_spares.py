@@ -107,6 +107,33 @@ def test_with_several_slots_no_client_waits_on_a_restart_while_a_standby_is_read
     assert sorted(index for index, _ in served) == [1, 2, 3], served
 
 
+def test_clients_sent_back_as_their_backend_restarts_keep_their_order(farm):
+    # Four clients, let in together, each calling for a restart: the first takes the backend
+    # in service, the standby put in its place is granted the next three at once, and the
+    # second's grant makes its restart due. No standby is left: the third and fourth go back
+    # to the head of the queue, and are let in again in their order.
+    lock = farm(2, spares=1, slots=3, restart_every=1)
+    one_up_one_standby(lock)
+    let_in = {}  # client number -> when it was let in (for good)
+    lock.end_observers.append(
+        lambda c: let_in.__setitem__(c.id, time.monotonic() - c.active_seconds)
+    )
+    lock.pause()
+    clients = []
+    for i in range(4):
+        c = connect(lock.server_port, timeout=20)
+        c.sendall(b"?")
+        clients.append(c)
+        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
+    lock.resume()
+    for c in clients:
+        c.settimeout(20)
+        assert c.recv(100)
+        c.close()
+    wait_until(lambda: len(let_in) == 4, timeout=20, what="four ends")
+    assert let_in[3] < let_in[4], let_in
+
+
 def test_a_standby_that_crashes_is_started_again_and_gets_no_client_before_ready(
     farm, pidfile, tmp_path
 ):
