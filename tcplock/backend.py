@@ -8,8 +8,11 @@ that tcplock runs
 itself (``backend_cmd``), when its process is started, restarted and checked (the process
 group itself is :class:`~tcplock.supervise.BackendProcess`'s). The rule it keeps: once a
 restart is due, no new client reaches the backend; the restart runs while the last connection
-using it still holds its slot, and nobody is let in until the backend is ready again. The first
-start of a supervised backend, and its start after a crash, take the same path.
+using it still holds its slot (or with none held), and nobody is let in until the backend is
+ready again. A restart is a :class:`Restart` moved on, one short step at a time, by
+:meth:`Backend.reconcile`, which compares what the backend is with what it should be; the
+first start of a supervised backend, and its start after a crash, take the same path. A check
+of a backend and a client never have it at once.
 
 A single backend is a pool of one: the lock asks its backends whether they are open to the
 queue, never a fixed address.
@@ -24,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import gevent
 from gevent import GreenletExit, socket
@@ -137,12 +140,9 @@ class Backend:
         self.leaving = False
         #: Why a restart is due or running (``"count"``, ``"ttl"``), None otherwise.
         self.restart_reason: Optional[str] = None
-        #: The restart under way, as a step, or None (stop() cuts one that no connection holds).
-        self.restart_step: Optional[Step] = None
-        #: Connections granted a slot while a restart was due: they wait for it, in order.
-        self.parked: List = []
-        #: Kept ready out of service (``--spares``): the lock decides, as it becomes ready.
-        self.standby = False
+        #: The restart under way (:class:`Restart`), or None (stop() cuts one no connection
+        #: holds).
+        self.restart_step: Optional[Restart] = None
         #: The operational state (:data:`TRANSITIONS`) and the admin state, and what made the
         #: last change of either (``restart-every``, ``crashed``, ``drain request``, ...).
         self.operational = UP
@@ -165,10 +165,10 @@ class Backend:
         )
         #: The pause before a supervised backend whose command ended is started again.
         self.crash_delay = lock.restart_retry_delay
-        #: A backend tcplock does not run takes no client until its first check has answered
-        #: (up or down), so that it never sees the check's connection and a client's at once.
-        self.first_check_due = self.process is None
-        self.open = not self.first_check_due
+        # A backend tcplock does not run takes no client until its first check has answered
+        # (up or down), so that it never sees the check's connection and a client's at once.
+        self._first_check_due = self.process is None
+        self.open = not self._first_check_due
 
     def apply_settings(self) -> None:
         """Take each per-backend setting from its own settings, or else from the lock's."""
@@ -194,7 +194,12 @@ class Backend:
         operational state (``starting``, ``restarting``, ``down``, ``standby``, ``up``)."""
         return self.operational if self.admin is ENABLED else self.admin
 
-    def _operational_now(self) -> str:
+    @property
+    def standby(self) -> bool:
+        """Whether it is a ready standby, kept out of service (``--spares``)."""
+        return self.operational is STANDBY
+
+    def _operational_now(self, standby: bool) -> str:
         reason = self.restart_reason
         if reason == "start":
             return STARTING
@@ -202,12 +207,16 @@ class Backend:
             return RESTARTING
         if not self.up:
             return DOWN
-        return STANDBY if self.standby else UP
+        return STANDBY if standby else UP
 
-    def note(self, cause: str) -> None:
-        """Record a change of its flags as a change of state, made by ``cause``: the one place
-        its operational and admin states are set."""
-        new = self._operational_now()
+    def note(self, cause: str, standby: Optional[bool] = None) -> None:
+        """Record a change of its facts (``up``, ``restart_reason``, ``draining``,
+        ``leaving``) as a change of state, made by ``cause``: the one place its operational and
+        admin states are set. ``standby``: whether, ready, it is to stand by (the lock decides,
+        :meth:`TCPLock._standby_wanted`); by default a standby stays one."""
+        if standby is None:
+            standby = self.operational is STANDBY
+        new = self._operational_now(standby)
         admin = LEAVING if self.leaving else DRAINING if self.draining else ENABLED
         if new != self.operational:
             if (self.operational, new) not in TRANSITIONS:
@@ -280,14 +289,13 @@ class Backend:
     def mark_up(self) -> None:
         was_ready, self.been_ready = self.been_ready, True
         # Known to answer: a first check still due has nothing left to wait for.
-        first, self.first_check_due = self.first_check_due, False
+        first, self._first_check_due = self._first_check_due, False
         if self.up:
             if first:
                 self.lock._sync_gate()
             return
         self.up = True
-        self.standby = self.lock._standby_wanted(self)
-        self.note("answers again")
+        self.note("answers again", standby=self.lock._standby_wanted(self))
         self._stop_checks()
         log.warning(
             "backend %s is up%s%s",
@@ -304,20 +312,32 @@ class Backend:
         if self.process is None and not self.been_ready and self._check is None:
             self._check_now()
 
+    @property
+    def checking(self) -> bool:
+        """Whether a check of it runs now, or (a backend tcplock does not run) its first is
+        still due: no client is let in to it meanwhile."""
+        return self._check is not None or self._first_check_due
+
     def _check_now(self) -> None:
-        if self._check is not None:
-            return  # the last one has yet to answer
+        # A check and a client never have the backend at once: no check starts while a client
+        # holds it (that client's own connection tells: one that connects marks it up), and
+        # none is let in while a check runs (TCPLock._update_open).
+        if self._check is not None or self.held:
+            return
         lock = self.lock
         if lock.ready_cmd is not None:
             limit = lock.ready_timeout or lock.check_interval
             args = (lock.ready_cmd, self._command_env(), limit)
-            self._check = Step(probe, args, self._probed).start()
-            return
-        # One round of its addresses: a backend that refuses is down at once (a first check
-        # holds clients back until it answers), and is tried again at the next interval.
-        limit = min(lock.check_interval, lock.connect_timeout)
-        self._check = Connect(self, time.monotonic() + limit, self._checked, _one_round)
-        self._check.start()
+            check = self._check = Step(probe, args, self._probed)
+        else:
+            # One round of its addresses: a backend that refuses is down at once (a first
+            # check holds clients back until it answers), and is tried again at the next
+            # interval.
+            limit = min(lock.check_interval, lock.connect_timeout)
+            check = self._check = Connect(self, time.monotonic() + limit, self._checked, _one_round)
+        check.start()
+        if self._check is not None:  # (a refusal on loopback has answered already)
+            lock._sync_gate()
 
     def _checked(self, sock, error) -> None:
         self._check = None
@@ -326,21 +346,22 @@ class Backend:
             self.mark_up()
         else:
             self.mark_down(error)  # nothing more if it is down already
-        self._first_check_done()
+        self._check_done()
 
     def _probed(self, result, error) -> None:
+        if isinstance(error, GreenletExit):
+            return  # cut by _stop_checks: it has nothing to tell
         self._check = None
         if result is not None and result[0]:
             self.mark_up()
         else:
             self.mark_down(f"not ready: {result[1]}" if result is not None else error)
-        self._first_check_done()
+        self._check_done()
 
-    def _first_check_done(self) -> None:
-        # The check's connection is closed: clients may reach the backend now.
-        if self.first_check_due:
-            self.first_check_due = False
-            self.lock._sync_gate()
+    def _check_done(self) -> None:
+        # The check is over, its connection closed: clients may reach the backend again.
+        self._first_check_due = False
+        self.lock._sync_gate()
 
     def close_check(self, sock) -> None:
         """Close a check's connection. A backend sent PROXY headers is sent one first,
@@ -387,6 +408,7 @@ class Backend:
         self.restart_reason = reason
         self.note(_RESTART_CAUSE.get(reason, reason))
         self.lock._sync_gate()
+        self.reconcile()  # with no slot held, it starts now
 
     def after_use(self) -> None:
         """A connection that held this backend ends: a supervised backend whose command has
@@ -428,7 +450,6 @@ class Backend:
         ):
             return
         self._lost_a_process()
-        self.restart_if_orphaned()
 
     def _lost_a_process(self) -> None:
         log.warning(
@@ -453,7 +474,7 @@ class Backend:
         self.restart_reason = "start"
         self.note("start")
         self.lock._sync_gate()
-        self.restart_now(None, lambda: None).start()
+        self.reconcile()
 
     def _process_exited(self, status: int) -> None:
         """The command ended by itself (tcplock did not stop it): the backend is down, and is
@@ -470,155 +491,100 @@ class Backend:
         self.note("crashed")
         self._stop_checks()
         if self.restart_step is not None:
-            return  # a start under way: it sees the end itself, and tries again
+            return  # a start under way: its wait for ready sees the end, and it tries again
         if self.leaving:  # leaving the pool: not started again; it goes once its clients end
             lock._sync_gate()
             return
         self.request_restart("crash")
-        self.lock._sync_gate()
         # A client given this backend as it died waits again, at the head of the queue,
         # rather than for connect_timeout; the restart runs once no client holds it.
         for conn in lock.active:
             if conn.backend is self:
                 conn.back_to_queue()
-        self.restart_if_orphaned()
+
+    # -- restarts: one reconcile step drives them ----------------------------------------------
 
     def last_holder(self) -> bool:
-        """Whether every other slot of this backend is free or parked behind the restart, and
-        no restart runs yet: then the caller, holding the last slot, is to run it."""
-        return self.held - len(self.parked) == 1 and self.restart_step is None
+        """Whether every other slot of this backend is free, and no restart runs yet: then the
+        caller, holding the last slot, is to run it."""
+        return self.held == 1 and self.restart_step is None
 
-    def restart_now(self, conn, then: Callable[[], object]) -> Step:
-        """The due restart, as a step to start while ``conn`` holds the last slot in use; it
-        retries until it succeeds or tcplock stops. Then the parked connections go on, in
-        order, and ``then()`` (the holder's own next step), and the queue moves again."""
+    def restart_now(self, conn, then: Callable[[], object]) -> Restart:
+        """The due restart, to :meth:`~Restart.start` while ``conn`` holds the last slot in
+        use; it retries until it succeeds or tcplock stops. Then ``then()`` (the holder's own
+        next step), and the queue moves again."""
+        restart = self.restart_step = Restart(self, conn, then)
+        return restart
 
-        def restarted(result, error) -> None:
-            if error is not None and not isinstance(error, GreenletExit):
-                log.error("restart of %s ended by an error", self.label, exc_info=error)
-            if result and self.process is not None:
+    def reconcile(self) -> None:
+        """Compare what this backend is with what it should be, and take the next step: the
+        one place a restart (or a supervised backend's start) moves on, run again whenever a
+        step of it ends or something about the backend changes.
+
+        A backend whose restart is due (``restart_reason``) should be running and ready. Its
+        last holder starts the restart as it ends (:meth:`restart_now`, its slot held
+        meanwhile); with no slot held (its clients went to another backend, or it is idle) it
+        starts here. A restart under way takes its steps in order, each a short
+        :class:`~tcplock.steps.Step`: a pause (before a crashed backend is started again,
+        and before each new attempt), the stop of what runs (the process group, or the restart
+        hook), the start of the command, the wait until it is ready. Before each step it is
+        abandoned if tcplock stops, or, after a failed attempt, if the backend is leaving the
+        pool (it may be gone for good)."""
+        restart = self.restart_step
+        if restart is None:
+            if self.restart_reason is None or self.held or self.lock._stopping:
+                return
+            restart = self.restart_step = Restart(self, None, None)
+        if restart.step is not None or restart.over:
+            return  # the step under way reconciles again as it ends
+        why = self._not_to_go_on(restart)
+        if why is not None:
+            log.warning("%s abandoned (backend %s): %s", restart.what, self.label, why)
+            return self._restart_over(restart, False)
+        restart.take_next_step()
+
+    def _not_to_go_on(self, restart: Restart) -> Optional[str]:
+        """Why ``restart`` is to be abandoned rather than take its next step, or None: the
+        one rule, asked before each step and after a failed attempt."""
+        if self.lock.draining:
+            return "tcplock is stopping"
+        if restart.failed and self.leaving:  # no client is coming for it: let it leave
+            return "it is leaving the pool"
+        return None
+
+    def _restart_over(self, restart: Restart, ok: bool) -> None:
+        """The restart is over: done (``ok``) or abandoned. The backend opens again (or stands
+        by), ``then()`` runs, and the queue moves."""
+        restart.over = True
+        if ok:
+            self.since_restart = 0
+            if self.process is not None:
                 self.process.found_ready()
                 self._stop_checks()
                 self.up = True
                 self.been_ready = True
-            reason = self.restart_reason
-            self.restart_reason = None
-            self.restart_step = None
-            if result:
-                self.standby = self.lock._standby_wanted(self)
-                self.note("started" if reason == "start" else "restarted")
-                if self.standby:
-                    log.info("backend %s is ready as a standby", self.label)
-            else:
-                self.note("abandoned")
-            parked, self.parked = self.parked, []
-            for waiting in parked:
-                waiting.unpark()
-            then()
-            self.lock._sync_gate()
-
-        step = self.restart_step = Step(self._restart, (conn,), restarted)
-        return step
-
-    def restart_if_orphaned(self) -> None:
-        """A restart is due but its last holder left without running it (a client sent to
-        another backend): a parked connection runs it, or, with none, it runs unheld (no
-        client can be let in to this backend meanwhile)."""
-        if (
-            self.restart_reason is None
-            or self.restart_step is not None
-            or self.held != len(self.parked)
-            or self.lock._stopping
-        ):
-            return
-        if self.parked:
-            self.parked.pop(0).run_restart()
+        reason = self.restart_reason
+        self.restart_reason = None
+        self.restart_step = None
+        if ok:
+            self.note(
+                "started" if reason == "start" else "restarted",
+                standby=self.lock._standby_wanted(self),
+            )
+            if self.standby:
+                log.info("backend %s is ready as a standby", self.label)
         else:
-            self.restart_now(None, lambda: None).start()
+            self.note("abandoned")
+        if restart.then is not None:
+            restart.then()
+        self.lock._sync_gate()
 
-    def _restart(self, conn) -> bool:
-        """The restart: True once it succeeded, False if abandoned because tcplock stops or
-        the backend leaves the pool."""
-        lock = self.lock
-        delay = lock.restart_retry_delay
-        attempt = 0
-        try:
-            if self.restart_reason == "crash":
-                ready_at = self.process.ready_at
-                if ready_at is not None and time.monotonic() - ready_at >= STABLE_AFTER:
-                    self.crash_delay = lock.restart_retry_delay
-                pause = self.crash_delay
-                self.crash_delay = min(pause * 2, 30.0)
-                log.warning("backend %s: starting it again in %gs", self.label, pause)
-                gevent.sleep(pause)
-                if lock.draining:
-                    log.warning("restart abandoned: tcplock is stopping")
-                    return False
-            while True:
-                attempt += 1
-                reason = self.restart_reason
-                if reason == "start":
-                    log.info(
-                        "starting backend %s%s",
-                        self.label,
-                        f", attempt {attempt}" if attempt > 1 else "",
-                    )
-                else:
-                    log.warning(
-                        "restarting backend%s (%s)%s",
-                        " " + self.label if len(lock.backends) > 1 or self.process else "",
-                        _RESTART_WHY.get(reason, reason),
-                        f", attempt {attempt}" if attempt > 1 else "",
-                    )
-                started = time.monotonic()
-                try:
-                    self._run_restart_hook(conn, reason)
-                    self.wait_ready(lock.ready_timeout)
-                except HookFailed as e:
-                    what = "start" if reason == "start" else "restart"
-                    self.restart_failures += 1
-                    if lock.draining:
-                        log.error("%s failed: %s; not retried: tcplock is stopping", what, e)
-                        return False
-                    if self.leaving:  # no client is coming for it: let it leave
-                        log.error(
-                            "%s of %s failed: %s; not retried: it is leaving the pool",
-                            what,
-                            self.label,
-                            e,
-                        )
-                        return False
-                    log.error("%s failed: %s; retrying in %gs", what, e, delay)
-                    gevent.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                    if lock.draining:
-                        log.warning("%s abandoned: tcplock is stopping", what)
-                        return False
-                    if self.leaving:
-                        log.warning("%s of %s abandoned: it is leaving the pool", what, self.label)
-                        return False
-                    continue
-                self.since_restart = 0
-                if reason == "start":
-                    log.info("backend %s ready in %.2fs", self.label, time.monotonic() - started)
-                    return True
-                self.restarts += 1
-                log.warning(
-                    "backend%s restarted in %.2fs (restart #%d)",
-                    " " + self.label if self.process is not None else "",
-                    time.monotonic() - started,
-                    self.restarts,
-                )
-                return True
-        except GreenletExit:
-            log.warning("restart abandoned: tcplock is stopping")
-            raise
-
-    def _run_restart_hook(self, conn, reason: str) -> None:
+    def _stop_for_restart(self, conn, reason: str) -> None:
+        """A restart's first step: stop the supervised process group, or run the restart hook
+        (which restarts the service its own way)."""
         process = self.process
-        if process is not None:  # tcplock runs it: stop the group, start the command again
+        if process is not None:
             process.stop(self.lock.stop_timeout)
-            process.start()
             return
         hook = self.lock.restart
         timeout = self.lock.hook_timeout
@@ -774,6 +740,144 @@ class Backend:
             raise
         s.close()
         return None
+
+
+#: The steps of a restart, in order (see :meth:`Backend.reconcile`).
+PAUSE = "pause"  # before a crashed backend is started again, and before each new attempt
+STOP = "stop"  # stop the process group, or run the restart hook
+START = "start"  # start the command again
+READY = "ready"  # wait until it is ready
+DONE = "done"
+
+
+class Restart:
+    """A restart (or a supervised backend's start) under way, moved on one step at a time by
+    :meth:`Backend.reconcile`. ``holder`` is the connection that holds the backend's last slot
+    for it (None: none does), ``then`` what to call once it is over. :meth:`kill` (``cancel``)
+    cuts it: the step under way is killed, and the restart is abandoned."""
+
+    __slots__ = (
+        "backend", "holder", "then", "step", "next", "attempt", "pause", "delay", "started",
+        "failed", "over",
+    )  # fmt: skip
+
+    def __init__(self, backend: Backend, holder, then: Optional[Callable[[], object]]) -> None:
+        self.backend = backend
+        self.holder = holder
+        self.then = then
+        #: The step running now, and the one to take when it has ended.
+        self.step: Optional[Step] = None
+        self.next = PAUSE if backend.restart_reason == "crash" else STOP
+        self.attempt = 0
+        #: The pause to take (PAUSE), and the one before the attempt after a failed one.
+        self.pause = 0.0
+        self.delay = backend.lock.restart_retry_delay
+        self.started = 0.0
+        #: Whether an attempt has failed, and whether it is over (done or abandoned).
+        self.failed = False
+        self.over = False
+
+    def start(self) -> Restart:
+        self.backend.reconcile()
+        return self
+
+    def kill(self) -> None:
+        if self.over:
+            return
+        if self.step is not None:
+            self.step.kill()  # its end abandons the restart
+        else:
+            log.warning(
+                "%s abandoned (backend %s): tcplock is stopping", self.what, self.backend.label
+            )
+            self.backend._restart_over(self, False)
+
+    cancel = kill
+
+    def take_next_step(self) -> None:
+        """Start the step that comes next (called by :meth:`Backend.reconcile` only)."""
+        backend = self.backend
+        lock = backend.lock
+        process = backend.process
+        reason = backend.restart_reason
+        step = self.next
+        if step == PAUSE:
+            if not self.failed:  # a crashed backend, before its first attempt
+                ready_at = process.ready_at
+                if ready_at is not None and time.monotonic() - ready_at >= STABLE_AFTER:
+                    backend.crash_delay = lock.restart_retry_delay
+                self.pause = backend.crash_delay
+                backend.crash_delay = min(self.pause * 2, 30.0)
+                log.warning("backend %s: starting it again in %gs", backend.label, self.pause)
+            self.next = STOP
+            fn, args = gevent.sleep, (self.pause,)
+        elif step == STOP:
+            self.attempt += 1
+            again = f", attempt {self.attempt}" if self.attempt > 1 else ""
+            if reason == "start":
+                log.info("starting backend %s%s", backend.label, again)
+            else:
+                log.warning(
+                    "restarting backend%s (%s)%s",
+                    " " + backend.label if len(lock.backends) > 1 or process else "",
+                    _RESTART_WHY.get(reason, reason),
+                    again,
+                )
+            self.started = time.monotonic()
+            self.next = START if process is not None else READY
+            fn, args = backend._stop_for_restart, (self.holder, reason)
+        elif step == START:
+            self.next = READY
+            fn, args = process.start, ()
+        else:
+            self.next = DONE
+            fn, args = backend.wait_ready, (lock.ready_timeout,)
+        step = self.step = Step(fn, args, self._step_done)
+        step.start()
+
+    def _step_done(self, _result, error) -> None:
+        self.step = None
+        backend = self.backend
+        if self.over:
+            return
+        if error is None:
+            if self.next != DONE:
+                return backend.reconcile()
+            took = time.monotonic() - self.started
+            if backend.restart_reason == "start":
+                log.info("backend %s ready in %.2fs", backend.label, took)
+            else:
+                backend.restarts += 1
+                log.warning(
+                    "backend%s restarted in %.2fs (restart #%d)",
+                    " " + backend.label if backend.process is not None else "",
+                    took,
+                    backend.restarts,
+                )
+            return backend._restart_over(self, True)
+        if isinstance(error, GreenletExit):
+            log.warning("%s abandoned (backend %s): tcplock is stopping", self.what, backend.label)
+            return backend._restart_over(self, False)
+        if not isinstance(error, HookFailed):
+            log.error("restart of %s ended by an error", backend.label, exc_info=error)
+            return backend._restart_over(self, False)
+        backend.restart_failures += 1
+        self.failed = True
+        why = backend._not_to_go_on(self)
+        if why is not None:
+            log.error(
+                "%s failed (backend %s): %s; not retried: %s", self.what, backend.label, error, why
+            )
+            return backend._restart_over(self, False)
+        log.error("%s failed: %s; retrying in %gs", self.what, error, self.delay)
+        self.pause, self.delay = self.delay, min(self.delay * 2, 30.0)
+        self.next = PAUSE
+        backend.reconcile()
+
+    @property
+    def what(self) -> str:
+        """``start`` (a supervised backend's first) or ``restart``, as the log names it."""
+        return "start" if self.backend.restart_reason == "start" else "restart"
 
 
 class Connect:

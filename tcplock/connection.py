@@ -2,7 +2,7 @@
 
 What it owns: the life of one connection as a state machine driven by the event loop::
 
-    [header] -> queued -> granted -> [parked] -> [hook] -> connecting -> relaying -> ending -> ended
+    [header] -> queued -> granted -> [hook] -> connecting -> relaying -> ending -> ended
 
 Each state has at most one timer and one watcher (or one step: a blocking call in a greenlet of
 its own, see :mod:`tcplock.steps`), and leaving a state stops them; ``relaying`` has a watcher
@@ -56,22 +56,20 @@ log = logging.getLogger("tcplock.server")
 HEADER = "header"  # accept_proxy: reading the PROXY header, before admission to the queue
 QUEUED = "queued"
 GRANTED = "granted"
-PARKED = "parked"  # granted, waiting for a restart of its backend to finish
 HOOK = "hook"
 CONNECTING = "connecting"
 RELAYING = "relaying"
 HOLDING = "holding"  # an in-process holder (TCPLock.slot) using its slot
 ENDING = "ending"  # ended; the TTL hook or a restart may still run with the slot held
 ENDED = "ended"
-STATES = (HEADER, QUEUED, GRANTED, PARKED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
+STATES = (HEADER, QUEUED, GRANTED, HOOK, CONNECTING, RELAYING, HOLDING, ENDING, ENDED)
 
 #: state -> {event: next state}. Every state but ``ended`` may ``end``.
 TRANSITIONS: Dict[str, Dict[str, str]] = {
     HEADER: {"header-read": QUEUED, "end": ENDING},
     QUEUED: {"grant": GRANTED, "end": ENDING},
-    GRANTED: {"park": PARKED, "hold": HOLDING, "hook": HOOK, "connect": CONNECTING,
+    GRANTED: {"requeue": QUEUED, "hold": HOLDING, "hook": HOOK, "connect": CONNECTING,
               "end": ENDING},
-    PARKED: {"unpark": GRANTED, "end": ENDING},
     HOOK: {"connect": CONNECTING, "end": ENDING},
     CONNECTING: {"relay": RELAYING, "requeue": QUEUED, "end": ENDING},
     RELAYING: {"end": ENDING},
@@ -440,14 +438,9 @@ class Connection(Ticket):
             return self.finish("shutdown")
         backend = self.backend
         if backend.restart_reason is not None:
-            # Granted just before a restart was called for: the restart comes first. The last
-            # holder runs it; the others wait for it, slot in hand.
-            self._to("park")
-            if backend.last_holder():
-                self.run_restart()
-            else:
-                backend.parked.append(self)
-            return None
+            # Granted a slot of its backend as a restart of it was called for: back to the head
+            # of the queue, for another backend (a standby) or for the end of the restart.
+            return self._requeue(counted=False)
         if self.sock is None:
             self._to("hold")
             return lock._holding(self)
@@ -460,21 +453,6 @@ class Connection(Ticket):
             step.start()
             return None
         return self._connect()
-
-    def run_restart(self) -> None:
-        """Run its backend's due restart, holding its slot while it runs; then go on."""
-        step = self.pending = self.backend.restart_now(self, self._unparked)
-        step.start()
-
-    def unpark(self) -> None:
-        """The restart it waited for is over (or abandoned at shutdown)."""
-        if self.state is PARKED:
-            self._to("unpark")
-            self._guarded(self._proceed)
-
-    def _unparked(self) -> None:
-        self.pending = None
-        self.unpark()
 
     def _guarded(self, step: Callable[[], object]) -> None:
         # What a callback arms next must not strand the slot if it fails: a bug ends only
@@ -529,8 +507,9 @@ class Connection(Ticket):
         self._requeue()
         return True
 
-    def _requeue(self) -> None:
-        """Its backend turned out to be down: back to the head of the queue, keeping its
+    def _requeue(self, counted: bool = True) -> None:
+        """Its backend turned out to be down, or to be restarting (``counted``: whether it
+        was counted as a use of the backend yet): back to the head of the queue, keeping its
         place, its slot of that backend given back (the lock's part: :meth:`TCPLock._requeue`)
         and its activation undone. One that waits again is watched again, within what is left
         of its ``queue_timeout``; while tcplock stops there is no queue to go back to."""
@@ -541,7 +520,7 @@ class Connection(Ticket):
         self._to("requeue")
         self.backend = None
         self.activation = self.activated_at = None
-        lock._requeue(self, backend, activation)
+        lock._requeue(self, backend, activation, counted)
         if not self.ticket.granted:
             left = lock.queue_timeout
             if left is not None:
@@ -787,8 +766,6 @@ class Connection(Ticket):
             outcome.stop()  # cut short: nothing of it is wanted
             outcome = self.relay = None
         self.stop_watching()
-        if state is PARKED and self in self.backend.parked:
-            self.backend.parked.remove(self)
         pending = self.pending
         if pending is not None:
             # A hook's step or a connect under way: its callback sees ENDING and does nothing.
@@ -904,7 +881,7 @@ class Connection(Ticket):
         """Cut it now (the drain time is over): a step it waits for is killed, and what
         follows the step sees that tcplock is stopping."""
         state = self.state
-        if self.pending is not None and (state is ENDING or state is PARKED):
+        if self.pending is not None and state is ENDING:
             self.pending.cancel()
         elif state is QUEUED and self.ticket is not None:
             self.ticket.cancel("shutdown")  # out of the gate's queue, then ended

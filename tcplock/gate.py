@@ -187,12 +187,23 @@ class Gate:
         self._waiting += 1
         return False
 
-    def requeue(self, ticket: Ticket) -> None:
+    def requeue(self, ticket: Ticket, ahead: Optional[Callable[[Ticket], bool]] = None) -> None:
         """Put a granted ticket back at the head of the queue, its slot still held: the caller
-        then releases that slot (to whoever is at the head: this ticket, if a unit is open)."""
+        then releases that slot (to whoever is at the head: this ticket, if a unit is open).
+        ``ahead(t)`` says whether a ticket at the head (one sent back before) came before this
+        one: those stay ahead of it, so that tickets sent back one after another keep their
+        order."""
         ticket.unit = None
         ticket.dead = False
-        self._queue.appendleft(ticket)
+        q = self._queue
+        place = 0
+        if ahead is not None:
+            while place < len(q) and (q[place].dead or ahead(q[place])):
+                place += 1
+        if place:
+            q.insert(place, ticket)
+        else:
+            q.appendleft(ticket)
         self._waiting += 1
 
     def discard(self, ticket: Ticket) -> None:

@@ -353,23 +353,21 @@ class TCPLock(StreamServer):
             if serving >= room:
                 return
             if b.standby and b.ready and not b.draining:
-                b.standby = False
-                b.note("replaces one out of service")
+                b.note("replaces one out of service", standby=False)
                 log.warning("backend %s (standby) takes clients now", b.label)
                 serving += 1
         for b in reversed(pool):  # more in service than that (spares raised): the last stand by
             if serving <= room:
                 return
             if b.ready and not b.standby and not b.draining:
-                b.standby = True
-                b.note("spares raised")
+                b.note("spares raised", standby=True)
                 log.warning("backend %s finishes its clients and stands by", b.label)
                 serving -= 1
 
     def _update_open(self) -> None:
         # A backend takes new clients unless it drains, restarts or stands by, or awaits its
-        # first check, or it is down while another is up (with none up, every backend is
-        # tried, so that a client fails as it would with one).
+        # first check or a check of it runs, or it is down while another is up (with none up,
+        # every backend is tried, so that a client fails as it would with one).
         if self.spares:
             self._replace_with_standbys()
         backends = self.backends
@@ -380,7 +378,7 @@ class TCPLock(StreamServer):
                 and not b.leaving
                 and not b.standby
                 and b.restart_reason is None
-                and not b.first_check_due
+                and not b.checking
                 and (b.up or not any_up)
             )
 
@@ -391,18 +389,24 @@ class TCPLock(StreamServer):
         self._update_open()
         return any(b.open and b.up for b in self.backends if b is not backend)
 
-    def _requeue(self, conn: Connection, backend: Backend, activation: int) -> None:
+    def _requeue(
+        self, conn: Connection, backend: Backend, activation: int, counted: bool = True
+    ) -> None:
         """The lock's part of sending a granted client back to the head of the queue (see
-        :meth:`Connection.back_to_queue`): its slot of ``backend`` given back, keeping its
-        place, and its grant not counted (it keeps its ``activation`` number for the next)."""
-        backend.activations -= 1
-        backend.since_restart -= 1
+        :meth:`Connection._requeue`): its slot of ``backend`` given back, keeping its place,
+        and its grant not counted (it keeps its ``activation`` number for the next), nor its
+        use of ``backend`` if it was ``counted``."""
+        if counted:
+            backend.activations -= 1
+            backend.since_restart -= 1
         self.activations -= 1
-        self._requeued[conn] = activation
+        requeued = self._requeued
+        requeued[conn] = activation
         self._active.pop(conn, None)
-        self.gate.requeue(conn.ticket)
+        # Behind those sent back before it that were let in before it (in queue order).
+        self.gate.requeue(conn.ticket, lambda t: requeued.get(t, activation) < activation)
         self.gate.release(backend)
-        backend.restart_if_orphaned()
+        backend.reconcile()
         if backend.leaving:
             self._retire()
 
@@ -489,8 +493,7 @@ class TCPLock(StreamServer):
         b = self.backend_named(address)
         if b.draining:
             b.draining = False
-            b.standby = self._standby_wanted(b)
-            b.note("enable request")
+            b.note("enable request", standby=self._standby_wanted(b))
             log.warning("backend %s enabled", b.label)
             self._sync_gate()
         return b
@@ -820,8 +823,6 @@ class TCPLock(StreamServer):
         for backend in self.backends:
             if backend.process is not None and backend.restart_step is not None:
                 backend.restart_step.kill()  # a backend tcplock runs is stopped, not restarted
-            for conn in list(backend.parked):  # no restart is coming for them now
-                conn.unpark()
         deadline = time.monotonic() + timeout
         if not self._idle.wait(timeout):
             remaining = list(self._connections)

@@ -664,3 +664,42 @@ def test_a_requeued_client_that_leaves_the_queue_is_not_counted_as_let_through(
         live.release_all()
         a.close()
         status.stop(timeout=0)
+
+
+def test_no_check_of_a_down_backend_runs_while_a_client_holds_it(make_pool, conn_log, tmp_path):
+    # A backend that is down is checked (here by a ready command that takes a while) until it
+    # answers; being the only one, it still takes clients, each tried on it for connect_timeout.
+    # A check and a client never have it at once: no check starts while a client holds it, and
+    # no client is let in while a check of it runs.
+    runs = tmp_path / "checks"
+    stamp = "$(date +%s.%N)"
+    command = f"echo start {stamp} >> {runs}; sleep 0.3; echo end {stamp} >> {runs}; exit 1"
+    lock = make_pool([free_port()], ready_cmd=command, check_interval=0.05, connect_timeout=0.5)
+    wait_until(lambda: lock.status()["backends"][0]["state"] == "down", what="down")
+    held = []
+    lock.end_observers.append(lambda c: held.append((time.time() - c.active_seconds, time.time())))
+    for _ in range(3):
+        # Each client comes as a check runs, and the checks go on after it.
+        begun = runs.read_text().count("start")
+        wait_until(lambda n=begun: runs.read_text().count("start") > n, what="a check")
+        c = connect(lock.server_port)
+        assert recv_all(c, timeout=10) == b""
+        c.close()
+        assert conn_log.next_end(timeout=10)["end"] == "backend-refused"
+    checks, started = [], None
+    for line in runs.read_text().split("\n"):
+        if line.startswith("start "):
+            started = float(line.split()[1])
+        elif line.startswith("end ") and started is not None:
+            checks.append((started, float(line.split()[1])))
+            started = None
+    if started is not None:
+        checks.append((started, float("inf")))  # still running
+    assert len(checks) >= 4
+    overlaps = [
+        (check, client)
+        for check in checks
+        for client in held
+        if check[0] < client[1] - 0.02 and check[1] > client[0] + 0.02
+    ]
+    assert not overlaps, overlaps

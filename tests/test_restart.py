@@ -85,9 +85,10 @@ def test_restart_with_several_slots_is_a_barrier(make_backend, make_lock):
 
 
 @pytest.mark.parametrize("slots", [2, 3])
-def test_connections_parked_for_a_restart_keep_their_turn(make_backend, make_lock, slots):
+def test_connections_granted_as_a_restart_is_due_keep_their_turn(make_backend, make_lock, slots):
     # Every activation calls for a restart; with several slots, connections granted while one
-    # is due park until it is done. Those that come after them must not reach the backend first.
+    # is due go back to the head of the queue until it is done. Those that come after them must
+    # not reach the backend first.
     backend = make_backend("echo")
     during = []
 
@@ -424,12 +425,12 @@ def test_connection_counts_as_active_while_its_on_timeout_hook_runs(make_backend
     c.close()
 
 
-def test_stop_wakes_a_connection_parked_for_a_restart(make_backend, make_lock, conn_log):
+def test_stop_ends_a_connection_waiting_for_a_restart(make_backend, make_lock, conn_log):
     backend = make_backend("echo")
     calls = []
     lock = make_lock(backend, slots=3, restart=calls.append, restart_every=2, drain_timeout=10)
     # Three clients accepted in the same turn of the loop: the second activation calls for a
-    # restart, and the third, already granted, parks until the restart is done.
+    # restart, and the third, granted already, waits again for the restart to be done.
     lock.max_accept = 3
     clients = []
     for _ in range(3):
@@ -447,9 +448,9 @@ def test_stop_wakes_a_connection_parked_for_a_restart(make_backend, make_lock, c
         try:
             s.shutdown(socket.SHUT_WR)  # the two active ones finish
         except OSError:
-            pass  # the parked one may have been cut already
+            pass  # the waiting one may have been cut already
     stopper.join(timeout=3)
-    assert stopper.ready(), "stop() waited out the drain time for a parked connection"
+    assert stopper.ready(), "stop() waited out the drain time for a waiting connection"
     assert calls == [] and lock.gate.held == 0 and not lock.connections
     assert backend.count == 2  # the third never reached the backend: its restart never ran
     for s in clients:

@@ -8,6 +8,7 @@ slow to start (``--start-delay``): a client that waited on a restart waited that
 import json
 import os
 import signal
+import time
 
 import gevent
 import pytest
@@ -65,6 +66,72 @@ def test_without_a_standby_a_client_waits_on_the_restart(farm, conn_log):
     wait_until(lambda: states(lock) == ["up"], timeout=20)
     waits = [served_after_waiting(lock, conn_log)[1] for _ in range(3)]
     assert waits[2] >= START * 0.9, waits  # the third waited for the restart
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["slots", "own-slots"])
+def test_with_several_slots_no_client_waits_on_a_restart_while_a_standby_is_ready(farm, own):
+    # Every client calls for a restart of its backend. Let in together, the second and third
+    # are granted the two slots of the same backend (the standby put in service for the first
+    # one's restart); the second's grant makes that backend's restart due as the third is
+    # granted its other slot. A standby is ready: the third goes to it, and waits on no
+    # restart. The slots are the lock's, or each backend's own.
+    lock = farm(3, spares=2, restart_every=1, **({} if own else {"slots": 2}))
+    if own:
+        lock.set_backends([(LOOPBACK, b.address[1], {"slots": 2}) for b in lock.backends])
+    wait_until(
+        lambda: sorted(states(lock)) == ["standby", "standby", "up"], timeout=20, what="standbys"
+    )
+    lock.pause()
+    clients = []
+    for i in range(3):
+        c = connect(lock.server_port, timeout=20)
+        c.sendall(b"?")
+        clients.append(c)
+        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
+
+    def answer(c):
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = c.recv(100)
+            assert chunk, f"closed without an answer after {line!r}"
+            line += chunk
+        c.close()
+        return int(line.split()[2]), time.monotonic() - resumed
+
+    resumed = time.monotonic()
+    lock.resume()
+    served = [gevent.spawn(answer, c) for c in clients]
+    gevent.joinall(served, timeout=20, raise_error=True)
+    served = [g.value for g in served]
+    assert max(waited for _, waited in served) < START / 2, served
+    assert sorted(index for index, _ in served) == [1, 2, 3], served
+
+
+def test_clients_sent_back_as_their_backend_restarts_keep_their_order(farm):
+    # Four clients, let in together, each calling for a restart: the first takes the backend
+    # in service, the standby put in its place is granted the next three at once, and the
+    # second's grant makes its restart due. No standby is left: the third and fourth go back
+    # to the head of the queue, and are let in again in their order.
+    lock = farm(2, spares=1, slots=3, restart_every=1)
+    one_up_one_standby(lock)
+    let_in = {}  # client number -> when it was let in (for good)
+    lock.end_observers.append(
+        lambda c: let_in.__setitem__(c.id, time.monotonic() - c.active_seconds)
+    )
+    lock.pause()
+    clients = []
+    for i in range(4):
+        c = connect(lock.server_port, timeout=20)
+        c.sendall(b"?")
+        clients.append(c)
+        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
+    lock.resume()
+    for c in clients:
+        c.settimeout(20)
+        assert c.recv(100)
+        c.close()
+    wait_until(lambda: len(let_in) == 4, timeout=20, what="four ends")
+    assert let_in[3] < let_in[4], let_in
 
 
 def test_a_standby_that_crashes_is_started_again_and_gets_no_client_before_ready(
