@@ -134,12 +134,14 @@ def waiting_on_restart(st: dict) -> bool:
 
 class Watch:
     """Reads /status every POLL seconds in a thread, adding up the time clients waited on a
-    restart (see waiting_on_restart), until stopped."""
+    restart (see waiting_on_restart) and the most backends seen restarting (or starting) at
+    once, until stopped."""
 
     def __init__(self, status_port: int):
         self.status_port = status_port
         self.waited = 0.0
         self.readings = 0
+        self.most_restarting = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -160,6 +162,8 @@ class Watch:
                 continue  # no reading: the next one covers the time since the last
             now = time.monotonic()
             self.readings += 1
+            restarting = [b for b in st["backends"] if b["state"] in ("restarting", "starting")]
+            self.most_restarting = max(self.most_restarting, len(restarting))
             if waiting_on_restart(st):
                 self.waited += now - last
             last = now
@@ -267,8 +271,9 @@ def main() -> int:
                 say(
                     f"round {rnd + 1}/{a.rounds} {name:16s} {got['seconds']:7.2f}s for "
                     f"{got['docs']} documents = {rate:6.1f} documents/min; "
-                    f"{restarts[name][-1]} restarts; clients waited on a restart "
-                    f"{watch.waited:.1f}s ({watch.readings} readings of /status)"
+                    f"{restarts[name][-1]} restarts, at most {watch.most_restarting} at once; "
+                    f"clients waited on a restart {watch.waited:.1f}s "
+                    f"({watch.readings} readings of /status)"
                 )
     except KeyboardInterrupt as e:
         say(f"interrupted ({e})")
@@ -288,20 +293,22 @@ def main() -> int:
         f"{time.monotonic() - began:.0f}s in all; load after: "
         f"{os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}"
     )
-    say(
-        f"{'farm':16s} {'median':>7s} {'min':>6s} {'max':>6s}  {'/never':>6s} "
-        f"{'paired (min-max)':>17s}  restarts  waited s  rounds"
-    )
+    say(f"{'farm':16s} {'median':>7s} {'min':>6s} {'max':>6s}  {'/never':>6s}  paired (min-max)")
     ref = statistics.median(results[REF])
     for name in names:
         v = results[name]
         pairs = [x / y for x, y in zip(v, results[REF])]
         say(
             f"{name:16s} {statistics.median(v):7.1f} {min(v):6.1f} {max(v):6.1f}  "
-            f"{statistics.median(v) / ref:5.2f}x {statistics.median(pairs):5.2f}x "
-            f"({min(pairs):.2f}-{max(pairs):.2f})  {' '.join(str(n) for n in restarts[name]):8s}  "
-            f"{' '.join(f'{w:.1f}' for w in waits[name]):8s}  "
-            + " ".join(f"{x:.1f}" for x in v)
+            f"{statistics.median(v) / ref:5.2f}x  {statistics.median(pairs):.2f}x "
+            f"({min(pairs):.2f}-{max(pairs):.2f})"
+        )
+    say("by round: documents/min; restarts; seconds clients waited on a restart")
+    for name in names:
+        say(
+            f"{name:16s} {' '.join(f'{x:.1f}' for x in results[name])}; "
+            f"{' '.join(str(n) for n in restarts[name])}; "
+            f"{' '.join(f'{w:.1f}' for w in waits[name])}"
         )
     ratio = statistics.median(results[STANDBY]) / ref
     pairs = [x / y for x, y in zip(results[STANDBY], results[REF])]
