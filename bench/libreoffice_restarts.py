@@ -15,14 +15,15 @@ sends them: info(), then convert(); every PDF checked), and stopped, its process
 before the next farm starts: at most one farm's LibreOffices run at a time.
 
 The figure is documents converted per minute. Meanwhile /status is read every 0.25 s: a
-reading in which clients were queued while a backend was restarting (or starting) and fewer
-backends took clients than the farm has in service (two), or in which a client was parked
-waiting for its backend's restart, counts as clients waiting on a restart, for the time since
-the reading before. Once the batch is done and every backend ready again, /status gives the
-restarts done since the warm-up. Each line gives the round, the farm, the figure, the restarts
-and that wait; the summary gives per farm the median, min-max, the ratio of its median to that
-of the farm that never restarts, and the median (min-max) of the ratios paired round by round
-(target for the farm with a standby: >= 0.85).
+reading in which a client was parked until its backend's restart was over, or in which clients
+were queued while a backend was out for its restart (restarting or starting, its last client
+done) and fewer backends took clients than the farm has in service (two: no standby stood
+in), counts as clients waiting on a restart, for the time since the reading before. Once the
+batch is done and every backend ready again, /status gives the restarts done since the
+warm-up. Each line gives the round, the farm, the figure, the restarts, the most backends seen
+restarting (or starting) at once, and that wait; the summary gives per farm the median,
+min-max, the ratio of its median to that of the farm that never restarts, and the median
+(min-max) of the ratios paired round by round (target for the farm with a standby: >= 0.85).
 """
 
 from __future__ import annotations
