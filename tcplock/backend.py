@@ -388,11 +388,13 @@ class Backend:
     # -- use and restart policy ------------------------------------------------------------------
 
     def used(self) -> None:
-        """A client is let through: count it, and call for a restart once it is the K-th."""
+        """A client is let through: count it, and call for a restart once it is the K-th (or,
+        with standbys, the first after that when the restart leaves the pool no shorter: see
+        :meth:`TCPLock._standby_coming`)."""
         self.activations += 1
         self.since_restart += 1
         every = self.lock.restart_every
-        if every and self.since_restart >= every:
+        if every and self.since_restart >= every and not self.lock._standby_coming(self):
             self.request_restart("count")
 
     def request_restart(self, reason: str) -> None:

@@ -30,7 +30,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from . import settings as _settings
-from .backend import Backend, format_address
+from .backend import RESTARTING, STARTING, Backend, format_address
 from .connection import END_REASONS, END_RULES, HEADER, HOLDING, QUEUED, Connection
 from .gate import Gate
 from .liveness import Liveness
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Network = ipaddress._BaseNetwork
+
+_ON_ITS_WAY = (STARTING, RESTARTING)  # a backend's states on its way to be ready
 
 #: Whom a PROXY header is taken from when ``trusted_proxy`` is None.
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -342,6 +344,21 @@ class TCPLock(StreamServer):
             b for b in pool if b is not backend and b.ready and not b.standby and not b.draining
         ]
         return len(serving) >= len(pool) - self.spares
+
+    def _standby_coming(self, backend: Backend) -> bool:
+        """Whether ``backend``'s restart for its count (``restart_every``) is to wait: no
+        standby is ready to take its place, but one is on its way (another backend of the pool
+        is starting or restarting). Until it is ready, ``backend`` keeps taking clients, and
+        its restart is called for at its first client after that, rather than leaving the pool
+        a backend short meanwhile (backends in service that take clients in turn reach their
+        count together, and one standby covers one of them). With no standby coming, the
+        restart is not put off."""
+        if not self.spares:
+            return False
+        others = [b for b in self.backends if b is not backend and not b.leaving]
+        if any(b.standby and not b.draining for b in others):
+            return False
+        return any(b.operational in _ON_ITS_WAY for b in others)
 
     def _replace_with_standbys(self) -> None:
         """A ready standby takes the place, at once, of each backend out of service (restarting,
