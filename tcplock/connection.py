@@ -679,6 +679,12 @@ class Connection(Ticket):
             return self._flat_end(Ended(client_watch=self._take_client_watch(), client_fin=True))
         if not self.flat & _ASKS:
             return self._hand_over().eof(BACKEND)  # nothing to ask: the Relay times the client
+        if self.lock.gate.waiting and self.backend.peer_check.closed(self.upstream, self.baddr):
+            # (As _slot_wanted.) Someone waits for the slot, and nothing on the backend's side
+            # can read any more: the slot passes on now; the client gets its EOF after, and
+            # lingers.
+            watch = self._take_client_watch()
+            return self._flat_end(Ended(client_watch=watch, client_fin=True, backend_done=True))
         self.bwatch.stop()
         try:
             self.sock.shutdown(_socket.SHUT_WR)
@@ -707,6 +713,11 @@ class Connection(Ticket):
         self._flat_end(Ended(client_watch=self._take_client_watch(), backend_done=True))
         return True
 
+    def _slot_wanted(self) -> bool:
+        """Whether a client waits for a slot: then the backend's close decides when this one
+        passes on, and is worth asking about as soon as the backend's EOF comes."""
+        return self.lock.gate.waiting > 0
+
     def _take_client_watch(self):
         watch, self.watch = self.watch, None
         watch.stop()
@@ -731,6 +742,7 @@ class Connection(Ticket):
         if self.flat & _ASKS and not backend_fin:
             check = self.backend.peer_check
             relay.backend_closed = partial(check.closed, self.upstream, self.baddr)
+            relay.slot_wanted = self._slot_wanted
         relay.start(
             self._relayed,
             lock.finish_timeout,

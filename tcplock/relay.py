@@ -383,6 +383,10 @@ class Relay:
     #: connection for good (nothing on its side can read any more), so the exchange is over
     #: without waiting for the client (see peer.py).
     backend_closed: Optional[Callable[[], Optional[bool]]] = None
+    #: Optional, with backend_closed: whether the slot is wanted (a client waits). Then the
+    #: backend's close is asked about as soon as its EOF comes, so that the slot passes on at
+    #: once; else only when the client sends more, or after backend_close_delay.
+    slot_wanted: Optional[Callable[[], bool]] = None
     _on_done: Optional[Callable[[], object]] = None
     _up: Optional[_Direction] = None
     _down: Optional[_Direction] = None
@@ -494,6 +498,10 @@ class Relay:
                 # once: it is asked when the client sends more, or after backend_close_delay.
                 limit = self._client_finish_timeout
                 if limit == 0:
+                    return self._expire()
+                wanted = self.slot_wanted
+                if wanted is not None and wanted() and self.backend_closed():
+                    self.backend_done = True
                     return self._expire()
                 if self.client_fin:
                     self.client_fin = False
