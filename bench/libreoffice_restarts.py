@@ -8,11 +8,12 @@ unoservers run by tcplock itself (--backend-cmd), never restarting, restarting e
 
 The three farms are measured side by side, interleaved: every round measures every farm once,
 in an order rotated by the round number. For its turn a farm is started fresh, with the
-settings of examples/libreoffice/run-stack.sh (ready command unoping, --stop-timeout 1s,
---slots 1), waited for until every backend is ready, sent a warm-up batch (two small
-documents) and then the measured batch (--docs documents, all at once, as bench/libreoffice.py
-sends them: info(), then convert(); every PDF checked), and stopped, its process groups gone,
-before the next farm starts: at most one farm's LibreOffices run at a time.
+settings of examples/libreoffice/run-stack.sh (ready command: a bash connect, then unoping;
+--stop-timeout 1s, --slots 1), waited for until every backend is ready, sent a warm-up batch
+(two small documents) and then the measured batch (--docs documents, all at once, as
+bench/libreoffice.py sends them: info(), then convert(); every PDF checked), and stopped, its
+process groups gone, before the next farm starts: at most one farm's LibreOffices run at a
+time.
 
 The figure is documents converted per minute. Meanwhile /status is read every 0.25 s: a
 reading in which a client was parked until its backend's restart was over, or in which clients
@@ -239,9 +240,10 @@ def main() -> int:
                     f"UNO_VENV={a.venv} UNO_STATE_DIR={workdir}/state-{name} "
                     f"UNO_PORT_OFFSET={lo.UNO_PORT_OFFSET} exec {lo.EXAMPLE}/unoserver-backend"
                 )
-                ready = (
-                    f"timeout 10 {a.venv}/bin/unoping --host $TCPLOCK_BACKEND_HOST "
-                    "--port $TCPLOCK_BACKEND_PORT"
+                ready = (  # as run-stack.sh's: a connect from bash first, then unoping
+                    "bash -c 'exec 3<>/dev/tcp/$TCPLOCK_BACKEND_HOST/$TCPLOCK_BACKEND_PORT' "
+                    f"2>/dev/null && timeout 10 {a.venv}/bin/unoping "
+                    "--host $TCPLOCK_BACKEND_HOST --port $TCPLOCK_BACKEND_PORT"
                 )
                 args = [
                     "--log-level", "warning", "--backend-cmd", env_cmd, "--ready-cmd", ready,

@@ -81,7 +81,9 @@ args+=(
     --backend-cmd "exec $(printf '%q' "$here/unoserver-backend")"
     # Ready means answering a real XML-RPC call: unoserver listens before it has connected to
     # LibreOffice. unoping calls info(), which unoserver answers only once it is connected.
-    --ready-cmd "timeout 10 $(printf '%q' "$UNO_VENV/bin/unoping") --host \"\$TCPLOCK_BACKEND_HOST\" --port \"\$TCPLOCK_BACKEND_PORT\""
+    # unoping is a Python program (about 60 ms of CPU a run, and tcplock asks every 0.5 s): a
+    # connect from bash first skips it while unoserver does not listen yet (its first 5 s).
+    --ready-cmd "bash -c 'exec 3<>/dev/tcp/\$TCPLOCK_BACKEND_HOST/\$TCPLOCK_BACKEND_PORT' 2>/dev/null && timeout 10 $(printf '%q' "$UNO_VENV/bin/unoping") --host \"\$TCPLOCK_BACKEND_HOST\" --port \"\$TCPLOCK_BACKEND_PORT\""
     # A start is about 6 s (unoserver waits 5 s before it listens); allow for a slow machine.
     --ready-timeout 60s
     # Each unoconvert run is TWO connections, one after the other: info(), then convert().
