@@ -16,10 +16,10 @@ process groups gone, before the next farm starts: at most one farm's LibreOffice
 time.
 
 The figure is documents converted per minute. Meanwhile /status is read every 0.25 s: a
-reading in which a client was parked until its backend's restart was over, or in which clients
-were queued while a backend was out for its restart (restarting or starting, its last client
-done) and fewer backends took clients than the farm has in service (two: no standby stood
-in), counts as clients waiting on a restart, for the time since the reading before. Once the
+reading in which clients were queued while a backend was out for its restart (restarting or
+starting, its last client done) and fewer backends took clients than the farm has in service
+(two: no standby stood in) counts as clients waiting on a restart, for the time since the
+reading before. Once the
 batch is done and every backend ready again, /status gives the restarts done since the
 warm-up. Each line gives the round, the farm, the figure, the restarts, the most backends seen
 restarting (or starting) at once, and that wait; the summary gives per farm the median,
@@ -117,13 +117,11 @@ WORKING = ("granted", "hook", "connecting", "relaying")  # a client's work on it
 
 
 def waiting_on_restart(st: dict) -> bool:
-    """Whether this /status shows clients waiting on a restart: a client parked until its
-    backend's restart is over, or clients queued while a backend is out for its restart (or
-    first start: restarting or starting, its last client done) and fewer than IN_SERVICE take
-    clients (no standby took its place)."""
+    """Whether this /status shows clients waiting on a restart: clients queued while a backend
+    is out for its restart (or first start: restarting or starting, its last client done) and
+    fewer than IN_SERVICE take clients (no standby took its place). (A client granted a slot of
+    a backend as its restart is called for goes back to the queue: it is among the queued.)"""
     active = st["active"]
-    if any(c["state"] == "parked" for c in active):
-        return True
     busy = {c["backend"] for c in active if c["state"] in WORKING}
     out = [
         b
