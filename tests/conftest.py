@@ -30,6 +30,13 @@ from tcplock import TCPLock
 
 LOOPBACK = "127.0.0.1"
 
+# tcplock keeps SIGHUP ignored if it was ignored when it started (nohup, a supervisor), and the
+# tests' SIGHUPs would then reload nothing. A suite run under nohup would pass that on to every
+# process it starts: a handler of its own (a no-op: a hangup still does not end the run) is
+# reset to the default in each of them, where an ignored signal would stay ignored.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
+
 
 def free_port():
     """A loopback port nothing listens on (connecting to it is refused)."""
