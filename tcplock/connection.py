@@ -253,23 +253,17 @@ class Connection(Ticket):
             host = client[0]
             who = f"[{host}]:{client[1]}" if ":" in host else f"{host}:{client[1]}"
         backend = self.backend
+        tail = ""
         if backend is not None and len(self.lock.backends) > 1:
-            return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s backend=%s" % (  # noqa: UP031
-                who,
-                activated - self.queued_at,
-                ended - activated,
-                self.bytes_up,
-                self.bytes_down,
-                self.end,
-                backend.label,
-            )
-        return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s" % (  # noqa: UP031
+            tail = " backend=" + backend.label
+        return "%s queued=%.3fs active=%.3fs up=%d down=%d end=%s%s" % (  # noqa: UP031
             who,
             activated - self.queued_at,
             ended - activated,
             self.bytes_up,
             self.bytes_down,
             self.end,
+            tail,
         )
 
     def fields(self) -> Dict[str, object]:
@@ -422,10 +416,7 @@ class Connection(Ticket):
 
     def grant(self, backend) -> None:
         """The gate gave it a slot of ``backend``."""
-        try:  # (self._to("grant"), inline here and below on the path every client takes)
-            self.state = TRANSITIONS[self.state]["grant"]
-        except KeyError:
-            self._to("grant")
+        self._to("grant")
         # From here on it holds the slot: its activation is set.
         self.activation = self.lock._activated(self)
         self.activated_at = time.monotonic()
@@ -481,10 +472,7 @@ class Connection(Ticket):
         return self._guarded(self._connect)
 
     def _connect(self) -> None:
-        try:
-            self.state = TRANSITIONS[self.state]["connect"]
-        except KeyError:
-            self._to("connect")
+        self._to("connect")
         now = self.backend.connect_now()  # on loopback, usually: no Connect needed
         if now is not None:
             return self._on_backend(now[0], now[1], True)
@@ -600,10 +588,7 @@ class Connection(Ticket):
     # still read after its EOF.
 
     def _relay(self, baddr, local: bool) -> None:
-        try:
-            self.state = TRANSITIONS[self.state]["relay"]
-        except KeyError:
-            self._to("relay")
+        self._to("relay")
         lock = self.lock
         loop = lock.loop
         if lock.timeout:
@@ -767,10 +752,7 @@ class Connection(Ticket):
         state = self.state
         if state is ENDING or state is ENDED:
             return
-        try:
-            self.state = TRANSITIONS[state]["end"]
-        except KeyError:
-            self._to("end")
+        self._to("end")
         self.end = reason
         self.ended_at = time.monotonic()
         outcome = self.relay
@@ -883,10 +865,7 @@ class Connection(Ticket):
 
     def _forget(self) -> None:
         self.ticket = None  # (itself: no cycle left to collect)
-        try:
-            self.state = TRANSITIONS[self.state]["forget"]
-        except KeyError:
-            self._to("forget")
+        self._to("forget")
         self.lock._forget(self)
 
     def abort(self) -> None:
