@@ -40,6 +40,19 @@ def one_up_one_standby(lock):
     wait_until(lambda: sorted(states(lock)) == ["standby", "up"], timeout=20, what="a standby")
 
 
+def queued_while_paused(lock, n):
+    """Pause the lock and queue ``n`` clients, each having asked; they wait, in order, for the
+    caller's ``lock.resume()``."""
+    lock.pause()
+    clients = []
+    for i in range(n):
+        c = connect(lock.server_port, timeout=20)
+        c.sendall(b"?")
+        clients.append(c)
+        wait_until(lambda k=i + 1: lock.queued == k, what=f"{i + 1} queued")
+    return clients
+
+
 def served_after_waiting(lock, conn_log):
     """One client: the pid that served it, and how long it waited in the queue."""
     pid = ask(lock.server_port, timeout=20)[0]
@@ -106,13 +119,7 @@ def test_with_several_slots_no_client_waits_on_a_restart_while_a_standby_is_read
     wait_until(
         lambda: sorted(states(lock)) == ["standby", "standby", "up"], timeout=20, what="standbys"
     )
-    lock.pause()
-    clients = []
-    for i in range(3):
-        c = connect(lock.server_port, timeout=20)
-        c.sendall(b"?")
-        clients.append(c)
-        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
+    clients = queued_while_paused(lock, 3)
 
     def answer(c):
         line = b""
@@ -143,13 +150,7 @@ def test_clients_sent_back_as_their_backend_restarts_keep_their_order(farm):
     lock.end_observers.append(
         lambda c: let_in.__setitem__(c.id, time.monotonic() - c.active_seconds)
     )
-    lock.pause()
-    clients = []
-    for i in range(4):
-        c = connect(lock.server_port, timeout=20)
-        c.sendall(b"?")
-        clients.append(c)
-        wait_until(lambda n=i + 1: lock.queued == n, what=f"{i + 1} queued")
+    clients = queued_while_paused(lock, 4)
     lock.resume()
     for c in clients:
         c.settimeout(20)
